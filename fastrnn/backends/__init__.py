@@ -1,0 +1,144 @@
+"""The backend registry: which backends exist, which can run here, and which one a call gets.
+
+A backend is a module `fastrnn.backends.<name>` exposing
+    NAME: str
+    available() -> (ok, reason)             can it run on this machine at all (reason says how to get it)
+    supports(cell, dtype, device) -> (ok, reason)
+    forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved)
+        -> out, h_n, c_n, gates, extra
+    backward(cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates, extra)
+        -> d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr        (None where the input was None)
+(shapes and the saved layout: fastrnn/cells.py and DESIGN.md). Only ops.py calls forward/backward.
+
+How a call's backend is chosen, first match wins:
+    1. the module's `backend=` argument          (explicit)
+    2. the innermost `fastrnn.use_backend(name)`  (explicit)
+    3. the environment variable FASTRNN_BACKEND   (explicit; read at every call)
+    4. automatic: CUDA -> triton, reference; CPU -> cpp, numba, reference (first that is available and
+       supports the call; reaching reference on CPU warns once, saying how to build the extension)
+An explicit backend that cannot run the call raises with the reason; it is never silently replaced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib
+import os
+import warnings
+from types import ModuleType
+
+import torch
+
+BACKENDS = ("reference", "cpp", "numba", "triton")
+_AUTO = {"cuda": ("triton", "reference"), "cpu": ("cpp", "numba", "reference")}
+ENV_VAR = "FASTRNN_BACKEND"
+
+_modules: dict[str, ModuleType] = {}
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastrnn_backend", default=None)
+_warned_reference = False
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot run this call; the message says why and how to get it."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"unknown fastrnn backend {name!r}; expected one of {', '.join(BACKENDS)} (or None for auto)")
+    return name
+
+
+def get(name: str) -> ModuleType:
+    """The backend module `name` (imported on first use; import errors other than a missing optional
+    dependency propagate, so a broken build is never mistaken for an absent one)."""
+    _check_name(name)
+    mod = _modules.get(name)
+    if mod is None:
+        mod = importlib.import_module(f"fastrnn.backends.{name}")
+        _modules[name] = mod
+    return mod
+
+
+def is_available(name: str) -> tuple[bool, str]:
+    return get(name).available()
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that can run on this machine (for some device), in registry order."""
+    return [n for n in BACKENDS if is_available(n)[0]]
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """Run the enclosed fastrnn calls on backend `name` (None restores automatic choice)."""
+    if name is not None:
+        _check_name(name)
+    token = _override.set(name)
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+def requested(explicit: str | None = None) -> str | None:
+    """The explicitly requested backend for a call, or None for automatic choice."""
+    if explicit is not None:
+        return _check_name(explicit)
+    ctx = _override.get()
+    if ctx is not None:
+        return ctx
+    env = os.environ.get(ENV_VAR, "").strip()
+    if env and env.lower() != "auto":
+        if env not in BACKENDS:
+            raise ValueError(f"{ENV_VAR}={env!r} names no fastrnn backend; expected one of {', '.join(BACKENDS)} or auto")
+        return env
+    return None
+
+
+def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | None = None) -> str:
+    """The backend that runs this call (see the module docstring for the rules)."""
+    name = requested(explicit)
+    if name is not None:
+        ok, why = is_available(name)
+        if ok:
+            ok, why = get(name).supports(cell, dtype, device)
+        if not ok:
+            raise BackendUnavailableError(f"fastrnn backend {name!r} cannot run {cell} ({dtype}, {device.type}): {why}")
+        return name
+    reasons = []
+    for cand in _AUTO.get(device.type, ("reference",)):
+        ok, why = is_available(cand)
+        if ok:
+            ok, why = get(cand).supports(cell, dtype, device)
+        if ok:
+            if cand == "reference" and device.type == "cpu":
+                _warn_reference(reasons)
+            return cand
+        reasons.append(f"{cand}: {why}")
+    raise BackendUnavailableError(f"no fastrnn backend can run {cell} ({dtype}, {device.type}): " + "; ".join(reasons))
+
+
+def _warn_reference(reasons: list[str]) -> None:
+    global _warned_reference
+    if not _warned_reference:
+        _warned_reference = True
+        warnings.warn(
+            "fastrnn is running on its slow reference backend because no fast CPU backend is available ("
+            + "; ".join(reasons)
+            + "). Build the C++ extension with `pip install --no-build-isolation -e .` from the source tree, "
+            "or `pip install numba`.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+
+
+def optional_import(module: str) -> tuple[ModuleType | None, str]:
+    """Import an optional dependency: (module, "") or (None, reason) when it is not installed.
+    Any other import error (broken install, ABI mismatch) is raised."""
+    try:
+        return importlib.import_module(module), ""
+    except ModuleNotFoundError as e:
+        if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
+            raise
+        return None, f"{module} is not installed"

@@ -1,0 +1,109 @@
+"""Layers x directions on top of the one-layer contract: PackedSequence / hx plumbing, the input projection
+for all steps as one GEMM, inter-layer dropout. Plain torch with autograd; the recurrence itself is ops.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fastrnn import backends, ops
+
+# (w_ih [G*H, I], w_hh [G*H, P], b_ih [G*H] | None, b_hh [G*H] | None, w_hr [P, H] | None)
+LayerWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
+
+
+def _check_state(name: str, state: Tensor, input: Tensor) -> None:
+    if state.dtype != input.dtype:
+        raise RuntimeError(f"{name} dtype {state.dtype} does not match input dtype {input.dtype}")
+    if state.device != input.device:
+        raise RuntimeError(f"{name} is on {state.device} but input is on {input.device}; expected both on one device")
+
+
+def packed_index(batch_sizes: Tensor, T: int, B: int, device: torch.device) -> Tensor:
+    """Flat positions t*B + b of the packed rows, in packed order (step by step, rows by rank)."""
+    active = torch.arange(B)[None, :] < batch_sizes[:, None]  # [T, B]
+    return active.reshape(-1).nonzero().squeeze(1).to(device)
+
+
+def rnn(
+    cell: str,
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor | None,
+    weights: list[LayerWeights],
+    num_layers: int,
+    bidirectional: bool,
+    dropout: float,
+    training: bool,
+    batch_first: bool,
+    batch_sizes: Tensor | None = None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """torch's _VF.lstm / gru / rnn_* on the fastrnn contract.
+
+    input: [T, B, I] ([B, T, I] if batch_first) or packed data [N, I] with batch_sizes [T] (int64, CPU)
+    hx [L*D, B, P], cx [L*D, B, H] (lstm)  ->  output like input with P*D features, h_n, c_n (lstm)
+    """
+    _check_state("hx", hx, input)
+    if cx is not None:
+        _check_state("cx", cx, input)
+    name = backends.select(cell, input.dtype, input.device, backend)
+    D = 2 if bidirectional else 1
+    if batch_sizes is not None:
+        T, B = batch_sizes.numel(), int(batch_sizes[0])
+        idx = packed_index(batch_sizes, T, B, input.device)
+        x = input.new_zeros(T * B, input.shape[1]).index_copy(0, idx, input).view(T, B, -1)
+    else:
+        x = input.transpose(0, 1) if batch_first else input
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
+            gx = F.linear(x, w_ih, b_ih)  # [T, B, G*H]: every step's input projection as one GEMM
+            out, h, c = ops.recurrence(
+                name, cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr, batch_sizes, d == 1
+            )
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        x = outs[0] if D == 1 else torch.cat(outs, 2)
+        if dropout > 0 and training and layer < num_layers - 1:
+            x = F.dropout(x, dropout, True)
+    if batch_sizes is not None:
+        output = x.reshape(T * B, -1).index_select(0, idx)
+    else:
+        output = x.transpose(0, 1) if batch_first else x
+    return output, torch.stack(h_n), (torch.stack(c_n) if cell == "lstm" else None)
+
+
+def cell_step(
+    cell: str,
+    input: Tensor,
+    hx: Tensor,
+    cx: Tensor | None,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    backend: str | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """torch's _VF.*_cell: one step for input [B, I], hx [B, H] (cx [B, H]) -> h' (and c')."""
+    H = w_hh.shape[1]
+    if input.shape[1] != w_ih.shape[1]:
+        raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
+    for i, s in enumerate((hx, cx)):
+        if s is None:
+            continue
+        if s.shape[0] != input.shape[0]:
+            raise RuntimeError(f"Input batch size {input.shape[0]} doesn't match hidden{i} batch size {s.shape[0]}")
+        if s.shape[1] != H:
+            raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected {H}")
+        _check_state(f"hidden{i}", s, input)
+    name = backends.select(cell, input.dtype, input.device, backend)
+    gx = F.linear(input, w_ih, b_ih).unsqueeze(0)  # [1, B, G*H]
+    _, h, c = ops.recurrence(name, cell, gx, hx, cx, w_hh, b_hh, None, None, False)
+    return h, c

@@ -1,0 +1,267 @@
+"""Drop-in replacements for torch.nn.LSTM, GRU, RNN and the three Cell classes, and convert().
+
+Each class subclasses its torch.nn twin, so the constructor, argument checks, parameter names, shapes,
+registration order, initialisation (and so RNG consumption), state_dict, extra_repr, flatten_parameters,
+pickling and `isinstance(m, torch.nn.LSTM)` are torch's own. Only forward changes: it keeps torch.nn's
+input handling and errors and runs the recurrence through fastrnn's backends.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from fastrnn import backends, functional
+from fastrnn.cells import MODE_TO_CELL
+
+
+def _check_backend_arg(backend: str | None) -> str | None:
+    if backend is not None and backend not in backends.BACKENDS:
+        raise ValueError(
+            f"unknown fastrnn backend {backend!r}; expected one of {', '.join(backends.BACKENDS)} or None"
+        )
+    return backend
+
+
+class _FastMixin:
+    """What the six classes share: the `backend` attribute, its repr, and conversion from torch.nn."""
+
+    backend: str | None
+    _torch_class: type[nn.Module]
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()  # type: ignore[misc]
+        return s if self.backend is None else f"{s}, backend={self.backend!r}"
+
+    def __setstate__(self, d):
+        super().__setstate__(d)  # type: ignore[misc]
+        self.__dict__.setdefault("backend", None)
+
+    @classmethod
+    def from_torch(cls, module: nn.Module, backend: str | None = None):
+        """A fastrnn module sharing `module`'s parameters (same objects: optimizers keep working), buffers,
+        hooks, device, dtype and train/eval mode."""
+        if not isinstance(module, cls._torch_class):
+            raise TypeError(f"{cls.__name__}.from_torch expects a {cls._torch_class.__name__}, got {type(module).__name__}")
+        new = cls.__new__(cls)
+        new.__dict__.update(module.__dict__)
+        for key in ("_parameters", "_buffers", "_modules"):
+            new.__dict__[key] = dict(module.__dict__[key])
+        new.backend = _check_backend_arg(backend)
+        if hasattr(new, "_init_flat_weights"):
+            new._init_flat_weights()
+        return new
+
+
+class _RNNBaseMixin(_FastMixin):
+    """torch.nn.RNNBase.forward (LSTM, GRU and RNN variants), ending in fastrnn.functional.rnn."""
+
+    def _layer_weights(self) -> list[functional.LayerWeights]:
+        out = []
+        D = 2 if self.bidirectional else 1
+        for layer in range(self.num_layers):
+            for d in range(D):
+                sfx = f"_l{layer}{'_reverse' if d else ''}"
+                g = lambda n: getattr(self, n + sfx, None)  # noqa: E731 - local shorthand
+                out.append((g("weight_ih"), g("weight_hh"), g("bias_ih"), g("bias_hh"), g("weight_hr")))
+        return out
+
+    def forward(self, input, hx=None):
+        if hasattr(self, "_update_flat_weights"):
+            self._update_flat_weights()
+        lstm = self.mode == "LSTM"
+        D = 2 if self.bidirectional else 1
+        P = self.proj_size if self.proj_size > 0 else self.hidden_size
+        orig_input = input
+        is_batched = True
+        batch_dim = 0 if self.batch_first else 1
+        if isinstance(orig_input, PackedSequence):
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            max_batch_size = int(batch_sizes[0])
+            if hx is not None:
+                hx = self.permute_hidden(hx, sorted_indices)
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                kind = "LSTM" if lstm else ("GRU" if self.mode == "GRU" else "RNN")
+                tail = " tensor instead" if kind == "RNN" else " instead"
+                raise ValueError(f"{kind}: Expected input to be 2D or 3D, got {input.dim()}D{tail}")
+            is_batched = input.dim() == 3
+            if not is_batched:
+                input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                if lstm:
+                    want = 3 if is_batched else 2
+                    if hx[0].dim() != want or hx[1].dim() != want:
+                        raise RuntimeError(
+                            f"For {'batched 3-D' if is_batched else 'unbatched 2-D'} input, hx and cx should "
+                            f"also be {want}-D but got ({hx[0].dim()}-D, {hx[1].dim()}-D) tensors"
+                        )
+                    if not is_batched:
+                        hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+                else:
+                    if not is_batched and hx.dim() != 2:
+                        raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+                    if is_batched and hx.dim() != 3:
+                        raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
+                    if not is_batched:
+                        hx = hx.unsqueeze(1)
+            max_batch_size = input.size(0) if self.batch_first else input.size(1)
+        if hx is None:
+            z = dict(dtype=input.dtype, device=input.device)
+            h0 = torch.zeros(self.num_layers * D, max_batch_size, P, **z)
+            hx = (h0, torch.zeros(self.num_layers * D, max_batch_size, self.hidden_size, **z)) if lstm else h0
+        self.check_forward_args(input, hx, batch_sizes)
+        if batch_sizes is None and input.size(0 if not self.batch_first else 1) == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+        h0, c0 = hx if lstm else (hx, None)
+        output, h_n, c_n = functional.rnn(
+            MODE_TO_CELL[self.mode], input, h0, c0, self._layer_weights(), self.num_layers, self.bidirectional,
+            float(self.dropout), self.training, self.batch_first, batch_sizes, self.backend,
+        )
+        hidden = (h_n, c_n) if lstm else h_n
+        if isinstance(orig_input, PackedSequence):
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), self.permute_hidden(
+                hidden, unsorted_indices
+            )
+        if not is_batched:
+            output = output.squeeze(batch_dim)
+            hidden = (hidden[0].squeeze(1), hidden[1].squeeze(1)) if lstm else hidden.squeeze(1)
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+
+class LSTM(_RNNBaseMixin, nn.LSTM):
+    __doc__ = "fastrnn's drop-in torch.nn.LSTM (extra keyword: backend=None for automatic choice).\n\n" + (
+        nn.LSTM.__doc__ or ""
+    )
+    _torch_class = nn.LSTM
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend_arg(backend)
+
+
+class GRU(_RNNBaseMixin, nn.GRU):
+    __doc__ = "fastrnn's drop-in torch.nn.GRU (extra keyword: backend=None for automatic choice).\n\n" + (
+        nn.GRU.__doc__ or ""
+    )
+    _torch_class = nn.GRU
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend_arg(backend)
+
+
+class RNN(_RNNBaseMixin, nn.RNN):
+    __doc__ = "fastrnn's drop-in torch.nn.RNN (extra keyword: backend=None for automatic choice).\n\n" + (
+        nn.RNN.__doc__ or ""
+    )
+    _torch_class = nn.RNN
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend_arg(backend)
+
+
+class _CellMixin(_FastMixin):
+    """torch.nn.*Cell.forward input handling, ending in fastrnn.functional.cell_step."""
+
+    _name: str
+
+    def _cell(self) -> str:
+        return self._name
+
+    def forward(self, input: Tensor, hx=None):
+        lstm = self._name == "lstm"
+        kind = type(self)._torch_class.__name__
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{kind}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for i, v in enumerate(hx if lstm else (hx,)):
+                if v.dim() not in (1, 2):
+                    what = f"hx[{i}]" if lstm else "hidden"
+                    raise ValueError(f"{kind}: Expected {what} to be 1D or 2D, got {v.dim()}D instead")
+        is_batched = input.dim() == 2
+        if not is_batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            h0, c0 = (zeros, zeros) if lstm else (zeros, None)
+        else:
+            h0, c0 = hx if lstm else (hx, None)
+            if not is_batched:
+                h0 = h0.unsqueeze(0)
+                c0 = None if c0 is None else c0.unsqueeze(0)
+        h, c = functional.cell_step(
+            self._cell(), input, h0, c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend
+        )
+        if not is_batched:
+            h = h.squeeze(0)
+            c = None if c is None else c.squeeze(0)
+        return (h, c) if lstm else h
+
+
+class LSTMCell(_CellMixin, nn.LSTMCell):
+    __doc__ = "fastrnn's drop-in torch.nn.LSTMCell (extra keyword: backend=None).\n\n" + (nn.LSTMCell.__doc__ or "")
+    _torch_class = nn.LSTMCell
+    _name = "lstm"
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend_arg(backend)
+
+
+class GRUCell(_CellMixin, nn.GRUCell):
+    __doc__ = "fastrnn's drop-in torch.nn.GRUCell (extra keyword: backend=None).\n\n" + (nn.GRUCell.__doc__ or "")
+    _torch_class = nn.GRUCell
+    _name = "gru"
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend_arg(backend)
+
+
+class RNNCell(_CellMixin, nn.RNNCell):
+    __doc__ = "fastrnn's drop-in torch.nn.RNNCell (extra keyword: backend=None).\n\n" + (nn.RNNCell.__doc__ or "")
+    _torch_class = nn.RNNCell
+    _name = "rnn"
+
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = _check_backend_arg(backend)
+
+    def _cell(self) -> str:
+        if self.nonlinearity not in ("tanh", "relu"):
+            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
+        return f"rnn_{self.nonlinearity}"
+
+
+# torch.nn class -> fastrnn class, for convert(); exact types only, so user subclasses with their own
+# forward are left alone.
+_CONVERT = {c._torch_class: c for c in (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell)}
+FASTRNN_CLASSES = tuple(_CONVERT.values())
+
+
+def convert(module: nn.Module, backend: str | None = None) -> nn.Module:
+    """Replace every torch.nn RNN/LSTM/GRU and Cell inside `module` (and `module` itself) by fastrnn's,
+    keeping the very same parameter objects, device, dtype and train/eval mode. Children are replaced in
+    place; the (possibly new) top module is returned. fastrnn modules already there get `backend` set
+    when one is given."""
+    _check_backend_arg(backend)
+
+    def swap(m: nn.Module) -> nn.Module:
+        if isinstance(m, FASTRNN_CLASSES):
+            if backend is not None:
+                m.backend = backend
+            return m
+        cls = _CONVERT.get(type(m))
+        return cls.from_torch(m, backend) if cls is not None else m
+
+    for parent in list(module.modules()):
+        for name, child in list(parent._modules.items()):
+            if child is not None:
+                new = swap(child)
+                if new is not child:
+                    parent._modules[name] = new
+    return swap(module)

@@ -1,0 +1,139 @@
+"""The op layer: the kernel contract as torch.library custom ops, the ONE place a backend is called.
+
+    fastrnn::recurrence_fwd  (backend, cell, gx, h0, c0?, w_hh, b_hh?, w_hr?, batch_sizes?, reverse, need_saved)
+                             -> out [T,B,P], h_n [B,P], c_n [B,H] (empty unless lstm), gates, extra
+    fastrnn::recurrence_bwd  (backend, cell, d_out, d_h_n, d_c_n?, h0, c0?, w_hh, b_hh?, w_hr?, batch_sizes?,
+                              reverse, out, gates, extra) -> d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr
+
+Absent optional outputs are empty tensors (custom ops cannot return None). The backend name is an argument
+so torch.compile sees one opaque, traceable op whatever runs under it; fake implementations give shapes from
+the cell table. Double backward is not supported (the backward op has no autograd formula).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from fastrnn import backends
+from fastrnn.cells import check_cell, saved_dtype, saved_shapes
+
+
+def _c(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.contiguous()
+
+
+def _opt(t: Tensor | None, like: Tensor) -> Tensor:
+    return like.new_empty(0) if t is None else t
+
+
+@torch.library.custom_op("fastrnn::recurrence_fwd", mutates_args=())
+def recurrence_fwd(
+    backend: str,
+    cell: str,
+    gx: Tensor,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    need_saved: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    out, h_n, c_n, gates, extra = backends.get(backend).forward(
+        cell, gx.contiguous(), h0.contiguous(), _c(c0), w_hh.contiguous(), _c(b_hh), _c(w_hr),
+        batch_sizes, reverse, need_saved,
+    )
+    return out, h_n, _opt(c_n if cell == "lstm" else None, gx), gates, extra
+
+
+@recurrence_fwd.register_fake
+def _(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved):
+    G = check_cell(cell)
+    T, B = gx.shape[0], gx.shape[1]
+    H = w_hh.shape[0] // G
+    P = h0.shape[1]
+    acc = saved_dtype(gx.dtype)
+    gs, es = saved_shapes(cell, T, B, H) if need_saved else ((0,), (0,))
+    c_n = gx.new_empty(B, H) if cell == "lstm" else gx.new_empty(0)
+    return (gx.new_empty(T, B, P), gx.new_empty(B, P), c_n, gx.new_empty(gs, dtype=acc), gx.new_empty(es, dtype=acc))
+
+
+@torch.library.custom_op("fastrnn::recurrence_bwd", mutates_args=())
+def recurrence_bwd(
+    backend: str,
+    cell: str,
+    d_out: Tensor,
+    d_h_n: Tensor,
+    d_c_n: Tensor | None,
+    h0: Tensor,
+    c0: Tensor | None,
+    w_hh: Tensor,
+    b_hh: Tensor | None,
+    w_hr: Tensor | None,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    out: Tensor,
+    gates: Tensor,
+    extra: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    grads = backends.get(backend).backward(
+        cell, d_out.contiguous(), d_h_n.contiguous(), _c(d_c_n), h0.contiguous(), _c(c0), w_hh.contiguous(),
+        _c(b_hh), _c(w_hr), batch_sizes, reverse, out.contiguous(), gates.contiguous(), extra.contiguous(),
+    )
+    return tuple(_opt(g, out) for g in grads)  # type: ignore[return-value]
+
+
+@recurrence_bwd.register_fake
+def _(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates, extra):
+    G = check_cell(cell)
+    T, B = out.shape[0], out.shape[1]
+    e = out.new_empty(0)
+    return (
+        out.new_empty(T, B, w_hh.shape[0]),
+        torch.empty_like(h0),
+        torch.empty_like(c0) if c0 is not None and cell == "lstm" else e.clone(),
+        torch.empty_like(w_hh),
+        torch.empty_like(b_hh) if b_hh is not None else e.clone(),
+        torch.empty_like(w_hr) if w_hr is not None else e.clone(),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved = inputs
+    out, _, _, gates, extra = output
+    ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved = backend, cell, reverse, need_saved
+    ctx.has = (c0 is not None, b_hh is not None, w_hr is not None, batch_sizes is not None)
+    ctx.save_for_backward(h0, c0, w_hh, b_hh, w_hr, batch_sizes, out, gates, extra)
+
+
+def _backward(ctx, d_out, d_h_n, d_c_n, _d_gates, _d_extra):
+    h0, c0, w_hh, b_hh, w_hr, batch_sizes, out, gates, extra = ctx.saved_tensors
+    if not ctx.need_saved:
+        raise RuntimeError(
+            "fastrnn: backward through a recurrence that was run with need_saved=False "
+            "(the forward ran without grad mode but its inputs require grad)"
+        )
+    has_c0, has_b, has_r, has_bs = ctx.has
+    d_c_n = d_c_n if ctx.cell == "lstm" else None
+    d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = recurrence_bwd(
+        ctx.backend, ctx.cell, d_out, d_h_n, d_c_n, h0, c0 if has_c0 else None, w_hh, b_hh if has_b else None,
+        w_hr if has_r else None, batch_sizes if has_bs else None, ctx.reverse, out, gates, extra,
+    )
+    return (
+        None, None, d_gx, d_h0, d_c0 if has_c0 else None, d_w_hh, d_b_hh if has_b else None,
+        d_w_hr if has_r else None, None, None, None,
+    )
+
+
+recurrence_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def recurrence(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
+    """One layer, one direction. Saves for backward only when autograd will need it."""
+    need = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr)
+    )
+    out, h_n, c_n, _, _ = recurrence_fwd(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need)
+    return out, h_n, (c_n if cell == "lstm" else None)
