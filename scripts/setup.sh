@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One-time set-up on a fresh machine, safe to rerun: a virtual environment in .venv with the CPU build of
+# torch pinned (never a CUDA build), the optional backends' dependencies, and fastrnn itself installed
+# editable with its C++ extension built against that torch (no build isolation).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+VPY=.venv/bin/python
+# torch first and pinned: a bare `torch` requirement would pull a CUDA build of several GB.
+if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
+  "$VPY" -m pip install --quiet --upgrade pip setuptools wheel
+  "$VPY" -m pip install --quiet "torch==${FASTRNN_TORCH_VERSION:-2.13.0}"
+fi
+"$VPY" -m pip install --quiet --no-build-isolation -e ".[test,numba,triton,bench,dev]"
+"$VPY" -c "import fastrnn; print('fastrnn backends available:', fastrnn.available_backends())"
