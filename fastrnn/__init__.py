@@ -1,9 +1,15 @@
 """fastrnn: fused LSTM/GRU/RNN kernels behind drop-in torch.nn modules."""
 
+import torch
+
 from fastrnn.backends import BackendUnavailableError, available_backends, use_backend
 from fastrnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
 
 __version__ = "0.1.0"
+
+# A whole pickled model made of fastrnn layers loads with torch.load's default weights_only=True, as
+# fastrnn's classes hold nothing but torch.nn state.
+torch.serialization.add_safe_globals([LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell])
 
 __all__ = [
     "LSTM",

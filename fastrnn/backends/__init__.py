@@ -15,7 +15,7 @@ How a call's backend is chosen, first match wins:
     2. the innermost `fastrnn.use_backend(name)`  (explicit)
     3. the environment variable FASTRNN_BACKEND   (explicit; read at every call)
     4. automatic: CUDA -> triton, reference; CPU -> cpp, numba, reference (first that is available and
-       supports the call; reaching reference on CPU warns once, saying how to build the extension)
+       supports the call; on CPU without the C++ extension, warns once saying how to build it)
 An explicit backend that cannot run the call raises with the reason; it is never silently replaced.
 """
 
@@ -36,7 +36,7 @@ ENV_VAR = "FASTRNN_BACKEND"
 
 _modules: dict[str, ModuleType] = {}
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastrnn_backend", default=None)
-_warned_reference = False
+_warned_slow_cpu = False
 
 
 class BackendUnavailableError(RuntimeError):
@@ -109,25 +109,29 @@ def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | 
     reasons = []
     for cand in _AUTO.get(device.type, ("reference",)):
         ok, why = is_available(cand)
+        if not ok:
+            reasons.append(f"{cand}: {why}")
+            continue
+        ok, why = get(cand).supports(cell, dtype, device)
         if ok:
-            ok, why = get(cand).supports(cell, dtype, device)
-        if ok:
-            if cand == "reference" and device.type == "cpu":
-                _warn_reference(reasons)
+            if device.type == "cpu" and cand != "cpp" and not is_available("cpp")[0]:
+                _warn_slow_cpu(cand, reasons)
             return cand
         reasons.append(f"{cand}: {why}")
     raise BackendUnavailableError(f"no fastrnn backend can run {cell} ({dtype}, {device.type}): " + "; ".join(reasons))
 
 
-def _warn_reference(reasons: list[str]) -> None:
-    global _warned_reference
-    if not _warned_reference:
-        _warned_reference = True
+def _warn_slow_cpu(chosen: str, reasons: list[str]) -> None:
+    """Once per process: the fast CPU backend is not built, say what runs instead and how to build it."""
+    global _warned_slow_cpu
+    if not _warned_slow_cpu:
+        _warned_slow_cpu = True
         warnings.warn(
-            "fastrnn is running on its slow reference backend because no fast CPU backend is available ("
+            f"fastrnn is running on its {chosen} backend because the C++ extension is not available ("
             + "; ".join(reasons)
-            + "). Build the C++ extension with `pip install --no-build-isolation -e .` from the source tree, "
-            "or `pip install numba`.",
+            + "). Build it with `pip install --no-build-isolation -e .` from the source tree"
+            + ("" if chosen == "numba" else ", or `pip install numba` for the numba fallback")
+            + ".",
             RuntimeWarning,
             stacklevel=4,
         )
@@ -142,3 +146,15 @@ def optional_import(module: str) -> tuple[ModuleType | None, str]:
         if e.name is None or not (module == e.name or module.startswith(e.name + ".")):
             raise
         return None, f"{module} is not installed"
+
+
+POISON_VAR = "FASTRNN_POISON_OUTPUTS"
+
+
+def new_output(shape, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """Allocate a backend output: uninitialised, or NaN-filled when FASTRNN_POISON_OUTPUTS=1 (the test suite
+    sets it) so that an element a kernel forgets to write shows up as NaN instead of passing as a stale 0."""
+    t = like.new_empty(shape, dtype=dtype or like.dtype)
+    if os.environ.get(POISON_VAR) == "1" and t.is_floating_point():
+        t.fill_(float("nan"))
+    return t

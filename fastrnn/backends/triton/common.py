@@ -1,0 +1,114 @@
+"""What the triton kernels share: accurate tanh, the two-source load of the previous state, block sizes,
+and the host-side bookkeeping (prev rows, buffers, final states, weight gradients as large GEMMs).
+
+Imported only once triton is known to be importable (fastrnn/backends/triton/__init__.py sees to that).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastrnn.cells import prev_rows
+
+TF32_VAR = "FASTRNN_TRITON_TF32"
+POISON_VAR = "FASTRNN_POISON_OUTPUTS"
+
+
+@triton.jit
+def tanh(x):
+    # tl has no tanh in every supported version; below |x| = 1/8 a series keeps relative accuracy near 0
+    ax = tl.abs(x)
+    e = tl.exp(-2.0 * ax)
+    big = (1.0 - e) / (1.0 + e)
+    x2 = x * x
+    small = ax * (1.0 + x2 * (-1.0 / 3.0 + x2 * (2.0 / 15.0 + x2 * (-17.0 / 315.0))))
+    t = tl.where(ax < 0.125, small, big)
+    return tl.where(x < 0, -t, t)
+
+
+@triton.jit
+def load_prev(src_ptr, h0_ptr, rows, cols, n, k, ld, cmask):
+    """[len(rows), len(cols)] fp32 state before this step: rows < k from src (row stride ld), rows k..n
+    from h0 (same stride), zero elsewhere."""
+    offs = rows[:, None] * ld + cols[None, :]
+    cont = (rows < k)[:, None] & cmask[None, :]
+    fresh = ((rows >= k) & (rows < n))[:, None] & cmask[None, :]
+    a = tl.load(src_ptr + offs, mask=cont, other=0.0).to(tl.float32)
+    b = tl.load(h0_ptr + offs, mask=fresh, other=0.0).to(tl.float32)
+    return a + b
+
+
+def precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: exact fp32 unless FASTRNN_TRITON_TF32=1 (ignored for fp16/bf16 inputs)."""
+    return "tf32" if os.environ.get(TF32_VAR) == "1" else "ieee"
+
+
+def block_rows(n: int) -> int:
+    """Rows per program: tl.dot needs >= 16; more rows share each weight tile read."""
+    return min(64, max(16, triton.next_power_of_2(n)))
+
+
+def block_cols(n: int, H: int) -> int:
+    """Hidden units per program: narrow tiles when few rows, so that enough programs run in parallel."""
+    if n <= 16 or H <= 256:
+        return 16
+    return 32
+
+
+def block_k(K: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(K)))
+
+
+def poisoned(shape, like: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """An output buffer: uninitialised, NaN-filled under FASTRNN_POISON_OUTPUTS=1 (the test suite sets it)."""
+    t = like.new_empty(shape, dtype=dtype or like.dtype)
+    if os.environ.get(POISON_VAR) == "1":
+        t.fill_(float("nan"))
+    return t
+
+
+def prev_step(t: int, T: int, reverse: bool) -> int:
+    """The step whose output is h_{t-1} for continuing rows (clamped: unused when prev_rows is 0)."""
+    s = t + 1 if reverse else t - 1
+    return min(max(s, 0), T - 1)
+
+
+def n_continue(t: int, bs: list[int], reverse: bool) -> int:
+    return prev_rows(t, bs[t], len(bs), bs, reverse)
+
+
+def final_h(out: Tensor, bs: list[int], reverse: bool, packed: bool) -> Tensor:
+    """h_n [B, P]: each row's output at its last step (exactly the state rounded to out's dtype)."""
+    T, B, _ = out.shape
+    if reverse or not packed:
+        return out[0 if reverse else T - 1].clone()
+    lengths = [sum(1 for b in bs if b > row) for row in range(B)]
+    idx = torch.tensor([ln - 1 for ln in lengths], device=out.device)
+    return out[idx, torch.arange(B, device=out.device)]
+
+
+def d_w_hh(d_gh: Tensor, out: Tensor, h0: Tensor, bs: list[int], reverse: bool) -> Tensor:
+    """sum_t d_gh[t]^T h_{t-1} as two GEMMs, without materialising h_{t-1} for every step.
+    d_gh [T, B, GH] fp32 (zero on rows a step does not touch), out [T, B, P], h0 [B, P] -> [GH, P] fp32."""
+    T, B, GH = d_gh.shape
+    P = out.shape[2]
+    acc = d_gh.dtype
+    h0a = h0.to(acc)
+    if reverse:
+        cont, src = d_gh[:-1], out[1:]
+        # rows of step t beyond the rows active at t+1 start from h0
+        ends = torch.tensor(bs[1:] + [0], device=d_gh.device)
+        fresh = (torch.arange(B, device=d_gh.device)[None, :] >= ends[:, None]).to(acc)  # [T, B]
+        d_fresh = (d_gh * fresh[:, :, None]).sum(0)  # [B, GH]
+    else:
+        cont, src = d_gh[1:], out[:-1]
+        d_fresh = d_gh[0]
+    g = d_fresh.t() @ h0a
+    if T > 1:
+        g += cont.reshape(-1, GH).t() @ src.reshape(-1, P).to(acc)
+    return g

@@ -1,0 +1,288 @@
+"""Every backend against torch.nn with the same weights: outputs, final states and every gradient.
+
+The layer and cell classes run with `backend=<name>`; torch.nn runs the same inputs and random cotangents.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+import fastrnn
+from tests.conftest import BACKENDS_UNDER_TEST, interpreted, skip_unless_supported
+from tests.helpers import assert_close
+
+F32, F64 = torch.float32, torch.float64
+CELL_OF = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn_tanh"}
+
+
+def cell_name(kind: str, kw: dict) -> str:
+    return "rnn_relu" if kw.get("nonlinearity") == "relu" else CELL_OF[kind]
+
+
+def make_pair(kind: str, kw: dict, backend: str, dtype, device):
+    ref = getattr(nn, kind)(**kw).to(device=device, dtype=dtype)
+    fast = getattr(fastrnn, kind)(**kw, backend=backend).to(device=device, dtype=dtype)
+    fast.load_state_dict(ref.state_dict())
+    return ref, fast
+
+
+def make_hx(kind: str, kw: dict, B: int | None, dtype, device):
+    L = kw.get("num_layers", 1) * (2 if kw.get("bidirectional") else 1)
+    H = kw["hidden_size"]
+    P = kw.get("proj_size") or H
+    shape = (L, B) if B is not None else (L,)
+    h = torch.randn(*shape, P, dtype=dtype, device=device, requires_grad=True)
+    if kind == "LSTM":
+        return (h, torch.randn(*shape, H, dtype=dtype, device=device, requires_grad=True))
+    return h
+
+
+def flat(x):
+    if isinstance(x, torch.nn.utils.rnn.PackedSequence):  # a namedtuple: test before tuple
+        return [x.data]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in flat(v)]
+    return [x]
+
+
+def compare_modules(ref, fast, make_inputs, dtype, T, cotangent_seed=0):
+    """Run both modules on identical fresh inputs, backprop identical random cotangents, compare all."""
+    results = []
+    for m in (ref, fast):
+        args = make_inputs()
+        out = m(*args)
+        outs = flat(out)
+        g = torch.Generator().manual_seed(cotangent_seed)
+        loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype).to(o.device)).sum() for o in outs)
+        leaves = [a for a in flat(args) if a.requires_grad]
+        params = [p for _, p in m.named_parameters()]
+        grads = torch.autograd.grad(loss, leaves + params, allow_unused=False)
+        results.append((outs, grads, [n for n, _ in m.named_parameters()]))
+    (ro, rg, names), (fo, fg, _) = results
+    for i, (a, e) in enumerate(zip(fo, ro)):
+        assert_close(a, e, dtype, T, f"output[{i}]")
+    n_in = len(rg) - len(names)
+    labels = [f"grad input[{i}]" for i in range(n_in)] + [f"grad {n}" for n in names]
+    for label, a, e in zip(labels, fg, rg):
+        assert_close(a, e, dtype, T, label)
+
+
+LAYER_CASES = [
+    pytest.param("LSTM", {}, id="lstm"),
+    pytest.param("LSTM", {"proj_size": 3}, id="lstm-proj"),
+    pytest.param("GRU", {}, id="gru"),
+    pytest.param("RNN", {}, id="rnn_tanh"),
+    pytest.param("RNN", {"nonlinearity": "relu"}, id="rnn_relu"),
+]
+CONFIGS = [
+    pytest.param({}, id="1layer"),
+    pytest.param({"num_layers": 2, "bidirectional": True}, id="2layer-bidir"),
+    pytest.param({"num_layers": 3, "batch_first": True}, id="3layer-batchfirst"),
+    pytest.param({"bias": False, "bidirectional": True}, id="nobias-bidir"),
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("kind,extra", LAYER_CASES)
+def test_layer(backend, kind, extra, config, with_hx, dtype):
+    if interpreted(backend) and (not with_hx or config.get("num_layers", 1) == 3):
+        pytest.skip("triton interpreter: covered by the smaller subset")
+    kw = dict(input_size=5, hidden_size=7, **extra, **config)
+    device = skip_unless_supported(backend, cell_name(kind, kw), dtype)
+    T, B = (4, 3) if interpreted(backend) else (6, 3)
+    torch.manual_seed(1)
+    ref, fast = make_pair(kind, kw, backend, dtype, device)
+    x = torch.randn(T, B, 5, dtype=dtype, device=device)
+    if kw.get("batch_first"):
+        x = x.transpose(0, 1).contiguous()
+    hx = make_hx(kind, kw, B, dtype, device) if with_hx else None
+
+    def inputs():
+        xi = x.clone().requires_grad_()
+        if hx is None:
+            return (xi,)
+        return (xi, tuple(h.detach().clone().requires_grad_() for h in hx) if kind == "LSTM" else hx.detach().clone().requires_grad_())
+
+    compare_modules(ref, fast, inputs, dtype, T)
+
+
+@pytest.mark.parametrize("enforce_sorted", [True, False], ids=["sorted", "unsorted"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind,extra", LAYER_CASES)
+def test_packed(backend, kind, extra, dtype, enforce_sorted):
+    kw = dict(input_size=4, hidden_size=6, num_layers=2, bidirectional=True, **extra)
+    device = skip_unless_supported(backend, cell_name(kind, kw), dtype)
+    lengths = torch.tensor([5, 5, 3, 2, 1]) if enforce_sorted else torch.tensor([2, 5, 1, 3, 5])
+    if interpreted(backend):
+        lengths = lengths.clamp(max=3)
+    T, B = int(lengths.max()), len(lengths)
+    torch.manual_seed(2)
+    ref, fast = make_pair(kind, kw, backend, dtype, device)
+    x = torch.randn(T, B, 4, dtype=dtype, device=device)
+    hx = make_hx(kind, kw, B, dtype, device)
+
+    def inputs():
+        xi = x.clone().requires_grad_()
+        p = pack_padded_sequence(xi, lengths, enforce_sorted=enforce_sorted)
+        h = tuple(t.detach().clone().requires_grad_() for t in hx) if kind == "LSTM" else hx.detach().clone().requires_grad_()
+        return p, h
+
+    compare_modules(ref, fast, inputs, dtype, T)
+    # the packed result unpacks to zeros past each row's end, as torch's does
+    out, _ = fast(pack_padded_sequence(x, lengths, enforce_sorted=enforce_sorted))
+    padded, lens = pad_packed_sequence(out)
+    assert torch.equal(lens, lengths)
+    for b, n in enumerate(lengths.tolist()):
+        assert torch.all(padded[n:, b] == 0)
+
+
+@pytest.mark.parametrize("with_hx", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("kind,extra", LAYER_CASES)
+def test_unbatched(backend, kind, extra, with_hx):
+    kw = dict(input_size=3, hidden_size=5, num_layers=2, **extra)
+    device = skip_unless_supported(backend, cell_name(kind, kw), F32)
+    torch.manual_seed(3)
+    ref, fast = make_pair(kind, kw, backend, F32, device)
+    x = torch.randn(4, 3, device=device)
+    hx = make_hx(kind, kw, None, F32, device) if with_hx else None
+
+    def inputs():
+        xi = x.clone().requires_grad_()
+        if hx is None:
+            return (xi,)
+        return (xi, tuple(h.detach().clone().requires_grad_() for h in hx) if kind == "LSTM" else hx.detach().clone().requires_grad_())
+
+    compare_modules(ref, fast, inputs, F32, 4)
+
+
+@pytest.mark.parametrize("T,B,H,I", [(1, 1, 4, 3), (7, 2, 33, 9), (3, 5, 16, 16)], ids=["T1-B1", "T7-H33", "H16"])
+@pytest.mark.parametrize("kind,extra", LAYER_CASES)
+def test_odd_sizes(backend, kind, extra, T, B, H, I):
+    if interpreted(backend) and H > 16:
+        pytest.skip("triton interpreter: small shapes only")
+    kw = dict(input_size=I, hidden_size=H, **extra)
+    if kw.get("proj_size", 0) >= H:
+        kw["proj_size"] = H - 1
+    device = skip_unless_supported(backend, cell_name(kind, kw), F32)
+    torch.manual_seed(4)
+    ref, fast = make_pair(kind, kw, backend, F32, device)
+    x = torch.randn(T, B, I, device=device)
+    compare_modules(ref, fast, lambda: (x.clone().requires_grad_(),), F32, T)
+
+
+CELL_CASES = [
+    pytest.param("LSTMCell", {}, "lstm", id="lstmcell"),
+    pytest.param("GRUCell", {}, "gru", id="grucell"),
+    pytest.param("RNNCell", {}, "rnn_tanh", id="rnncell-tanh"),
+    pytest.param("RNNCell", {"nonlinearity": "relu"}, "rnn_relu", id="rnncell-relu"),
+]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("shape", ["batched", "unbatched", "nohx"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("kind,extra,cell", CELL_CASES)
+def test_cell(backend, kind, extra, cell, dtype, shape, bias):
+    device = skip_unless_supported(backend, cell, dtype)
+    torch.manual_seed(5)
+    ref = getattr(nn, kind)(4, 6, bias=bias, **extra).to(device=device, dtype=dtype)
+    fast = getattr(fastrnn, kind)(4, 6, bias=bias, **extra, backend=backend).to(device=device, dtype=dtype)
+    fast.load_state_dict(ref.state_dict())
+    lead = () if shape == "unbatched" else (3,)
+    x = torch.randn(*lead, 4, dtype=dtype, device=device)
+    hs = [torch.randn(*lead, 6, dtype=dtype, device=device) for _ in range(2 if cell == "lstm" else 1)]
+
+    def inputs():
+        xi = x.clone().requires_grad_()
+        if shape == "nohx":
+            return (xi,)
+        h = [t.clone().requires_grad_() for t in hs]
+        return (xi, tuple(h) if cell == "lstm" else h[0])
+
+    compare_modules(ref, fast, inputs, dtype, 1)
+
+
+@pytest.mark.parametrize("kind,extra", LAYER_CASES)
+def test_gradcheck_f64(backend, kind, extra):
+    """Finite differences in float64 through the whole module, bidirectional and packed."""
+    kw = dict(input_size=3, hidden_size=4, bidirectional=True, **extra)
+    device = skip_unless_supported(backend, cell_name(kind, kw), F64)
+    torch.manual_seed(6)
+    m = getattr(fastrnn, kind)(**kw, backend=backend).to(device=device, dtype=F64)
+    names = [n for n, _ in m.named_parameters()]
+    lengths = torch.tensor([4, 2, 1])
+    x = torch.randn(4, 3, 3, dtype=F64, device=device, requires_grad=True)
+    hx = make_hx(kind, kw, 3, F64, device)
+    hx_leaves = list(hx) if kind == "LSTM" else [hx]
+
+    def f(x, *rest):
+        hs, ps = rest[: len(hx_leaves)], rest[len(hx_leaves):]
+        state = tuple(hs) if kind == "LSTM" else hs[0]
+        out, h = torch.func.functional_call(
+            m, dict(zip(names, ps)), (pack_padded_sequence(x, lengths), state)
+        )
+        return (out.data, *flat(h))
+
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    assert torch.autograd.gradcheck(f, (x, *hx_leaves, *params), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,extra", LAYER_CASES)
+def test_dropout(backend, kind, extra):
+    """eval(): dropout off, equal to torch. train(): applied between layers, with torch's RNG draws."""
+    kw = dict(input_size=4, hidden_size=6, num_layers=3, dropout=0.5, **extra)
+    device = skip_unless_supported(backend, cell_name(kind, kw), F64)
+    torch.manual_seed(7)
+    ref, fast = make_pair(kind, kw, backend, F64, device)
+    x = torch.randn(5, 2, 4, dtype=F64, device=device)
+    ref.eval(), fast.eval()
+    compare_modules(ref, fast, lambda: (x.clone().requires_grad_(),), F64, 5)
+    ref.train(), fast.train()
+    torch.manual_seed(8)
+    out_ref = flat(ref(x))
+    torch.manual_seed(8)
+    out_fast = flat(fast(x))
+    for a, e in zip(out_fast, out_ref):
+        assert_close(a, e, F64, 5, "train-mode dropout output")
+    with torch.no_grad():
+        assert not torch.allclose(fast.eval()(x)[0], out_fast[0]), "train mode must apply dropout"
+
+
+@pytest.mark.parametrize("kind,extra", LAYER_CASES)
+def test_nan_propagates(backend, kind, extra):
+    kw = dict(input_size=3, hidden_size=4, num_layers=2, bidirectional=True, **extra)
+    device = skip_unless_supported(backend, cell_name(kind, kw), F32)
+    torch.manual_seed(9)
+    ref, fast = make_pair(kind, kw, backend, F32, device)
+    x = torch.randn(5, 2, 3, device=device)
+    x[2, 1, 0] = float("nan")
+    for a, e in zip(flat(fast(x)), flat(ref(x))):
+        assert torch.equal(a.isnan(), e.isnan()), "NaN pattern differs from torch.nn"
+        assert_close(a, e, F32, 5, "finite part")
+
+
+@pytest.mark.parametrize("kind,extra", LAYER_CASES)
+def test_non_contiguous(backend, kind, extra):
+    """Inputs and states sliced out of wider tensors give the same results as contiguous copies."""
+    kw = dict(input_size=3, hidden_size=5, num_layers=2, **extra)
+    device = skip_unless_supported(backend, cell_name(kind, kw), F32)
+    torch.manual_seed(10)
+    m = getattr(fastrnn, kind)(**kw, backend=backend).to(device)
+    wide = torch.randn(4, 3, 7, device=device)
+    x = wide[:, :, 1:7:2]  # [4, 3, 3], strided
+    assert not x.is_contiguous()
+    hx = make_hx(kind, kw, 6, F32, device)
+    hx = tuple(h.detach()[:, ::2] for h in hx) if kind == "LSTM" else hx.detach()[:, ::2]
+    got = flat(m(x, hx))
+    want = flat(m(x.contiguous(), tuple(h.contiguous() for h in hx) if kind == "LSTM" else hx.contiguous()))
+    for a, e in zip(got, want):
+        assert_close(a, e, F32, 4, "non-contiguous", rtol=0, atol=0)
+
+
+def test_backends_under_test_include_reference():
+    assert "reference" in BACKENDS_UNDER_TEST
