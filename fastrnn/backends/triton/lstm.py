@@ -1,0 +1,209 @@
+"""LSTM (gates i, f, g, o; optional projection h = (o * tanh(c)) W_hr^T): step kernels and their launchers.
+
+Forward, per step, one kernel: h_{t-1} W_hh^T with tl.dot for a tile of hidden units of all four gates, then
+the activations, c update (in place: each element belongs to one program) and the saved gates / c_t. With a
+projection a second small GEMM (gemm.step_gemm) maps o * tanh(c) to h. Backward, per step: one pointwise
+kernel writing d(pre-activation) of the step, then d_h = d_gates W_hh (gemm.step_gemm).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastrnn.backends.triton.common import (
+    block_cols,
+    block_k,
+    block_rows,
+    d_w_hh,
+    final_h,
+    load_prev,
+    n_continue,
+    poisoned,
+    precision,
+    prev_step,
+    tanh,
+)
+from fastrnn.backends.triton.gemm import step_gemm
+from fastrnn.cells import steps
+
+
+@triton.jit
+def _lstm_fwd_step(
+    gx_ptr,  # [B, 4H] this step's input projection (incl. b_ih)
+    hs_ptr,  # [B, P] fp32 state after the previous step (rows < k)
+    h0_ptr,  # [B, P] initial state (rows k..n start from it)
+    w_ptr,  # [4H, P]
+    b_ptr,  # [4H] (unused without HAS_BIAS)
+    c_ptr,  # [B, H] fp32 cell state, read and written in place
+    hn_ptr,  # [B, H] fp32: the new state, or o * tanh(c) when projecting
+    out_ptr,  # [B, H] this step's output (without projection)
+    gates_ptr,  # [B, 4H] fp32 saved activations
+    extra_ptr,  # [B, H] fp32 saved c_t
+    n, k, H, P,
+    HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, WRITE_OUT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    rmask = rows < n
+    cmask = cols < H
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, P, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < P
+        a = load_prev(hs_ptr, h0_ptr, rows, kk, n, k, P, kmask).to(w_ptr.dtype.element_ty)  # [BB, BK]
+        wp = w_ptr + cols[None, :] * P + kk[:, None]  # W^T tile [BK, BH] of gate i
+        wm = kmask[:, None] & cmask[None, :]
+        acc_i += tl.dot(a, tl.load(wp, mask=wm, other=0.0), input_precision=PRECISION)
+        acc_f += tl.dot(a, tl.load(wp + H * P, mask=wm, other=0.0), input_precision=PRECISION)
+        acc_g += tl.dot(a, tl.load(wp + 2 * H * P, mask=wm, other=0.0), input_precision=PRECISION)
+        acc_o += tl.dot(a, tl.load(wp + 3 * H * P, mask=wm, other=0.0), input_precision=PRECISION)
+    m2 = rmask[:, None] & cmask[None, :]
+    G4 = 4 * H
+    gxp = gx_ptr + rows[:, None] * G4 + cols[None, :]
+    acc_i += tl.load(gxp, mask=m2, other=0.0).to(tl.float32)
+    acc_f += tl.load(gxp + H, mask=m2, other=0.0).to(tl.float32)
+    acc_g += tl.load(gxp + 2 * H, mask=m2, other=0.0).to(tl.float32)
+    acc_o += tl.load(gxp + 3 * H, mask=m2, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        acc_i += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_f += tl.load(b_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_g += tl.load(b_ptr + 2 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_o += tl.load(b_ptr + 3 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    i = tl.sigmoid(acc_i)
+    f = tl.sigmoid(acc_f)
+    g = tanh(acc_g)
+    o = tl.sigmoid(acc_o)
+    hc = rows[:, None] * H + cols[None, :]
+    c = f * tl.load(c_ptr + hc, mask=m2, other=0.0) + i * g
+    h = o * tanh(c)
+    tl.store(c_ptr + hc, c, mask=m2)
+    tl.store(hn_ptr + hc, h, mask=m2)
+    if WRITE_OUT:
+        tl.store(out_ptr + hc, h.to(out_ptr.dtype.element_ty), mask=m2)
+    if SAVE:
+        sp = gates_ptr + rows[:, None] * G4 + cols[None, :]
+        tl.store(sp, i, mask=m2)
+        tl.store(sp + H, f, mask=m2)
+        tl.store(sp + 2 * H, g, mask=m2)
+        tl.store(sp + 3 * H, o, mask=m2)
+        tl.store(extra_ptr + hc, c, mask=m2)
+
+
+@triton.jit
+def _lstm_bwd_step(
+    dh_ptr,  # [B, H] fp32 gradient w.r.t. o * tanh(c) so far (running d_h, or d_hbar when projecting)
+    dout_ptr,  # [B, H] this step's d_out (added unless projecting: then it is already in dh)
+    gates_ptr,  # [B, 4H] fp32 saved i, f, g, o
+    c_ptr,  # [B, H] fp32 saved c_t
+    cs_ptr,  # [B, H] fp32 saved c of the previous step (rows < k)
+    c0_ptr,  # [B, H] initial cell state (rows k..n)
+    dc_ptr,  # [B, H] fp32 running d_c, read and written in place
+    dg_ptr,  # [B, 4H] fp32 d(pre-activation) of this step
+    n, k, H,
+    ADD_DOUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    m2 = (rows < n)[:, None] & cmask[None, :]
+    hc = rows[:, None] * H + cols[None, :]
+    dht = tl.load(dh_ptr + hc, mask=m2, other=0.0)
+    if ADD_DOUT:
+        dht += tl.load(dout_ptr + hc, mask=m2, other=0.0).to(tl.float32)
+    G4 = 4 * H
+    gp = gates_ptr + rows[:, None] * G4 + cols[None, :]
+    i = tl.load(gp, mask=m2, other=0.0)
+    f = tl.load(gp + H, mask=m2, other=0.0)
+    g = tl.load(gp + 2 * H, mask=m2, other=0.0)
+    o = tl.load(gp + 3 * H, mask=m2, other=0.0)
+    tc = tanh(tl.load(c_ptr + hc, mask=m2, other=0.0))
+    cp = load_prev(cs_ptr, c0_ptr, rows, cols, n, k, H, cmask)
+    dct = tl.load(dc_ptr + hc, mask=m2, other=0.0) + dht * o * (1.0 - tc * tc)
+    dp = dg_ptr + rows[:, None] * G4 + cols[None, :]
+    tl.store(dp, dct * g * i * (1.0 - i), mask=m2)
+    tl.store(dp + H, dct * cp * f * (1.0 - f), mask=m2)
+    tl.store(dp + 2 * H, dct * i * (1.0 - g * g), mask=m2)
+    tl.store(dp + 3 * H, dht * tc * o * (1.0 - o), mask=m2)
+    tl.store(dc_ptr + hc, dct * f, mask=m2)
+
+
+def lstm_fwd(
+    gx: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, b_hh: Tensor | None, w_hr: Tensor | None,
+    bs: list[int], packed: bool, reverse: bool, need_saved: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """gx [T,B,4H], h0 [B,P], c0 [B,H] -> out [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H], extra [T,B,H]."""
+    T, B, G4 = gx.shape
+    H, P = G4 // 4, h0.shape[1]
+    f32 = torch.float32
+    out = gx.new_zeros(T, B, P) if packed else poisoned((T, B, P), gx)
+    hbuf = gx.new_empty(2, B, P, dtype=f32)  # ping-pong: programs of a step read all of h_{t-1}
+    c = c0.to(f32, copy=True)
+    hbar = gx.new_empty(B, H, dtype=f32) if w_hr is not None else None
+    gates = poisoned((T, B, G4), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
+    extra = poisoned((T, B, H), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
+    prec = precision(gx.dtype)
+    for s, t in enumerate(steps(T, reverse)):
+        n, k = bs[t], n_continue(t, bs, reverse)
+        src, dst = hbuf[s % 2], hbuf[(s + 1) % 2]
+        BB, BH = block_rows(n), block_cols(n, H)
+        _lstm_fwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
+            gx[t], src, h0, w_hh, w_hh if b_hh is None else b_hh, c, dst if hbar is None else hbar, out[t],
+            gates[t] if need_saved else c, extra[t] if need_saved else c,
+            n, k, H, P,
+            HAS_BIAS=b_hh is not None, SAVE=need_saved, WRITE_OUT=hbar is None, PRECISION=prec,
+            BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(P),
+        )
+        if hbar is not None:
+            step_gemm(hbar, w_hr, dst, n, prec, transpose_b=True, out=out[t])
+    return out, final_h(out, bs, reverse, packed), c.to(gx.dtype), gates, extra
+
+
+def lstm_bwd(
+    d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor, h0: Tensor, c0: Tensor, w_hh: Tensor, has_bias: bool,
+    w_hr: Tensor | None, bs: list[int], packed: bool, reverse: bool, out: Tensor, gates: Tensor, extra: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None, Tensor | None]:
+    """-> d_gx [T,B,4H], d_h0 [B,P], d_c0 [B,H], d_w_hh [4H,P], d_b_hh [4H] | None, d_w_hr [P,H] | None."""
+    T, B, P = out.shape
+    H = w_hh.shape[0] // 4
+    f32, dt = torch.float32, out.dtype
+    prec = precision(dt)
+    dh = d_h_n.to(f32, copy=True)  # [B, P] running d_h
+    dc = d_c_n.to(f32, copy=True)  # [B, H] running d_c
+    d_g = out.new_zeros(T, B, 4 * H, dtype=f32)  # every step's d(pre-activation), for the weight GEMMs
+    d_hfull = out.new_zeros(T, B, P, dtype=f32) if w_hr is not None else None
+    dhbar = out.new_empty(B, H, dtype=f32) if w_hr is not None else None
+    for t in reversed(steps(T, reverse)):
+        n, k = bs[t], n_continue(t, bs, reverse)
+        if n == 0:
+            continue
+        if d_hfull is not None:
+            torch.add(dh[:n], d_out[t, :n], out=d_hfull[t, :n])
+            step_gemm(d_hfull[t], w_hr, dhbar, n, prec)  # [n, P] @ [P, H]
+        BB, BH = block_rows(n), block_cols(n, H)
+        _lstm_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
+            dh if dhbar is None else dhbar, d_out[t], gates[t], extra[t], extra[prev_step(t, T, reverse)], c0,
+            dc, d_g[t], n, k, H,
+            ADD_DOUT=dhbar is None, BLOCK_B=BB, BLOCK_H=BH,
+        )
+        step_gemm(d_g[t], w_hh, dh, n, prec)  # [n, 4H] @ [4H, P]
+    flat = d_g.reshape(T * B, 4 * H)
+    d_w = d_w_hh(d_g, out, h0, bs, reverse)
+    d_b = flat.sum(0) if has_bias else None
+    d_w_hr = None
+    if d_hfull is not None:
+        hbar_all = gates[:, :, 3 * H :] * torch.tanh(extra)  # o * tanh(c), [T, B, H]
+        if packed:  # rows a step did not touch hold unspecified values
+            active = torch.arange(B, device=out.device)[None, :] < torch.tensor(bs, device=out.device)[:, None]
+            hbar_all = torch.where(active[:, :, None], hbar_all, 0.0)
+        d_w_hr = d_hfull.reshape(T * B, P).t() @ hbar_all.reshape(T * B, H)
+    return (
+        d_g.to(dt), dh.to(dt), dc.to(dt), d_w.to(dt),
+        None if d_b is None else d_b.to(dt), None if d_w_hr is None else d_w_hr.to(dt),
+    )
