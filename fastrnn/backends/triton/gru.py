@@ -1,0 +1,174 @@
+"""GRU (gates r, z, n; n = tanh(gx_n + r * (W_hn h + b_hn))): step kernels and their launchers.
+
+Forward, per step, one kernel: h_{t-1} W_hh^T with tl.dot for a tile of hidden units of all three gates, then
+the activations, h update and the saved gates / W_hn h + b_hn. Backward, per step: one pointwise kernel
+writing d(pre-activation) for gx and for the W_hh product (they differ in the n gate by the factor r) and
+d_h = z * d_h_t, then d_h += d_gates_h W_hh (gemm.step_gemm).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from fastrnn.backends.triton.common import (
+    block_cols,
+    block_k,
+    block_rows,
+    d_w_hh,
+    final_h,
+    load_prev,
+    n_continue,
+    poisoned,
+    precision,
+    prev_step,
+    tanh,
+)
+from fastrnn.backends.triton.gemm import step_gemm
+from fastrnn.cells import steps
+
+
+@triton.jit
+def _gru_fwd_step(
+    gx_ptr,  # [B, 3H] this step's input projection (incl. b_ih)
+    hs_ptr,  # [B, H] fp32 state after the previous step (rows < k)
+    h0_ptr,  # [B, H] initial state (rows k..n start from it)
+    w_ptr,  # [3H, H]
+    b_ptr,  # [3H] (unused without HAS_BIAS)
+    hn_ptr,  # [B, H] fp32 new state
+    out_ptr,  # [B, H] this step's output
+    gates_ptr,  # [B, 3H] fp32 saved r, z, n
+    extra_ptr,  # [B, H] fp32 saved W_hn h + b_hn
+    n, k, H,
+    HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    m2 = (rows < n)[:, None] & cmask[None, :]
+    acc_r = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_z = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_n = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < H
+        a = load_prev(hs_ptr, h0_ptr, rows, kk, n, k, H, kmask).to(w_ptr.dtype.element_ty)  # [BB, BK]
+        wp = w_ptr + cols[None, :] * H + kk[:, None]  # W^T tile [BK, BH] of gate r
+        wm = kmask[:, None] & cmask[None, :]
+        acc_r += tl.dot(a, tl.load(wp, mask=wm, other=0.0), input_precision=PRECISION)
+        acc_z += tl.dot(a, tl.load(wp + H * H, mask=wm, other=0.0), input_precision=PRECISION)
+        acc_n += tl.dot(a, tl.load(wp + 2 * H * H, mask=wm, other=0.0), input_precision=PRECISION)
+    if HAS_BIAS:
+        acc_r += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_z += tl.load(b_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        acc_n += tl.load(b_ptr + 2 * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    G3 = 3 * H
+    gxp = gx_ptr + rows[:, None] * G3 + cols[None, :]
+    r = tl.sigmoid(tl.load(gxp, mask=m2, other=0.0).to(tl.float32) + acc_r)
+    z = tl.sigmoid(tl.load(gxp + H, mask=m2, other=0.0).to(tl.float32) + acc_z)
+    nn = tanh(tl.load(gxp + 2 * H, mask=m2, other=0.0).to(tl.float32) + r * acc_n)
+    hp = load_prev(hs_ptr, h0_ptr, rows, cols, n, k, H, cmask)
+    h = (1.0 - z) * nn + z * hp
+    hc = rows[:, None] * H + cols[None, :]
+    tl.store(hn_ptr + hc, h, mask=m2)
+    tl.store(out_ptr + hc, h.to(out_ptr.dtype.element_ty), mask=m2)
+    if SAVE:
+        sp = gates_ptr + rows[:, None] * G3 + cols[None, :]
+        tl.store(sp, r, mask=m2)
+        tl.store(sp + H, z, mask=m2)
+        tl.store(sp + 2 * H, nn, mask=m2)
+        tl.store(extra_ptr + hc, acc_n, mask=m2)
+
+
+@triton.jit
+def _gru_bwd_step(
+    dh_ptr,  # [B, H] fp32 running d_h: read, then overwritten with z * d_h_t (the direct path to h_{t-1})
+    dout_ptr,  # [B, H] this step's d_out
+    gates_ptr,  # [B, 3H] fp32 saved r, z, n
+    hh_ptr,  # [B, H] fp32 saved W_hn h + b_hn
+    hs_ptr,  # [B, H] output of the previous step (rows < k)
+    h0_ptr,  # [B, H] initial state (rows k..n)
+    dgx_ptr,  # [B, 3H] fp32 d(pre-activation) w.r.t. gx
+    dgh_ptr,  # [B, 3H] fp32 d(pre-activation) w.r.t. h W_hh^T + b_hh
+    n, k, H,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    m2 = (rows < n)[:, None] & cmask[None, :]
+    hc = rows[:, None] * H + cols[None, :]
+    dht = tl.load(dh_ptr + hc, mask=m2, other=0.0) + tl.load(dout_ptr + hc, mask=m2, other=0.0).to(tl.float32)
+    G3 = 3 * H
+    g3 = rows[:, None] * G3 + cols[None, :]
+    r = tl.load(gates_ptr + g3, mask=m2, other=0.0)
+    z = tl.load(gates_ptr + g3 + H, mask=m2, other=0.0)
+    nn = tl.load(gates_ptr + g3 + 2 * H, mask=m2, other=0.0)
+    hh = tl.load(hh_ptr + hc, mask=m2, other=0.0)
+    hp = load_prev(hs_ptr, h0_ptr, rows, cols, n, k, H, cmask)
+    dn = dht * (1.0 - z) * (1.0 - nn * nn)
+    dr = dn * hh * r * (1.0 - r)
+    dz = dht * (hp - nn) * z * (1.0 - z)
+    tl.store(dgx_ptr + g3, dr, mask=m2)
+    tl.store(dgx_ptr + g3 + H, dz, mask=m2)
+    tl.store(dgx_ptr + g3 + 2 * H, dn, mask=m2)
+    tl.store(dgh_ptr + g3, dr, mask=m2)
+    tl.store(dgh_ptr + g3 + H, dz, mask=m2)
+    tl.store(dgh_ptr + g3 + 2 * H, dn * r, mask=m2)
+    tl.store(dh_ptr + hc, dht * z, mask=m2)
+
+
+def gru_fwd(
+    gx: Tensor, h0: Tensor, w_hh: Tensor, b_hh: Tensor | None, bs: list[int], packed: bool, reverse: bool,
+    need_saved: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """gx [T,B,3H], h0 [B,H] -> out [T,B,H], h_n [B,H], gates [T,B,3H], extra [T,B,H]."""
+    T, B, G3 = gx.shape
+    H = G3 // 3
+    f32 = torch.float32
+    out = gx.new_zeros(T, B, H) if packed else poisoned((T, B, H), gx)
+    hbuf = gx.new_empty(2, B, H, dtype=f32)  # ping-pong: programs of a step read all of h_{t-1}
+    gates = poisoned((T, B, G3), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
+    extra = poisoned((T, B, H), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
+    prec = precision(gx.dtype)
+    for s, t in enumerate(steps(T, reverse)):
+        n, k = bs[t], n_continue(t, bs, reverse)
+        BB, BH = block_rows(n), block_cols(n, H)
+        _gru_fwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
+            gx[t], hbuf[s % 2], h0, w_hh, w_hh if b_hh is None else b_hh, hbuf[(s + 1) % 2], out[t],
+            gates[t] if need_saved else out[t], extra[t] if need_saved else out[t],
+            n, k, H,
+            HAS_BIAS=b_hh is not None, SAVE=need_saved, PRECISION=prec,
+            BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(H),
+        )
+    return out, final_h(out, bs, reverse, packed), gates, extra
+
+
+def gru_bwd(
+    d_out: Tensor, d_h_n: Tensor, h0: Tensor, w_hh: Tensor, has_bias: bool, bs: list[int], reverse: bool,
+    out: Tensor, gates: Tensor, extra: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """-> d_gx [T,B,3H], d_h0 [B,H], d_w_hh [3H,H], d_b_hh [3H] | None."""
+    T, B, H = out.shape
+    f32, dt = torch.float32, out.dtype
+    prec = precision(dt)
+    dh = d_h_n.to(f32, copy=True)  # [B, H] running d_h
+    d_gx = out.new_zeros(T, B, 3 * H, dtype=f32)
+    d_gh = torch.zeros_like(d_gx)  # kept for every step: d_w_hh and d_b_hh are one GEMM / sum at the end
+    for t in reversed(steps(T, reverse)):
+        n, k = bs[t], n_continue(t, bs, reverse)
+        if n == 0:
+            continue
+        BB, BH = block_rows(n), block_cols(n, H)
+        _gru_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
+            dh, d_out[t], gates[t], extra[t], out[prev_step(t, T, reverse)], h0, d_gx[t], d_gh[t],
+            n, k, H,
+            BLOCK_B=BB, BLOCK_H=BH,
+        )
+        step_gemm(d_gh[t], w_hh, dh, n, prec, accumulate=True)  # dh += [n, 3H] @ [3H, H]
+    d_w = d_w_hh(d_gh, out, h0, bs, reverse)
+    d_b = d_gh.reshape(T * B, 3 * H).sum(0) if has_bias else None
+    return d_gx.to(dt), dh.to(dt), d_w.to(dt), None if d_b is None else d_b.to(dt)
