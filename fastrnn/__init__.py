@@ -3,13 +3,15 @@
 import torch
 
 from fastrnn.backends import BackendUnavailableError, available_backends, use_backend
-from fastrnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
+from fastrnn import _dynamo
+from fastrnn.modules import FASTRNN_CLASSES, GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
 
 __version__ = "0.1.0"
 
 # A whole pickled model made of fastrnn layers loads with torch.load's default weights_only=True, as
 # fastrnn's classes hold nothing but torch.nn state.
-torch.serialization.add_safe_globals([LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell])
+torch.serialization.add_safe_globals(list(FASTRNN_CLASSES))
+_dynamo.install(FASTRNN_CLASSES)
 
 __all__ = [
     "LSTM",

@@ -96,8 +96,10 @@ def requested(explicit: str | None = None) -> str | None:
     return None
 
 
+@torch.compiler.assume_constant_result
 def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | None = None) -> str:
-    """The backend that runs this call (see the module docstring for the rules)."""
+    """The backend that runs this call (see the module docstring for the rules). Under torch.compile it is
+    evaluated once while tracing and its answer baked into the graph."""
     name = requested(explicit)
     if name is not None:
         ok, why = is_available(name)
