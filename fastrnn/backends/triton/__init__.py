@@ -62,7 +62,7 @@ def forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved
         from fastrnn.backends.triton.rnn import rnn_fwd
 
         out, h_n = rnn_fwd(gx, h0, w_hh, b_hh, bs, packed, reverse, relu=cell == "rnn_relu")
-        gates = extra = gx.new_empty(0, dtype=torch.float32)
+        gates, extra = gx.new_empty(0, dtype=torch.float32), gx.new_empty(0, dtype=torch.float32)
     return out, h_n, gx.new_empty(0), gates, extra
 
 

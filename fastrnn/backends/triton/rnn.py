@@ -56,7 +56,7 @@ def _rnn_fwd_step(
     hc = rows[:, None] * H + cols[None, :]
     acc += tl.load(gx_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     if RELU:
-        h = tl.where(acc > 0.0, acc, 0.0)
+        h = tl.where(acc < 0.0, 0.0, acc)  # NaN passes, as torch.relu
     else:
         h = tanh(acc)
     tl.store(hn_ptr + hc, h, mask=m2)
