@@ -2,7 +2,9 @@
 
 A `Case` is one configuration (timed for every backend of the run, interleaved with torch.nn). Presets:
     quick   the gate's grid: every cell, T=32, B in {1, 16}, H in {64, 256}, inference and training,
-            float32, 2 threads; fits in about a minute on a 2-core machine.
+            float32, ONE thread; about a minute on a 2-core machine. One thread because on a shared 2-core
+            machine a 2-thread run waits at every parallel region for a core a neighbour holds (measured here:
+            a torch.nn LSTM call 0.1 ms alone, 150-300 ms under load), which no ratio survives.
     full    the CPU grid the kernel issues report against: T in {32, 128}, B in {1, 16, 64},
             H in {64, 256, 512, 1024}, input size = H, one layer, float32, inference and training, 2 threads.
 """
@@ -96,7 +98,7 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
-        cells=CELLS, modes=("inference", "training"), T=(32,), B=(1, 16), H=(64, 256),
+        cells=CELLS, modes=("inference", "training"), T=(32,), B=(1, 16), H=(64, 256), threads=(1,),
         settings=Settings(warmup=2, repeats=15, min_repeats=5, max_seconds=2.0, min_sample_ms=2.0),
     ),
     "full": Preset(
