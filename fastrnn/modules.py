@@ -113,6 +113,11 @@ class _RNNBaseMixin(_FastMixin):
             h0 = torch.zeros(self.num_layers * D, max_batch_size, P, **z)
             hx = (h0, torch.zeros(self.num_layers * D, max_batch_size, self.hidden_size, **z)) if lstm else h0
         self.check_forward_args(input, hx, batch_sizes)
+        if lstm:  # torch's _VF.lstm rejects these after the shape checks
+            if isinstance(hx, Tensor):
+                raise TypeError("lstm(): argument 'hx' must be tuple of Tensors, not Tensor")
+            if len(hx) != 2:
+                raise RuntimeError("lstm expects two hidden states")
         if batch_sizes is None and input.size(0 if not self.batch_first else 1) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = hx if lstm else (hx, None)
@@ -189,6 +194,11 @@ class _CellMixin(_FastMixin):
             zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
             h0, c0 = (zeros, zeros) if lstm else (zeros, None)
         else:
+            if lstm:  # what torch's _VF.lstm_cell says
+                if isinstance(hx, Tensor):
+                    raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not Tensor")
+                if len(hx) != 2:
+                    raise RuntimeError("lstm_cell expects two hidden states")
             h0, c0 = hx if lstm else (hx, None)
             if not is_batched:
                 h0 = h0.unsqueeze(0)

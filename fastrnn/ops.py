@@ -41,6 +41,8 @@ def recurrence_fwd(
     reverse: bool,
     need_saved: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if gx.shape[1] == 0:  # an empty batch (torch.nn accepts one): nothing to run, so no kernel has to handle it
+        backend = "reference"
     out, h_n, c_n, gates, extra = backends.get(backend).forward(
         cell, gx.contiguous(), h0.contiguous(), _c(c0), w_hh.contiguous(), _c(b_hh), _c(w_hr),
         batch_sizes, reverse, need_saved,
@@ -78,6 +80,8 @@ def recurrence_bwd(
     gates: Tensor,
     extra: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    if out.shape[1] == 0:
+        backend = "reference"
     grads = backends.get(backend).backward(
         cell, d_out.contiguous(), d_h_n.contiguous(), _c(d_c_n), h0.contiguous(), _c(c0), w_hh.contiguous(),
         _c(b_hh), _c(w_hr), batch_sizes, reverse, out.contiguous(), gates.contiguous(), extra.contiguous(),

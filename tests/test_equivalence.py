@@ -286,3 +286,14 @@ def test_non_contiguous(backend, kind, extra):
 
 def test_backends_under_test_include_reference():
     assert "reference" in BACKENDS_UNDER_TEST
+
+
+@pytest.mark.parametrize("kind,extra", LAYER_CASES)
+def test_empty_batch(backend, kind, extra):
+    """torch.nn accepts a batch of size 0; so does fastrnn, with the same shapes."""
+    kw = dict(input_size=3, hidden_size=4, bidirectional=True, **extra)
+    device = skip_unless_supported(backend, cell_name(kind, kw), F32)
+    ref, fast = make_pair(kind, kw, backend, F32, device)
+    x = torch.randn(5, 0, 3, device=device)
+    for a, e in zip(flat(fast(x)), flat(ref(x))):
+        assert a.shape == e.shape

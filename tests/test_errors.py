@@ -55,7 +55,17 @@ CASES = {
     "lstm-hx-rank": lambda ns: ns.LSTM(4, 3)(r(5, 2, 4), (r(2, 3), r(2, 3))),
     "lstm-unbatched-hx-rank": lambda ns: ns.LSTM(4, 3)(r(5, 4), (r(1, 2, 3), r(1, 2, 3))),
     "packed-hx-wrong-batch": lambda ns: ns.GRU(4, 3)(_packed(r(3, 2, 4), [3, 2]), r(1, 3, 3)),
+    "lstm-hx-three-states": lambda ns: ns.LSTM(4, 3)(r(5, 2, 4), (r(1, 2, 3), r(1, 2, 3), r(1, 2, 3))),
+    "lstm-hx-stacked-tensor": lambda ns: ns.LSTM(4, 3)(r(5, 2, 4), r(2, 1, 2, 3)),
+    "rnn-hx-tuple": lambda ns: ns.RNN(4, 3)(r(5, 2, 4), (r(1, 2, 3),)),
+    "int-input": lambda ns: ns.LSTM(4, 3)(torch.zeros(5, 2, 4, dtype=torch.long)),
+    "hx-int-dtype": lambda ns: ns.GRU(4, 3)(r(5, 2, 4), torch.zeros(1, 2, 3, dtype=torch.long)),
+    "input-none": lambda ns: ns.GRU(4, 3)(None),
+    "seq-len-0-batch-first": lambda ns: ns.GRU(4, 3, batch_first=True)(r(2, 0, 4)),
     # cells
+    "lstmcell-hx-tensor": lambda ns: ns.LSTMCell(4, 3)(r(2, 4), r(2, 3)),
+    "lstmcell-hx-one-state": lambda ns: ns.LSTMCell(4, 3)(r(2, 4), (r(2, 3),)),
+    "cell-input-0d": lambda ns: ns.RNNCell(4, 3)(torch.tensor(1.0)),
     "cell-wrong-feature": lambda ns: ns.LSTMCell(4, 3)(r(2, 5)),
     "cell-wrong-rank": lambda ns: ns.GRUCell(4, 3)(r(2, 2, 4)),
     "cell-hx-rank": lambda ns: ns.RNNCell(4, 3)(r(2, 4), r(1, 2, 3)),
@@ -90,7 +100,7 @@ def test_same_exception_as_torch(case):
     # torch's own wording for these comes from deep inside its kernels (a GEMM shape or dtype complaint, an
     # IndexError on hx[1]); fastrnn raises the same type with a message naming the argument instead.
     [c for c in CASES if not c.startswith(("cell-dtype", "dtype", "lstm-hx-not-tuple", "cell-unbatched-hx-batched",
-                                           "packed-wrong-feature"))],
+                                           "packed-wrong-feature", "hx-int-dtype", "lstm-hx-stacked-tensor"))],
 )
 def test_same_message_as_torch(case):
     """Where torch's message comes from its Python layer or a shape check, fastrnn's is word for word."""
