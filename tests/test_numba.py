@@ -1,0 +1,136 @@
+"""The numba backend against the reference backend (the contract itself: outputs, saved gates/extra on the
+rows a step touches, every backward gradient), and float64 gradcheck through the drop-in modules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("numba")
+
+import fastrnn  # noqa: E402
+from fastrnn.backends import get  # noqa: E402
+from fastrnn.cells import GATES, batch_sizes_list  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+if not get("numba").available()[0]:
+    pytest.skip(get("numba").available()[1], allow_module_level=True)
+
+numba_be, ref = get("numba"), get("reference")
+
+
+def _inputs(cell: str, T: int, B: int, H: int, P: int, dtype: torch.dtype, bias: bool):
+    G = GATES[cell]
+    s = 1 / math.sqrt(H)
+    gx = torch.randn(T, B, G * H, dtype=dtype)
+    h0 = torch.randn(B, P, dtype=dtype)
+    c0 = torch.randn(B, H, dtype=dtype) if cell == "lstm" else None
+    w_hh = torch.empty(G * H, P, dtype=dtype).uniform_(-s, s)
+    b_hh = torch.empty(G * H, dtype=dtype).uniform_(-s, s) if bias else None
+    w_hr = torch.empty(P, H, dtype=dtype).uniform_(-s, s) if P != H else None
+    return gx, h0, c0, w_hh, b_hh, w_hr
+
+
+CASES = [
+    pytest.param("lstm", 7, 5, 33, 33, None, False, True, id="lstm-T7-H33"),
+    pytest.param("lstm", 7, 5, 33, 17, None, False, True, id="lstm-proj"),
+    pytest.param("lstm", 5, 5, 16, 16, [5, 5, 3, 2, 1], False, True, id="lstm-packed"),
+    pytest.param("lstm", 5, 5, 16, 16, [5, 5, 3, 2, 1], True, True, id="lstm-packed-reverse"),
+    pytest.param("lstm", 5, 5, 16, 9, [5, 5, 3, 2, 1], True, False, id="lstm-proj-packed-reverse-nobias"),
+    pytest.param("lstm", 1, 1, 8, 8, None, False, True, id="lstm-T1-B1"),
+    pytest.param("gru", 7, 5, 33, 33, None, False, True, id="gru-T7-H33"),
+    pytest.param("gru", 5, 5, 16, 16, [5, 5, 3, 2, 1], False, True, id="gru-packed"),
+    pytest.param("gru", 5, 5, 16, 16, [5, 5, 3, 2, 1], True, False, id="gru-packed-reverse-nobias"),
+    pytest.param("gru", 1, 1, 8, 8, None, True, True, id="gru-T1-B1-reverse"),
+    pytest.param("rnn_tanh", 7, 5, 33, 33, None, True, True, id="rnn_tanh-T7-H33-reverse"),
+    pytest.param("rnn_tanh", 5, 5, 16, 16, [5, 5, 3, 2, 1], True, True, id="rnn_tanh-packed-reverse"),
+    pytest.param("rnn_relu", 7, 5, 33, 33, None, False, False, id="rnn_relu-T7-H33-nobias"),
+    pytest.param("rnn_relu", 5, 5, 16, 16, [5, 5, 3, 2, 1], False, True, id="rnn_relu-packed"),
+    # large enough that a step is split into blocks over threads (common.PARALLEL_MIN_MACS)
+    pytest.param("lstm", 3, 16, 260, 130, [16, 9, 4], True, True, id="lstm-proj-blocked-packed-reverse"),
+    pytest.param("gru", 3, 16, 300, 300, [16, 9, 4], False, True, id="gru-blocked-packed"),
+    pytest.param("rnn_tanh", 3, 16, 520, 520, None, False, True, id="rnn_tanh-blocked"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell,T,B,H,P,bs,reverse,bias", CASES)
+def test_contract_matches_reference(cell, T, B, H, P, bs, reverse, bias, dtype):
+    gx, h0, c0, w_hh, b_hh, w_hr = _inputs(cell, T, B, H, P, dtype, bias)
+    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
+    args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, True)
+    got, exp = numba_be.forward(*args), ref.forward(*args)
+    for name, a, e in zip(("out", "h_n", "c_n"), got[:3], exp[:3], strict=True):
+        assert_close(a, e, dtype, T, f"forward {name}")
+    active = torch.arange(B)[None, :] < torch.tensor(batch_sizes_list(batch_sizes, T, B))[:, None]  # [T, B]
+    for name, a, e in zip(("gates", "extra"), got[3:], exp[3:], strict=True):
+        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        if e.numel():
+            assert_close(a[active], e[active], dtype, T, f"saved {name} (active rows)")
+
+    out = exp[0]
+    d_out, d_h_n = torch.randn_like(out), torch.randn_like(h0)
+    d_c_n = torch.randn_like(c0) if c0 is not None else None
+    bargs = (cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, *exp[3:])
+    g_got, g_exp = numba_be.backward(*bargs), ref.backward(*bargs)
+    names = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr")
+    for name, a, e in zip(names, g_got, g_exp, strict=True):
+        if e is None:
+            assert a is None, f"{name}: expected None for an absent input"
+        else:
+            # weight gradients sum over all T*B rows: allow for that in float32
+            n = T * B if name in ("d_w_hh", "d_b_hh", "d_w_hr") else T
+            assert_close(a, e, dtype, n, name)
+
+
+def test_supports():
+    ok, _ = numba_be.supports("gru", torch.float32, torch.device("cpu"))
+    assert ok
+    ok, why = numba_be.supports("gru", torch.float16, torch.device("cpu"))
+    assert not ok and "float16" in why
+    ok, why = numba_be.supports("lstm", torch.float32, torch.device("meta"))
+    assert not ok and "CPU" in why
+
+
+def test_no_saved_when_not_needed():
+    gx, h0, c0, w_hh, b_hh, _ = _inputs("lstm", 3, 2, 8, 8, torch.float64, True)
+    out, h_n, c_n, gates, extra = numba_be.forward("lstm", gx, h0, c0, w_hh, b_hh, None, None, False, False)
+    assert gates.numel() == 0 and extra.numel() == 0
+    exp = ref.forward("lstm", gx, h0, c0, w_hh, b_hh, None, None, False, False)
+    assert_close(out, exp[0], torch.float64, 3, "out")
+
+
+MODULES = [
+    pytest.param(lambda: fastrnn.LSTM(3, 5, num_layers=2, bidirectional=True, backend="numba"), True, id="lstm-bidir"),
+    pytest.param(lambda: fastrnn.LSTM(3, 5, proj_size=2, backend="numba"), True, id="lstm-proj"),
+    pytest.param(lambda: fastrnn.GRU(3, 5, bidirectional=True, backend="numba"), False, id="gru-bidir"),
+    pytest.param(lambda: fastrnn.RNN(3, 5, nonlinearity="tanh", backend="numba"), False, id="rnn_tanh"),
+    pytest.param(lambda: fastrnn.RNN(3, 5, nonlinearity="relu", bias=False, backend="numba"), False, id="rnn_relu"),
+    pytest.param(lambda: fastrnn.GRUCell(3, 5, backend="numba"), False, id="grucell"),
+]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("make,lstm", MODULES)
+def test_gradcheck_modules(make, lstm, packed):
+    m = make().double()
+    cellmod = isinstance(m, torch.nn.RNNCellBase)
+    if cellmod and packed:
+        pytest.skip("cells take no PackedSequence")
+    x = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
+    names = [n for n, _ in m.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in m.named_parameters()]
+
+    def f(x, *ps):
+        call = lambda *a: torch.func.functional_call(m, dict(zip(names, ps, strict=True)), a)
+        if cellmod:
+            return call(x[0])
+        if packed:
+            out, _ = call(torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 3, 2, 1])))
+            return out.data
+        out, hx = call(x)
+        return (out, *hx) if lstm else (out, hx)
+
+    assert torch.autograd.gradcheck(f, (x, *params), atol=1e-7, rtol=1e-5)
