@@ -204,3 +204,64 @@ def test_ddp_single_process(tmp_path):
             assert_close(p.grad, q.grad, torch.float32, 5, n)
     finally:
         dist.destroy_process_group()
+
+
+class WordLM(nn.Module):
+    """The shape of PyTorch's word_language_model example: embedding, a multi-layer RNN with dropout whose
+    hidden state is carried (detached) from batch to batch, a decoder."""
+
+    def __init__(self, rnn_type, ntoken=30, ninp=8, nhid=10, nlayers=2, dropout=0.3):
+        super().__init__()
+        self.drop = nn.Dropout(dropout)
+        self.encoder = nn.Embedding(ntoken, ninp)
+        if rnn_type in ("LSTM", "GRU"):
+            self.rnn = getattr(nn, rnn_type)(ninp, nhid, nlayers, dropout=dropout)
+        else:
+            self.rnn = nn.RNN(ninp, nhid, nlayers, nonlinearity={"RNN_TANH": "tanh", "RNN_RELU": "relu"}[rnn_type],
+                              dropout=dropout)
+        self.decoder = nn.Linear(nhid, ntoken)
+        self.rnn_type, self.nhid, self.nlayers = rnn_type, nhid, nlayers
+
+    def forward(self, input, hidden):
+        output, hidden = self.rnn(self.drop(self.encoder(input)), hidden)
+        return self.decoder(self.drop(output)), hidden
+
+    def init_hidden(self, bsz):
+        weight = next(self.parameters())
+        h = weight.new_zeros(self.nlayers, bsz, self.nhid)
+        return (h, weight.new_zeros(self.nlayers, bsz, self.nhid)) if self.rnn_type == "LSTM" else h
+
+
+def _repackage(h):
+    return h.detach() if isinstance(h, torch.Tensor) else tuple(_repackage(v) for v in h)
+
+
+@pytest.mark.parametrize("rnn_type", ["LSTM", "GRU", "RNN_TANH", "RNN_RELU"])
+def test_word_language_model_trains_identically(rnn_type):
+    """Train mode with dropout, carried hidden state, SGD with clipping: the converted model's losses
+    follow torch.nn's (dropout draws included), whatever backend auto-selection picks here."""
+    torch.manual_seed(0)
+    data = torch.randint(0, 30, (41, 4))
+    model = WordLM(rnn_type)
+    fast = fastrnn.convert(copy.deepcopy(model))
+    assert isinstance(fast.rnn, fastrnn.modules.FASTRNN_CLASSES)
+    curves = []
+    for m in (model, fast):
+        torch.manual_seed(1)
+        m.train()
+        hidden = m.init_hidden(4)
+        losses = []
+        for i in range(0, 40, 8):
+            x, y = data[i:i + 8], data[i + 1:i + 9]
+            hidden = _repackage(hidden)
+            m.zero_grad()
+            out, hidden = m(x, hidden)
+            loss = nn.functional.cross_entropy(out.view(-1, 30), y.reshape(-1))
+            loss.backward()
+            nn.utils.clip_grad_norm_(m.parameters(), 0.25)
+            with torch.no_grad():
+                for p in m.parameters():
+                    p.add_(p.grad, alpha=-1.0)
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    assert_close(curves[1], curves[0], torch.float32, 40, "loss curve")
