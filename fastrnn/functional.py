@@ -21,6 +21,23 @@ def _check_state(name: str, state: Tensor, input: Tensor) -> None:
         raise RuntimeError(f"{name} is on {state.device} but input is on {input.device}; expected both on one device")
 
 
+def _autocast_dtype(cell: str, input: Tensor, layer: bool) -> torch.dtype | None:
+    """The dtype to compute in under autocast (None when autocast is off): the dtype of torch.nn's output
+    there. On CUDA every RNN runs in the autocast dtype. On CPU torch's LSTM layer, RNN layer and RNNCell
+    come out in it, while GRU, GRUCell and LSTMCell return float32 (only their GEMMs are lowered, and the
+    float32 state promotes the result): fastrnn runs those wholly in float32, the same dtype, closer to exact."""
+    dev = input.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return None
+    if dev == "cuda" or not (cell == "gru" or (cell == "lstm" and not layer)):
+        return torch.get_autocast_dtype(dev)
+    return input.dtype
+
+
+def _cast(t, dtype):
+    return None if t is None else t.to(dtype)
+
+
 def packed_index(batch_sizes: Tensor, T: int, B: int, device: torch.device) -> Tensor:
     """Flat positions t*B + b of the packed rows, in packed order (step by step, rows by rank)."""
     active = torch.arange(B)[None, :] < batch_sizes[:, None]  # [T, B]
@@ -46,6 +63,13 @@ def rnn(
     input: [T, B, I] ([B, T, I] if batch_first) or packed data [N, I] with batch_sizes [T] (int64, CPU)
     hx [L*D, B, P], cx [L*D, B, H] (lstm)  ->  output like input with P*D features, h_n, c_n (lstm)
     """
+    dt = _autocast_dtype(cell, input, True)
+    if dt is not None:  # run as torch.nn does under autocast: every operand in one dtype, autocast off inside
+        with torch.autocast(input.device.type, enabled=False):
+            return rnn(
+                cell, input.to(dt), hx.to(dt), _cast(cx, dt), [tuple(_cast(w, dt) for w in ws) for ws in weights],
+                num_layers, bidirectional, dropout, training, batch_first, batch_sizes, backend,
+            )
     _check_state("hx", hx, input)
     if cx is not None:
         _check_state("cx", cx, input)
@@ -92,6 +116,11 @@ def cell_step(
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """torch's _VF.*_cell: one step for input [B, I], hx [B, H] (cx [B, H]) -> h' (and c')."""
+    dt = _autocast_dtype(cell, input, False)
+    if dt is not None:
+        with torch.autocast(input.device.type, enabled=False):
+            return cell_step(cell, input.to(dt), hx.to(dt), _cast(cx, dt), w_ih.to(dt), w_hh.to(dt), _cast(b_ih, dt),
+                             _cast(b_hh, dt), backend)
     H = w_hh.shape[1]
     if input.shape[1] != w_ih.shape[1]:
         raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")

@@ -265,3 +265,22 @@ def test_word_language_model_trains_identically(rnn_type):
             losses.append(loss.item())
         curves.append(torch.tensor(losses))
     assert_close(curves[1], curves[0], torch.float32, 40, "loss curve")
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"])
+def test_autocast_cpu_dtypes_follow_torch(kind):
+    """Under CPU autocast fastrnn's outputs have torch.nn's dtypes, and values within bfloat16 rounding of
+    torch's (torch itself lowers at least the GEMMs to bfloat16 there)."""
+    torch.manual_seed(0)
+    ref = getattr(nn, kind)(4, 6)
+    fast = getattr(fastrnn, kind)(4, 6)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 4) if not kind.endswith("Cell") else torch.randn(2, 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want, got = flat_first(ref(x)), flat_first(fast(x))
+    assert got.dtype == want.dtype
+    assert_close(got, want, torch.float32, 5, "autocast output", rtol=3e-2, atol=3e-2)
+
+
+def flat_first(out):
+    return out[0] if isinstance(out, tuple) else out
