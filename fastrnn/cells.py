@@ -11,8 +11,9 @@ custom op knows its shapes):
     lstm      gates [T, B, 4H] activated (i, f, g, o);  extra [T, B, H] c_t, the cell state after step t
     gru       gates [T, B, 3H] activated (r, z, n);     extra [T, B, H] W_hn h_{t-1} + b_hn
     rnn_*     both empty: out holds h_t, which is all backward needs
-Rows a step does not touch (row >= batch_sizes[t]) hold unspecified values in gates/extra; backward never
-reads them. The state before step t (h_{t-1}) is read back from `out` and h0 (see `prev_rows`).
+Rows a step does not touch (row >= batch_sizes[t], packed input only) are zero in out, gates and extra, so
+every output of the op is deterministic (torch.library.opcheck compares them all); backward never reads
+them. The state before step t (h_{t-1}) is read back from `out` and h0 (see `prev_rows`).
 """
 
 from __future__ import annotations
