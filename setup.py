@@ -22,8 +22,10 @@ def _extension_kwargs() -> dict:
     try:
         from torch.utils.cpp_extension import BuildExtension, CppExtension
     except ImportError:
-        _warn("torch is not installed in the build environment, so the C++ extension is not built. "
-              "Install torch first and build with `pip install --no-build-isolation -e .`")
+        _warn(
+            "torch is not installed in the build environment, so the C++ extension is not built. "
+            "Install torch first and build with `pip install --no-build-isolation -e .`"
+        )
         return {}
 
     class OptionalBuildExtension(BuildExtension):
@@ -33,8 +35,10 @@ def _extension_kwargs() -> dict:
             try:
                 super().run()
             except Exception as e:  # noqa: BLE001 - any build failure degrades to the Python backends
-                _warn(f"building the C++ extension failed ({e}); fastrnn falls back to numba/reference. "
-                      "Install a C++ compiler and rerun `pip install --no-build-isolation -e .`")
+                _warn(
+                    f"building the C++ extension failed ({e}); fastrnn falls back to numba/reference. "
+                    "Install a C++ compiler and rerun `pip install --no-build-isolation -e .`"
+                )
 
     cxx = ["-O3", "-fopenmp", "-std=c++17"]
     if os.environ.get("FASTRNN_NATIVE", "1") == "1":

@@ -2,8 +2,8 @@
 
 import torch
 
-from fastrnn.backends import BackendUnavailableError, available_backends, use_backend
 from fastrnn import _dynamo
+from fastrnn.backends import BackendUnavailableError, available_backends, use_backend
 from fastrnn.modules import FASTRNN_CLASSES, GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
 
 __version__ = "0.1.0"

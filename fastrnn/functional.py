@@ -67,8 +67,18 @@ def rnn(
     if dt is not None:  # run as torch.nn does under autocast: every operand in one dtype, autocast off inside
         with torch.autocast(input.device.type, enabled=False):
             return rnn(
-                cell, input.to(dt), hx.to(dt), _cast(cx, dt), [tuple(_cast(w, dt) for w in ws) for ws in weights],
-                num_layers, bidirectional, dropout, training, batch_first, batch_sizes, backend,
+                cell,
+                input.to(dt),
+                hx.to(dt),
+                _cast(cx, dt),
+                [tuple(_cast(w, dt) for w in ws) for ws in weights],
+                num_layers,
+                bidirectional,
+                dropout,
+                training,
+                batch_first,
+                batch_sizes,
+                backend,
             )
     _check_state("hx", hx, input)
     if cx is not None:
@@ -119,8 +129,17 @@ def cell_step(
     dt = _autocast_dtype(cell, input, False)
     if dt is not None:
         with torch.autocast(input.device.type, enabled=False):
-            return cell_step(cell, input.to(dt), hx.to(dt), _cast(cx, dt), w_ih.to(dt), w_hh.to(dt), _cast(b_ih, dt),
-                             _cast(b_hh, dt), backend)
+            return cell_step(
+                cell,
+                input.to(dt),
+                hx.to(dt),
+                _cast(cx, dt),
+                w_ih.to(dt),
+                w_hh.to(dt),
+                _cast(b_ih, dt),
+                _cast(b_hh, dt),
+                backend,
+            )
     H = w_hh.shape[1]
     if input.shape[1] != w_ih.shape[1]:
         raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")

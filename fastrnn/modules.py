@@ -18,9 +18,7 @@ from fastrnn.cells import MODE_TO_CELL
 
 def _check_backend_arg(backend: str | None) -> str | None:
     if backend is not None and backend not in backends.BACKENDS:
-        raise ValueError(
-            f"unknown fastrnn backend {backend!r}; expected one of {', '.join(backends.BACKENDS)} or None"
-        )
+        raise ValueError(f"unknown fastrnn backend {backend!r}; expected one of {', '.join(backends.BACKENDS)} or None")
     return backend
 
 
@@ -43,7 +41,9 @@ class _FastMixin:
         """A fastrnn module sharing `module`'s parameters (same objects: optimizers keep working), buffers,
         hooks, device, dtype and train/eval mode."""
         if not isinstance(module, cls._torch_class):
-            raise TypeError(f"{cls.__name__}.from_torch expects a {cls._torch_class.__name__}, got {type(module).__name__}")
+            raise TypeError(
+                f"{cls.__name__}.from_torch expects a {cls._torch_class.__name__}, got {type(module).__name__}"
+            )
         new = cls.__new__(cls)
         new.__dict__.update(module.__dict__)
         for key in ("_parameters", "_buffers", "_modules"):
@@ -102,7 +102,9 @@ class _RNNBaseMixin(_FastMixin):
                         hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
                 else:
                     if not is_batched and hx.dim() != 2:
-                        raise RuntimeError(f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor")
+                        raise RuntimeError(
+                            f"For unbatched 2-D input, hx should also be 2-D but got {hx.dim()}-D tensor"
+                        )
                     if is_batched and hx.dim() != 3:
                         raise RuntimeError(f"For batched 3-D input, hx should also be 3-D but got {hx.dim()}-D tensor")
                     if not is_batched:
@@ -122,8 +124,18 @@ class _RNNBaseMixin(_FastMixin):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = hx if lstm else (hx, None)
         output, h_n, c_n = functional.rnn(
-            MODE_TO_CELL[self.mode], input, h0, c0, self._layer_weights(), self.num_layers, self.bidirectional,
-            float(self.dropout), self.training, self.batch_first, batch_sizes, self.backend,
+            MODE_TO_CELL[self.mode],
+            input,
+            h0,
+            c0,
+            self._layer_weights(),
+            self.num_layers,
+            self.bidirectional,
+            float(self.dropout),
+            self.training,
+            self.batch_first,
+            batch_sizes,
+            self.backend,
         )
         hidden = (h_n, c_n) if lstm else h_n
         if isinstance(orig_input, PackedSequence):

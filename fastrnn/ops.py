@@ -44,8 +44,16 @@ def recurrence_fwd(
     if gx.shape[1] == 0:  # an empty batch (torch.nn accepts one): nothing to run, so no kernel has to handle it
         backend = "reference"
     out, h_n, c_n, gates, extra = backends.get(backend).forward(
-        cell, gx.contiguous(), h0.contiguous(), _c(c0), w_hh.contiguous(), _c(b_hh), _c(w_hr),
-        batch_sizes, reverse, need_saved,
+        cell,
+        gx.contiguous(),
+        h0.contiguous(),
+        _c(c0),
+        w_hh.contiguous(),
+        _c(b_hh),
+        _c(w_hr),
+        batch_sizes,
+        reverse,
+        need_saved,
     )
     return out, h_n, _opt(c_n if cell == "lstm" else None, gx), gates, extra
 
@@ -83,15 +91,27 @@ def recurrence_bwd(
     if out.shape[1] == 0:
         backend = "reference"
     grads = backends.get(backend).backward(
-        cell, d_out.contiguous(), d_h_n.contiguous(), _c(d_c_n), h0.contiguous(), _c(c0), w_hh.contiguous(),
-        _c(b_hh), _c(w_hr), batch_sizes, reverse, out.contiguous(), gates.contiguous(), extra.contiguous(),
+        cell,
+        d_out.contiguous(),
+        d_h_n.contiguous(),
+        _c(d_c_n),
+        h0.contiguous(),
+        _c(c0),
+        w_hh.contiguous(),
+        _c(b_hh),
+        _c(w_hr),
+        batch_sizes,
+        reverse,
+        out.contiguous(),
+        gates.contiguous(),
+        extra.contiguous(),
     )
     return tuple(_opt(g, out) for g in grads)  # type: ignore[return-value]
 
 
 @recurrence_bwd.register_fake
 def _(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates, extra):
-    G = check_cell(cell)
+    check_cell(cell)
     T, B = out.shape[0], out.shape[1]
     e = out.new_empty(0)
     return (
@@ -122,12 +142,34 @@ def _backward(ctx, d_out, d_h_n, d_c_n, _d_gates, _d_extra):
     has_c0, has_b, has_r, has_bs = ctx.has
     d_c_n = d_c_n if ctx.cell == "lstm" else None
     d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = recurrence_bwd(
-        ctx.backend, ctx.cell, d_out, d_h_n, d_c_n, h0, c0 if has_c0 else None, w_hh, b_hh if has_b else None,
-        w_hr if has_r else None, batch_sizes if has_bs else None, ctx.reverse, out, gates, extra,
+        ctx.backend,
+        ctx.cell,
+        d_out,
+        d_h_n,
+        d_c_n,
+        h0,
+        c0 if has_c0 else None,
+        w_hh,
+        b_hh if has_b else None,
+        w_hr if has_r else None,
+        batch_sizes if has_bs else None,
+        ctx.reverse,
+        out,
+        gates,
+        extra,
     )
     return (
-        None, None, d_gx, d_h0, d_c0 if has_c0 else None, d_w_hh, d_b_hh if has_b else None,
-        d_w_hr if has_r else None, None, None, None,
+        None,
+        None,
+        d_gx,
+        d_h0,
+        d_c0 if has_c0 else None,
+        d_w_hh,
+        d_b_hh if has_b else None,
+        d_w_hr if has_r else None,
+        None,
+        None,
+        None,
     )
 
 
@@ -136,8 +178,6 @@ recurrence_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 def recurrence(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
     """One layer, one direction. Saves for backward only when autograd will need it."""
-    need = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr)
-    )
+    need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr))
     out, h_n, c_n, _, _ = recurrence_fwd(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need)
     return out, h_n, (c_n if cell == "lstm" else None)

@@ -23,7 +23,9 @@ def tolerances(dtype: torch.dtype, T: int = 1) -> tuple[float, float]:
     raise ValueError(f"no fixed tolerance for {dtype}; compare against torch.nn's own error instead")
 
 
-def assert_close(actual, expected, dtype: torch.dtype | None = None, T: int = 1, name: str = "", *, rtol=None, atol=None):
+def assert_close(
+    actual, expected, dtype: torch.dtype | None = None, T: int = 1, name: str = "", *, rtol=None, atol=None
+):
     """torch.testing-like closeness with a mismatch report: count, first bad indices with both values,
     NaN disagreements. NaN == NaN counts as equal (NaN must propagate where torch's does)."""
     assert actual is not None, f"{name}: got None, expected a tensor"

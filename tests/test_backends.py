@@ -80,7 +80,9 @@ def test_auto_order_and_one_time_warning(monkeypatch):
         assert backends.select("gru", torch.float32, CPU) == "reference"
     msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
     assert len(msgs) == 1 and "pip install --no-build-isolation -e ." in msgs[0]
-    yes = types.SimpleNamespace(available=lambda: (True, ""), supports=lambda c, d, dev: (d == torch.float32, "f32 only"))
+    yes = types.SimpleNamespace(
+        available=lambda: (True, ""), supports=lambda c, d, dev: (d == torch.float32, "f32 only")
+    )
     monkeypatch.setitem(backends._modules, "cpp", yes)
     assert backends.select("lstm", torch.float32, CPU) == "cpp"
     assert backends.select("lstm", torch.float64, CPU) == "reference"  # cpp declines; auto moves on

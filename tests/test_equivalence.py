@@ -106,7 +106,12 @@ def test_layer(backend, kind, extra, config, with_hx, dtype):
         xi = x.clone().requires_grad_()
         if hx is None:
             return (xi,)
-        return (xi, tuple(h.detach().clone().requires_grad_() for h in hx) if kind == "LSTM" else hx.detach().clone().requires_grad_())
+        return (
+            xi,
+            tuple(h.detach().clone().requires_grad_() for h in hx)
+            if kind == "LSTM"
+            else hx.detach().clone().requires_grad_(),
+        )
 
     compare_modules(ref, fast, inputs, dtype, T)
 
@@ -129,7 +134,11 @@ def test_packed(backend, kind, extra, dtype, enforce_sorted):
     def inputs():
         xi = x.clone().requires_grad_()
         p = pack_padded_sequence(xi, lengths, enforce_sorted=enforce_sorted)
-        h = tuple(t.detach().clone().requires_grad_() for t in hx) if kind == "LSTM" else hx.detach().clone().requires_grad_()
+        h = (
+            tuple(t.detach().clone().requires_grad_() for t in hx)
+            if kind == "LSTM"
+            else hx.detach().clone().requires_grad_()
+        )
         return p, h
 
     compare_modules(ref, fast, inputs, dtype, T)
@@ -155,7 +164,12 @@ def test_unbatched(backend, kind, extra, with_hx):
         xi = x.clone().requires_grad_()
         if hx is None:
             return (xi,)
-        return (xi, tuple(h.detach().clone().requires_grad_() for h in hx) if kind == "LSTM" else hx.detach().clone().requires_grad_())
+        return (
+            xi,
+            tuple(h.detach().clone().requires_grad_() for h in hx)
+            if kind == "LSTM"
+            else hx.detach().clone().requires_grad_(),
+        )
 
     compare_modules(ref, fast, inputs, F32, 4)
 
@@ -221,11 +235,9 @@ def test_gradcheck_f64(backend, kind, extra):
     hx_leaves = list(hx) if kind == "LSTM" else [hx]
 
     def f(x, *rest):
-        hs, ps = rest[: len(hx_leaves)], rest[len(hx_leaves):]
+        hs, ps = rest[: len(hx_leaves)], rest[len(hx_leaves) :]
         state = tuple(hs) if kind == "LSTM" else hs[0]
-        out, h = torch.func.functional_call(
-            m, dict(zip(names, ps)), (pack_padded_sequence(x, lengths), state)
-        )
+        out, h = torch.func.functional_call(m, dict(zip(names, ps)), (pack_padded_sequence(x, lengths), state))
         return (out.data, *flat(h))
 
     params = [p.detach().clone().requires_grad_() for p in m.parameters()]

@@ -91,7 +91,9 @@ def test_same_exception_as_torch(case):
     want_type, want_msg = _outcome(CASES[case], nn)
     got_type, got_msg = _outcome(CASES[case], fastrnn)
     assert want_type is not None, f"{case}: torch.nn accepts this; the case is wrong"
-    assert got_type is want_type, f"{case}: torch raised {want_type.__name__}({want_msg!r}), fastrnn {got_type} {got_msg!r}"
+    assert got_type is want_type, (
+        f"{case}: torch raised {want_type.__name__}({want_msg!r}), fastrnn {got_type} {got_msg!r}"
+    )
     assert got_msg, f"{case}: empty error message"
 
 
@@ -99,8 +101,21 @@ def test_same_exception_as_torch(case):
     "case",
     # torch's own wording for these comes from deep inside its kernels (a GEMM shape or dtype complaint, an
     # IndexError on hx[1]); fastrnn raises the same type with a message naming the argument instead.
-    [c for c in CASES if not c.startswith(("cell-dtype", "dtype", "lstm-hx-not-tuple", "cell-unbatched-hx-batched",
-                                           "packed-wrong-feature", "hx-int-dtype", "lstm-hx-stacked-tensor"))],
+    [
+        c
+        for c in CASES
+        if not c.startswith(
+            (
+                "cell-dtype",
+                "dtype",
+                "lstm-hx-not-tuple",
+                "cell-unbatched-hx-batched",
+                "packed-wrong-feature",
+                "hx-int-dtype",
+                "lstm-hx-stacked-tensor",
+            )
+        )
+    ],
 )
 def test_same_message_as_torch(case):
     """Where torch's message comes from its Python layer or a shape check, fastrnn's is word for word."""

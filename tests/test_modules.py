@@ -4,8 +4,8 @@ serialisation, device/dtype moves, convert(), DDP."""
 from __future__ import annotations
 
 import copy
-import io
 import inspect
+import io
 
 import pytest
 import torch
@@ -16,10 +16,18 @@ from tests.helpers import assert_close
 
 KINDS = ["LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"]
 CTOR = {
-    "LSTM": [dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True, proj_size=3),
-             dict(input_size=5, hidden_size=7, bias=False, batch_first=True, dropout=0.2, num_layers=2)],
-    "GRU": [dict(input_size=5, hidden_size=7, num_layers=3, bidirectional=True), dict(input_size=1, hidden_size=2, bias=False)],
-    "RNN": [dict(input_size=5, hidden_size=7, nonlinearity="relu", num_layers=2), dict(input_size=3, hidden_size=4, bidirectional=True)],
+    "LSTM": [
+        dict(input_size=5, hidden_size=7, num_layers=2, bidirectional=True, proj_size=3),
+        dict(input_size=5, hidden_size=7, bias=False, batch_first=True, dropout=0.2, num_layers=2),
+    ],
+    "GRU": [
+        dict(input_size=5, hidden_size=7, num_layers=3, bidirectional=True),
+        dict(input_size=1, hidden_size=2, bias=False),
+    ],
+    "RNN": [
+        dict(input_size=5, hidden_size=7, nonlinearity="relu", num_layers=2),
+        dict(input_size=3, hidden_size=4, bidirectional=True),
+    ],
     "LSTMCell": [dict(input_size=5, hidden_size=7), dict(input_size=5, hidden_size=7, bias=False)],
     "GRUCell": [dict(input_size=5, hidden_size=7), dict(input_size=2, hidden_size=3, bias=False)],
     "RNNCell": [dict(input_size=5, hidden_size=7, nonlinearity="relu"), dict(input_size=5, hidden_size=7)],
@@ -217,8 +225,9 @@ class WordLM(nn.Module):
         if rnn_type in ("LSTM", "GRU"):
             self.rnn = getattr(nn, rnn_type)(ninp, nhid, nlayers, dropout=dropout)
         else:
-            self.rnn = nn.RNN(ninp, nhid, nlayers, nonlinearity={"RNN_TANH": "tanh", "RNN_RELU": "relu"}[rnn_type],
-                              dropout=dropout)
+            self.rnn = nn.RNN(
+                ninp, nhid, nlayers, nonlinearity={"RNN_TANH": "tanh", "RNN_RELU": "relu"}[rnn_type], dropout=dropout
+            )
         self.decoder = nn.Linear(nhid, ntoken)
         self.rnn_type, self.nhid, self.nlayers = rnn_type, nhid, nlayers
 
@@ -252,7 +261,7 @@ def test_word_language_model_trains_identically(rnn_type):
         hidden = m.init_hidden(4)
         losses = []
         for i in range(0, 40, 8):
-            x, y = data[i:i + 8], data[i + 1:i + 9]
+            x, y = data[i : i + 8], data[i + 1 : i + 9]
             hidden = _repackage(hidden)
             m.zero_grad()
             out, hidden = m(x, hidden)

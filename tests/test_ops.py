@@ -16,8 +16,17 @@ def _args(cell, backend, device, packed, reverse, proj, T=4, B=3, H=5, dtype=tor
     P = 3 if proj else H
     r = lambda *s: torch.randn(*s, dtype=dtype, device=device, requires_grad=True)  # noqa: E731
     return (
-        backend, cell, r(T, B, G * H), r(B, P), r(B, H) if cell == "lstm" else None, r(G * H, P), r(G * H),
-        r(P, H) if proj else None, torch.tensor([3, 3, 2, 1])[:T] if packed else None, reverse, True,
+        backend,
+        cell,
+        r(T, B, G * H),
+        r(B, P),
+        r(B, H) if cell == "lstm" else None,
+        r(G * H, P),
+        r(G * H),
+        r(P, H) if proj else None,
+        torch.tensor([3, 3, 2, 1])[:T] if packed else None,
+        reverse,
+        True,
     )
 
 

@@ -91,7 +91,9 @@ def requested(explicit: str | None = None) -> str | None:
     env = os.environ.get(ENV_VAR, "").strip()
     if env and env.lower() != "auto":
         if env not in BACKENDS:
-            raise ValueError(f"{ENV_VAR}={env!r} names no fastrnn backend; expected one of {', '.join(BACKENDS)} or auto")
+            raise ValueError(
+                f"{ENV_VAR}={env!r} names no fastrnn backend; expected one of {', '.join(BACKENDS)} or auto"
+            )
         return env
     return None
 
