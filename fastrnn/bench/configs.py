@@ -81,6 +81,7 @@ class Settings:
     min_repeats: int = 5  # never fewer samples than this, whatever max_seconds says
     max_seconds: float = 4.0  # stop repeating an implementation once it has spent this long on one case
     min_sample_ms: float = 2.0  # calls per sample are batched until one sample lasts at least this long
+    clock: str = "auto"  # auto: process CPU time for one-thread CPU cases, else wall time (measure.clock_for)
 
 
 @dataclass(frozen=True)
@@ -99,7 +100,7 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         cells=CELLS, modes=("inference", "training"), T=(32,), B=(1, 16), H=(64, 256), threads=(1,),
-        settings=Settings(warmup=2, repeats=15, min_repeats=5, max_seconds=2.0, min_sample_ms=2.0),
+        settings=Settings(warmup=2, repeats=21, min_repeats=7, max_seconds=3.0, min_sample_ms=5.0),
     ),
     "full": Preset(
         cells=CELLS, modes=("inference", "training"), T=(32, 128), B=(1, 16, 64), H=(64, 256, 512, 1024),

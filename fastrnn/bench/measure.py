@@ -2,11 +2,14 @@
 interleaved, and turn the samples into long-format rows.
 
 Definitions (they are what the JSON fields mean):
-    median_ms, q25_ms, q75_ms, min_ms, max_ms   quantiles of per-call wall time over the timed samples; a sample
-                                                is `number` back-to-back calls divided by `number`
-    ratio_vs_torch    torch.nn's median / this backend's median, both taken in the same run with their samples
-                      interleaved round by round (> 1: faster than torch.nn)
-    ratio_q25/q75     quartiles of the per-round ratios torch_i / backend_i: the ratio's own noise
+    median_ms, q25_ms, q75_ms, min_ms, max_ms   quantiles of per-call time over the timed samples (samples_ms);
+                                                a sample is `number` back-to-back calls divided by `number`
+    clock             what was timed: 'cpu' = the process's CPU time (single-threaded CPU cases: immune to
+                      neighbours holding the core), 'wall' = wall time (several threads, CUDA; synchronised)
+    ratio_vs_torch    median over rounds of torch_i / backend_i, where round i times torch.nn and this backend
+                      back to back (samples interleaved round by round, so drift and neighbours' load hit both);
+                      > 1: faster than torch.nn. (torch_median_ms / median_ms is the plain ratio of medians.)
+    ratio_q25/q75     quartiles of those per-round ratios: the ratio's own noise, what compare reads
     gflops            Case.flops() / median time; gemm_gflops: the machine's measured GEMM rate (see gemm_rate)
     peak_mem_bytes    CUDA: torch.cuda.max_memory_allocated during one call, minus what was allocated before.
                       CPU: bytes of the tensors autograd saves for backward during one forward (distinct
@@ -390,14 +393,14 @@ class _Timer:
     samples: list[float] | None = None
     error: str = ""
 
-    def sample(self, device: str) -> float:
+    def sample(self, device: str, clock: Callable[[], float]) -> float:
         _sync(device)
-        t0 = time.perf_counter()
+        w0, t0 = time.perf_counter(), clock()
         for _ in range(self.number):
             self.call()
         _sync(device)
-        dt = time.perf_counter() - t0
-        self.spent += dt
+        dt = clock() - t0
+        self.spent += time.perf_counter() - w0
         return dt / self.number
 
 
@@ -414,18 +417,33 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:300]
 
 
-def time_interleaved(timers: list[_Timer], settings: Settings, device: str) -> None:
+def clock_for(case: Case, settings: Settings) -> str:
+    """'cpu' (the process's CPU time) for single-threaded CPU cases, else 'wall'. One thread's CPU time excludes
+    the time a neighbour holds the core, which on a shared machine is most of the noise; with more threads it
+    would count spin-waiting workers, and on CUDA it would miss the device, so those use wall time."""
+    if settings.clock != "auto":
+        return settings.clock
+    return "cpu" if case.device == "cpu" and case.threads == 1 else "wall"
+
+
+_CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
+
+
+def time_interleaved(timers: list[_Timer], settings: Settings, device: str, clock: str = "wall") -> None:
     """Round-robin over the implementations, one sample each per round (rotating who goes first) so that
     machine drift and neighbours' load hit every implementation alike. torch.nn (timers[0]) is sampled for as
     long as any other implementation is, so every sample of a backend has a torch.nn partner from its round."""
+    now = _CLOCKS[clock]
     for tm in timers:
         tm.samples = []
         try:
-            t0 = time.perf_counter()
+            tm.call()  # first call apart: one-time costs (JIT, allocator) would skew the calibration
+            _sync(device)
+            t0 = now()
             for _ in range(max(1, settings.warmup)):
                 tm.call()
                 _sync(device)
-            per_call = (time.perf_counter() - t0) / max(1, settings.warmup)
+            per_call = (now() - t0) / max(1, settings.warmup)
             tm.number = max(1, math.ceil(settings.min_sample_ms / 1e3 / max(per_call, 1e-9)))
         except Exception as e:  # a backend's crash is a result (ERROR row), not the end of the run
             tm.error = _one_line(e)
@@ -445,7 +463,7 @@ def time_interleaved(timers: list[_Timer], settings: Settings, device: str) -> N
         for tm in group[k:] + group[:k]:
             try:
                 assert tm.samples is not None
-                tm.samples.append(tm.sample(device))
+                tm.samples.append(tm.sample(device, now))
             except Exception as e:
                 tm.error = _one_line(e)
         r += 1
@@ -511,7 +529,8 @@ def measure_case(case: Case, backends: Iterable[str], settings: Settings, gemm_g
         rows[b] = _row(case, b, "ok", max_err=err)
         mods[b] = m
         timers.append(_Timer(b, wl.call_fn(b, m)))
-    time_interleaved(timers, settings, case.device)
+    clock = clock_for(case, settings)
+    time_interleaved(timers, settings, case.device, clock)
     t_torch = timers[0].samples or []
     for tm in timers:
         base = rows.get(tm.backend) or _row(case, tm.backend, "ok", max_err=0.0)
@@ -527,8 +546,9 @@ def measure_case(case: Case, backends: Iterable[str], settings: Settings, gemm_g
         base.update(
             median_ms=med * 1e3, q25_ms=_quantile(s, 0.25) * 1e3, q75_ms=_quantile(s, 0.75) * 1e3,
             min_ms=min(s) * 1e3, max_ms=max(s) * 1e3, repeats=len(s), number=tm.number,
+            samples_ms=[float(f"{x * 1e3:.4g}") for x in s], clock=clock,
             torch_median_ms=None if tmed is None else tmed * 1e3,
-            ratio_vs_torch=None if tmed is None else tmed / med,
+            ratio_vs_torch=statistics.median(paired) if paired else None,
             ratio_q25=_quantile(paired, 0.25) if paired else None,
             ratio_q75=_quantile(paired, 0.75) if paired else None,
             gflops=case.flops() / med / 1e9, gemm_gflops=gemm_gflops, peak_mem_bytes=peak, peak_mem_kind=kind,
@@ -548,11 +568,11 @@ def header(device: str, preset: str | None, settings: Settings, gemm_n: int, gem
         "preset": preset,
         "settings": {
             "warmup": settings.warmup, "repeats": settings.repeats, "min_repeats": settings.min_repeats,
-            "max_seconds": settings.max_seconds, "min_sample_ms": settings.min_sample_ms,
+            "max_seconds": settings.max_seconds, "min_sample_ms": settings.min_sample_ms, "clock": settings.clock,
         },
         "gemm": {"n": gemm_n, "dtype": "float32", "threads": threads, "gflops": gemm_gflops},
         "definitions": {
-            "ratio_vs_torch": "torch.nn median ms / backend median ms in the same run (>1 = faster)",
+            "ratio_vs_torch": "median of per-round torch.nn ms / backend ms, rounds interleaved (>1 = faster)",
             "flops": "2*T*B*G*H*(I+H) per forward (input projection + recurrence GEMMs); training = 3x forward",
             "peak_mem_bytes": "cpu: bytes saved for backward by one forward; cuda: max_memory_allocated delta",
         },

@@ -1,0 +1,7 @@
+"""torch.nn.GRU against fastrnn's backends on the preset's shapes (see conftest.py)."""
+
+BENCH_CELLS = ("gru",)
+
+
+def test_gru(bench_rnn, case, backend):
+    bench_rnn(case, backend)

@@ -1,0 +1,7 @@
+"""torch.nn.LSTM against fastrnn's backends on the preset's shapes (see conftest.py)."""
+
+BENCH_CELLS = ("lstm",)
+
+
+def test_lstm(bench_rnn, case, backend):
+    bench_rnn(case, backend)
