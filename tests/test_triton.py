@@ -186,16 +186,20 @@ def test_module_vs_torch(kind, extra, packed):
         assert_close(a, e, F32, T * B, f"{kind} result {i}")
 
 
-def _max_err(val: torch.Tensor, ref: torch.Tensor) -> float:
-    return (val.double() - ref.double()).abs().max().item()
+def _rel_err(val: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error: an aggregate, so the 2x comparison does not hinge on one rounding."""
+    r = ref.double()
+    return ((val.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
 
 
-@pytest.mark.skipif(not CUDA, reason="half precision is checked on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("kind,extra", MODULES)
 def test_half_precision_error(kind, extra, dtype):
-    """Error against a float64 torch.nn at most 2x that of torch.nn (cuDNN) in the same dtype."""
-    T, B, I, H = 32, 16, 64, 128
+    """Relative error against a float64 torch.nn at most 2x that of torch.nn (cuDNN on CUDA) in the same dtype,
+    for the output, final states and every gradient."""
+    if dtype == torch.bfloat16 and not CUDA:
+        pytest.skip("the triton interpreter rounds float32 -> bfloat16 by truncation, GPUs to nearest")
+    T, B, I, H = (32, 16, 64, 128) if CUDA else (3, 2, 4, 16)
     kw = dict(input_size=I, hidden_size=H, **extra)
     torch.manual_seed(0)
     ref64 = getattr(nn, kind)(**kw).to(DEVICE, torch.float64)
@@ -212,5 +216,5 @@ def test_half_precision_error(kind, extra, dtype):
     e_torch = run_module(ref_lp, x, hx, None)
     e_fast = run_module(fast, x, hx, None)
     for i, (f, t, r) in enumerate(zip(e_fast, e_torch, exact, strict=True)):
-        ef, et = _max_err(f, r), _max_err(t, r)
+        ef, et = _rel_err(f, r), _rel_err(t, r)
         assert ef <= 2 * et + 1e-6, f"{kind} {dtype} result {i}: triton error {ef:.3g} > 2x torch.nn's {et:.3g}"

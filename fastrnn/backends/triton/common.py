@@ -32,6 +32,16 @@ def tanh(x):
 
 
 @triton.jit
+def dot(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
+    """a @ b with fp32 accumulation, a cast to b's dtype first. DOT_F32: multiply in float32 instead (the
+    interpreter's tl.dot misreads bfloat16 inputs; values are the same, already rounded to b's dtype)."""
+    a = a.to(b.dtype)
+    if DOT_F32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=PRECISION)
+
+
+@triton.jit
 def load_prev(src_ptr, h0_ptr, rows, cols, n, k, ld, cmask):
     """[len(rows), len(cols)] fp32 state before this step: rows < k from src (row stride ld), rows k..n
     from h0 (same stride), zero elsewhere."""
@@ -46,6 +56,11 @@ def load_prev(src_ptr, h0_ptr, rows, cols, n, k, ld, cmask):
 def precision(dtype: torch.dtype) -> str:
     """tl.dot input precision: exact fp32 unless FASTRNN_TRITON_TF32=1 (ignored for fp16/bf16 inputs)."""
     return "tf32" if os.environ.get(TF32_VAR) == "1" else "ieee"
+
+
+def dot_f32(dtype: torch.dtype) -> bool:
+    """Whether kernels must upcast tl.dot inputs: bfloat16 under TRITON_INTERPRET=1 (see `dot`)."""
+    return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def block_rows(n: int) -> int:

@@ -11,14 +11,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastrnn.backends.triton.common import block_k, block_rows
+from fastrnn.backends.triton.common import block_k, block_rows, dot, dot_f32
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # one compile for every row count
 def _step_gemm(
     a_ptr, b_ptr, c_ptr, out_ptr,
     n, N, K, lda, sbk, sbn, ldc, ldo,
-    ACCUMULATE: tl.constexpr, WRITE_OUT: tl.constexpr, PRECISION: tl.constexpr,
+    ACCUMULATE: tl.constexpr, WRITE_OUT: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -31,7 +31,7 @@ def _step_gemm(
         kmask = kk < K
         a = tl.load(a_ptr + rows[:, None] * lda + kk[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
         b = tl.load(b_ptr + kk[:, None] * sbk + cols[None, :] * sbn, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc += tl.dot(a.to(b.dtype), b, input_precision=PRECISION)
+        acc += dot(a, b, PRECISION, DOT_F32)
     m2 = rmask[:, None] & cmask[None, :]
     c_offs = rows[:, None] * ldc + cols[None, :]
     if ACCUMULATE:
@@ -59,6 +59,6 @@ def step_gemm(
     _step_gemm[grid](
         a, b, c, c if out is None else out,
         n, N, K, a.stride(0), sbk, sbn, c.stride(0), c.stride(0) if out is None else out.stride(0),
-        ACCUMULATE=accumulate, WRITE_OUT=out is not None, PRECISION=precision,
+        ACCUMULATE=accumulate, WRITE_OUT=out is not None, PRECISION=precision, DOT_F32=dot_f32(b.dtype),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
     )

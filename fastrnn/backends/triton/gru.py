@@ -18,6 +18,8 @@ from fastrnn.backends.triton.common import (
     block_k,
     block_rows,
     d_w_hh,
+    dot,
+    dot_f32,
     final_h,
     load_prev,
     n_continue,
@@ -30,7 +32,7 @@ from fastrnn.backends.triton.gemm import step_gemm
 from fastrnn.cells import steps
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "k"])  # one compile for every row count
 def _gru_fwd_step(
     gx_ptr,  # [B, 3H] this step's input projection (incl. b_ih)
     hs_ptr,  # [B, H] fp32 state after the previous step (rows < k)
@@ -42,7 +44,7 @@ def _gru_fwd_step(
     gates_ptr,  # [B, 3H] fp32 saved r, z, n
     extra_ptr,  # [B, H] fp32 saved W_hn h + b_hn
     n, k, H,
-    HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -55,12 +57,12 @@ def _gru_fwd_step(
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < H
-        a = load_prev(hs_ptr, h0_ptr, rows, kk, n, k, H, kmask).to(w_ptr.dtype.element_ty)  # [BB, BK]
+        a = load_prev(hs_ptr, h0_ptr, rows, kk, n, k, H, kmask)  # [BB, BK]
         wp = w_ptr + cols[None, :] * H + kk[:, None]  # W^T tile [BK, BH] of gate r
         wm = kmask[:, None] & cmask[None, :]
-        acc_r += tl.dot(a, tl.load(wp, mask=wm, other=0.0), input_precision=PRECISION)
-        acc_z += tl.dot(a, tl.load(wp + H * H, mask=wm, other=0.0), input_precision=PRECISION)
-        acc_n += tl.dot(a, tl.load(wp + 2 * H * H, mask=wm, other=0.0), input_precision=PRECISION)
+        acc_r += dot(a, tl.load(wp, mask=wm, other=0.0), PRECISION, DOT_F32)
+        acc_z += dot(a, tl.load(wp + H * H, mask=wm, other=0.0), PRECISION, DOT_F32)
+        acc_n += dot(a, tl.load(wp + 2 * H * H, mask=wm, other=0.0), PRECISION, DOT_F32)
     if HAS_BIAS:
         acc_r += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
         acc_z += tl.load(b_ptr + H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
@@ -83,7 +85,7 @@ def _gru_fwd_step(
         tl.store(extra_ptr + hc, acc_n, mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "k"])  # one compile for every row count
 def _gru_bwd_step(
     dh_ptr,  # [B, H] fp32 running d_h: read, then overwritten with z * d_h_t (the direct path to h_{t-1})
     dout_ptr,  # [B, H] this step's d_out
@@ -141,7 +143,7 @@ def gru_fwd(
             gx[t], hbuf[s % 2], h0, w_hh, w_hh if b_hh is None else b_hh, hbuf[(s + 1) % 2], out[t],
             gates[t] if need_saved else out[t], extra[t] if need_saved else out[t],
             n, k, H,
-            HAS_BIAS=b_hh is not None, SAVE=need_saved, PRECISION=prec,
+            HAS_BIAS=b_hh is not None, SAVE=need_saved, PRECISION=prec, DOT_F32=dot_f32(gx.dtype),
             BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(H),
         )
     return out, final_h(out, bs, reverse, packed), gates, extra

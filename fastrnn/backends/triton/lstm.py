@@ -18,6 +18,8 @@ from fastrnn.backends.triton.common import (
     block_k,
     block_rows,
     d_w_hh,
+    dot,
+    dot_f32,
     final_h,
     load_prev,
     n_continue,
@@ -30,7 +32,7 @@ from fastrnn.backends.triton.gemm import step_gemm
 from fastrnn.cells import steps
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "k"])  # one compile for every row count
 def _lstm_fwd_step(
     gx_ptr,  # [B, 4H] this step's input projection (incl. b_ih)
     hs_ptr,  # [B, P] fp32 state after the previous step (rows < k)
@@ -43,7 +45,7 @@ def _lstm_fwd_step(
     gates_ptr,  # [B, 4H] fp32 saved activations
     extra_ptr,  # [B, H] fp32 saved c_t
     n, k, H, P,
-    HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, WRITE_OUT: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SAVE: tl.constexpr, WRITE_OUT: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -57,13 +59,13 @@ def _lstm_fwd_step(
     for k0 in range(0, P, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < P
-        a = load_prev(hs_ptr, h0_ptr, rows, kk, n, k, P, kmask).to(w_ptr.dtype.element_ty)  # [BB, BK]
+        a = load_prev(hs_ptr, h0_ptr, rows, kk, n, k, P, kmask)  # [BB, BK]
         wp = w_ptr + cols[None, :] * P + kk[:, None]  # W^T tile [BK, BH] of gate i
         wm = kmask[:, None] & cmask[None, :]
-        acc_i += tl.dot(a, tl.load(wp, mask=wm, other=0.0), input_precision=PRECISION)
-        acc_f += tl.dot(a, tl.load(wp + H * P, mask=wm, other=0.0), input_precision=PRECISION)
-        acc_g += tl.dot(a, tl.load(wp + 2 * H * P, mask=wm, other=0.0), input_precision=PRECISION)
-        acc_o += tl.dot(a, tl.load(wp + 3 * H * P, mask=wm, other=0.0), input_precision=PRECISION)
+        acc_i += dot(a, tl.load(wp, mask=wm, other=0.0), PRECISION, DOT_F32)
+        acc_f += dot(a, tl.load(wp + H * P, mask=wm, other=0.0), PRECISION, DOT_F32)
+        acc_g += dot(a, tl.load(wp + 2 * H * P, mask=wm, other=0.0), PRECISION, DOT_F32)
+        acc_o += dot(a, tl.load(wp + 3 * H * P, mask=wm, other=0.0), PRECISION, DOT_F32)
     m2 = rmask[:, None] & cmask[None, :]
     G4 = 4 * H
     gxp = gx_ptr + rows[:, None] * G4 + cols[None, :]
@@ -96,7 +98,7 @@ def _lstm_fwd_step(
         tl.store(extra_ptr + hc, c, mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "k"])  # one compile for every row count
 def _lstm_bwd_step(
     dh_ptr,  # [B, H] fp32 gradient w.r.t. o * tanh(c) so far (running d_h, or d_hbar when projecting)
     dout_ptr,  # [B, H] this step's d_out (added unless projecting: then it is already in dh)
@@ -157,7 +159,8 @@ def lstm_fwd(
             gx[t], src, h0, w_hh, w_hh if b_hh is None else b_hh, c, dst if hbar is None else hbar, out[t],
             gates[t] if need_saved else c, extra[t] if need_saved else c,
             n, k, H, P,
-            HAS_BIAS=b_hh is not None, SAVE=need_saved, WRITE_OUT=hbar is None, PRECISION=prec,
+            HAS_BIAS=b_hh is not None, SAVE=need_saved, WRITE_OUT=hbar is None,
+            PRECISION=prec, DOT_F32=dot_f32(gx.dtype),
             BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(P),
         )
         if hbar is not None:

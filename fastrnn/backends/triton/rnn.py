@@ -16,6 +16,8 @@ from fastrnn.backends.triton.common import (
     block_k,
     block_rows,
     d_w_hh,
+    dot,
+    dot_f32,
     final_h,
     load_prev,
     n_continue,
@@ -27,7 +29,7 @@ from fastrnn.backends.triton.gemm import step_gemm
 from fastrnn.cells import steps
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n", "k"])  # one compile for every row count
 def _rnn_fwd_step(
     gx_ptr,  # [B, H] this step's input projection (incl. b_ih)
     hs_ptr,  # [B, H] fp32 state after the previous step (rows < k)
@@ -37,7 +39,7 @@ def _rnn_fwd_step(
     hn_ptr,  # [B, H] fp32 new state
     out_ptr,  # [B, H] this step's output
     n, k, H,
-    RELU: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    RELU: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -48,9 +50,9 @@ def _rnn_fwd_step(
     for k0 in range(0, H, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
         kmask = kk < H
-        a = load_prev(hs_ptr, h0_ptr, rows, kk, n, k, H, kmask).to(w_ptr.dtype.element_ty)  # [BB, BK]
+        a = load_prev(hs_ptr, h0_ptr, rows, kk, n, k, H, kmask)  # [BB, BK]
         w = tl.load(w_ptr + cols[None, :] * H + kk[:, None], mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc += tl.dot(a, w, input_precision=PRECISION)
+        acc += dot(a, w, PRECISION, DOT_F32)
     if HAS_BIAS:
         acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
     hc = rows[:, None] * H + cols[None, :]
@@ -63,7 +65,7 @@ def _rnn_fwd_step(
     tl.store(out_ptr + hc, h.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n"])  # one compile for every row count
 def _rnn_bwd_step(
     dh_ptr,  # [B, H] fp32 running d_h
     dout_ptr,  # [B, H] this step's d_out
@@ -100,7 +102,7 @@ def rnn_fwd(
         _rnn_fwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
             gx[t], hbuf[s % 2], h0, w_hh, w_hh if b_hh is None else b_hh, hbuf[(s + 1) % 2], out[t],
             n, k, H,
-            RELU=relu, HAS_BIAS=b_hh is not None, PRECISION=prec,
+            RELU=relu, HAS_BIAS=b_hh is not None, PRECISION=prec, DOT_F32=dot_f32(gx.dtype),
             BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(H),
         )
     return out, final_h(out, bs, reverse, packed)
