@@ -37,8 +37,10 @@ def dot(a, b, PRECISION: tl.constexpr, DOT_F32: tl.constexpr):
     interpreter's tl.dot misreads bfloat16 inputs; values are the same, already rounded to b's dtype)."""
     a = a.to(b.dtype)
     if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=PRECISION)
+        c = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        c = tl.dot(a, b, input_precision=PRECISION)
+    return c
 
 
 @triton.jit
