@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastrnn.cells import prev_rows
+from fastrnn.cells import prev_rows, steps
 
 TF32_VAR = "FASTRNN_TRITON_TF32"
 POISON_VAR = "FASTRNN_POISON_OUTPUTS"
@@ -53,6 +53,27 @@ def load_prev(src_ptr, h0_ptr, rows, cols, n, k, ld, cmask):
     a = tl.load(src_ptr + offs, mask=cont, other=0.0).to(tl.float32)
     b = tl.load(h0_ptr + offs, mask=fresh, other=0.0).to(tl.float32)
     return a + b
+
+
+@triton.jit
+def carry(
+    dg_ptr, w_ptr, dhn_ptr, rows, cols, n, kc, GH, H, cmask,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """[BLOCK_B, BLOCK_H] fp32 gradient reaching the state after this step (backward): rows < kc continue into
+    the step processed before, so get its d_gates [B, GH] @ W_hh [GH, H] (tl.dot); rows kc..n end here and
+    get d_h_n [B, H]."""
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    cont = rows < kc
+    for k0 in range(0, GH, BLOCK_K):
+        kk = k0 + tl.arange(0, BLOCK_K)
+        kmask = kk < GH
+        a = tl.load(dg_ptr + rows[:, None] * GH + kk[None, :], mask=cont[:, None] & kmask[None, :], other=0.0)
+        w = tl.load(w_ptr + kk[:, None] * H + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc += dot(a, w, PRECISION, DOT_F32)
+    ends = ((rows >= kc) & (rows < n))[:, None] & cmask[None, :]
+    return acc + tl.load(dhn_ptr + rows[:, None] * H + cols[None, :], mask=ends, other=0.0).to(tl.float32)
 
 
 def precision(dtype: torch.dtype) -> str:
@@ -109,23 +130,33 @@ def final_h(out: Tensor, bs: list[int], reverse: bool, packed: bool) -> Tensor:
     return out[idx, torch.arange(B, device=out.device)]
 
 
+def bwd_order(T: int, bs: list[int], reverse: bool) -> list[tuple[int, int, int]]:
+    """Backward's steps as (t, t_prev, kc): t_prev is the step processed just before (the one after t in
+    forward order) and kc how many of t's rows continue into it (0 for the first step processed)."""
+    order = list(reversed(steps(T, reverse)))
+    prev = [order[0], *order[:-1]]
+    return [(t, tp, n_continue(tp, bs, reverse) if i else 0) for i, (t, tp) in enumerate(zip(order, prev, strict=True))]
+
+
+def fresh_sum(d_gh: Tensor, bs: list[int], reverse: bool) -> Tensor:
+    """[B, GH]: each row's d_gates at the step where it started from h0 (step 0 forward; its own last step
+    reverse). d_gh [T, B, GH] is zero on rows a step does not touch."""
+    if not reverse:
+        return d_gh[0]
+    B = d_gh.shape[1]
+    ends = torch.tensor(bs[1:] + [0], device=d_gh.device)  # rows of step t beyond those active at t+1
+    fresh = torch.arange(B, device=d_gh.device)[None, :] >= ends[:, None]  # [T, B]
+    return (d_gh * fresh[:, :, None].to(d_gh.dtype)).sum(0)
+
+
 def d_w_hh(d_gh: Tensor, out: Tensor, h0: Tensor, bs: list[int], reverse: bool) -> Tensor:
     """sum_t d_gh[t]^T h_{t-1} as two GEMMs, without materialising h_{t-1} for every step.
     d_gh [T, B, GH] fp32 (zero on rows a step does not touch), out [T, B, P], h0 [B, P] -> [GH, P] fp32."""
     T, B, GH = d_gh.shape
     P = out.shape[2]
     acc = d_gh.dtype
-    h0a = h0.to(acc)
-    if reverse:
-        cont, src = d_gh[:-1], out[1:]
-        # rows of step t beyond the rows active at t+1 start from h0
-        ends = torch.tensor(bs[1:] + [0], device=d_gh.device)
-        fresh = (torch.arange(B, device=d_gh.device)[None, :] >= ends[:, None]).to(acc)  # [T, B]
-        d_fresh = (d_gh * fresh[:, :, None]).sum(0)  # [B, GH]
-    else:
-        cont, src = d_gh[1:], out[:-1]
-        d_fresh = d_gh[0]
-    g = d_fresh.t() @ h0a
+    cont, src = (d_gh[:-1], out[1:]) if reverse else (d_gh[1:], out[:-1])
+    g = fresh_sum(d_gh, bs, reverse).t() @ h0.to(acc)
     if T > 1:
         g += cont.reshape(-1, GH).t() @ src.reshape(-1, P).to(acc)
     return g

@@ -1,9 +1,9 @@
 """GRU (gates r, z, n; n = tanh(gx_n + r * (W_hn h + b_hn))): step kernels and their launchers.
 
 Forward, per step, one kernel: h_{t-1} W_hh^T with tl.dot for a tile of hidden units of all three gates, then
-the activations, h update and the saved gates / W_hn h + b_hn. Backward, per step: one pointwise kernel
-writing d(pre-activation) for gx and for the W_hh product (they differ in the n gate by the factor r) and
-d_h = z * d_h_t, then d_h += d_gates_h W_hh (gemm.step_gemm).
+the activations, h update and the saved gates / W_hn h + b_hn. Backward, per step, one kernel: the gradient
+reaching h_t (d_gates_h of the step after times W_hh with tl.dot, plus z * d_h of that step), then
+d(pre-activation) for gx and for the W_hh product (they differ in the n gate by the factor r).
 """
 
 from __future__ import annotations
@@ -17,10 +17,13 @@ from fastrnn.backends.triton.common import (
     block_cols,
     block_k,
     block_rows,
+    bwd_order,
+    carry,
     d_w_hh,
     dot,
     dot_f32,
     final_h,
+    fresh_sum,
     load_prev,
     n_continue,
     poisoned,
@@ -28,7 +31,6 @@ from fastrnn.backends.triton.common import (
     prev_step,
     tanh,
 )
-from fastrnn.backends.triton.gemm import step_gemm
 from fastrnn.cells import steps
 
 
@@ -85,9 +87,12 @@ def _gru_fwd_step(
         tl.store(extra_ptr + hc, acc_n, mask=m2)
 
 
-@triton.jit(do_not_specialize=["n", "k"])  # one compile for every row count
+@triton.jit(do_not_specialize=["n", "k", "kc"])  # one compile for every row count
 def _gru_bwd_step(
-    dh_ptr,  # [B, H] fp32 running d_h: read, then overwritten with z * d_h_t (the direct path to h_{t-1})
+    dghp_ptr,  # [B, 3H] fp32 d_gates_h of the step processed before (rows < kc continue into it)
+    w_ptr,  # [3H, H]
+    dhn_ptr,  # [B, H] d_h_n (rows kc..n end at this step)
+    zd_ptr,  # [B, H] fp32 z * d_h_t: read (the step processed before), then overwritten with this step's
     dout_ptr,  # [B, H] this step's d_out
     gates_ptr,  # [B, 3H] fp32 saved r, z, n
     hh_ptr,  # [B, H] fp32 saved W_hn h + b_hn
@@ -95,16 +100,21 @@ def _gru_bwd_step(
     h0_ptr,  # [B, H] initial state (rows k..n)
     dgx_ptr,  # [B, 3H] fp32 d(pre-activation) w.r.t. gx
     dgh_ptr,  # [B, 3H] fp32 d(pre-activation) w.r.t. h W_hh^T + b_hh
-    n, k, H,
-    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    n, k, kc, H,
+    PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
     m2 = (rows < n)[:, None] & cmask[None, :]
     hc = rows[:, None] * H + cols[None, :]
-    dht = tl.load(dh_ptr + hc, mask=m2, other=0.0) + tl.load(dout_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     G3 = 3 * H
+    dht = carry(
+        dghp_ptr, w_ptr, dhn_ptr, rows, cols, n, kc, G3, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K
+    )
+    dht += tl.load(zd_ptr + hc, mask=(rows < kc)[:, None] & cmask[None, :], other=0.0)
+    dht += tl.load(dout_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     g3 = rows[:, None] * G3 + cols[None, :]
     r = tl.load(gates_ptr + g3, mask=m2, other=0.0)
     z = tl.load(gates_ptr + g3 + H, mask=m2, other=0.0)
@@ -120,7 +130,7 @@ def _gru_bwd_step(
     tl.store(dgh_ptr + g3, dr, mask=m2)
     tl.store(dgh_ptr + g3 + H, dz, mask=m2)
     tl.store(dgh_ptr + g3 + 2 * H, dn * r, mask=m2)
-    tl.store(dh_ptr + hc, dht * z, mask=m2)
+    tl.store(zd_ptr + hc, dht * z, mask=m2)
 
 
 def gru_fwd(
@@ -157,20 +167,20 @@ def gru_bwd(
     T, B, H = out.shape
     f32, dt = torch.float32, out.dtype
     prec = precision(dt)
-    dh = d_h_n.to(f32, copy=True)  # [B, H] running d_h
     d_gx = out.new_zeros(T, B, 3 * H, dtype=f32)
     d_gh = torch.zeros_like(d_gx)  # kept for every step: d_w_hh and d_b_hh are one GEMM / sum at the end
-    for t in reversed(steps(T, reverse)):
+    zd = out.new_empty(B, H, dtype=f32)  # z * d_h_t: the direct path from h_t to h_{t-1}
+    for t, tp, kc in bwd_order(T, bs, reverse):
         n, k = bs[t], n_continue(t, bs, reverse)
-        if n == 0:
-            continue
         BB, BH = block_rows(n), block_cols(n, H)
         _gru_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
-            dh, d_out[t], gates[t], extra[t], out[prev_step(t, T, reverse)], h0, d_gx[t], d_gh[t],
-            n, k, H,
-            BLOCK_B=BB, BLOCK_H=BH,
+            d_gh[tp], w_hh, d_h_n, zd, d_out[t], gates[t], extra[t], out[prev_step(t, T, reverse)], h0,
+            d_gx[t], d_gh[t],
+            n, k, kc, H,
+            PRECISION=prec, DOT_F32=dot_f32(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(3 * H),
         )
-        step_gemm(d_gh[t], w_hh, dh, n, prec, accumulate=True)  # dh += [n, 3H] @ [3H, H]
+    # rows starting from h0: one GEMM at the end (zd holds each row's z * d_h at that step)
+    d_h0 = torch.addmm(zd, fresh_sum(d_gh, bs, reverse), w_hh.to(f32))
     d_w = d_w_hh(d_gh, out, h0, bs, reverse)
     d_b = d_gh.reshape(T * B, 3 * H).sum(0) if has_bias else None
-    return d_gx.to(dt), dh.to(dt), d_w.to(dt), None if d_b is None else d_b.to(dt)
+    return d_gx.to(dt), d_h0.to(dt), d_w.to(dt), None if d_b is None else d_b.to(dt)

@@ -2,8 +2,10 @@
 
 Forward, per step, one kernel: h_{t-1} W_hh^T with tl.dot for a tile of hidden units of all four gates, then
 the activations, c update (in place: each element belongs to one program) and the saved gates / c_t. With a
-projection a second small GEMM (gemm.step_gemm) maps o * tanh(c) to h. Backward, per step: one pointwise
-kernel writing d(pre-activation) of the step, then d_h = d_gates W_hh (gemm.step_gemm).
+projection a second small GEMM (gemm.step_gemm) maps o * tanh(c) to h. Backward, per step, one kernel: the
+gradient reaching h_t (d_gates of the step after times W_hh, with tl.dot), then d(pre-activation) of the step
+and the d_c update. With a projection that gradient lives in P-space and needs W_hr first, so backward runs
+GEMM (d_h W_hr), pointwise kernel, GEMM (d_gates W_hh) per step.
 """
 
 from __future__ import annotations
@@ -17,10 +19,13 @@ from fastrnn.backends.triton.common import (
     block_cols,
     block_k,
     block_rows,
+    bwd_order,
+    carry,
     d_w_hh,
     dot,
     dot_f32,
     final_h,
+    fresh_sum,
     load_prev,
     n_continue,
     poisoned,
@@ -98,27 +103,35 @@ def _lstm_fwd_step(
         tl.store(extra_ptr + hc, c, mask=m2)
 
 
-@triton.jit(do_not_specialize=["n", "k"])  # one compile for every row count
+@triton.jit(do_not_specialize=["n", "k", "kc"])  # one compile for every row count
 def _lstm_bwd_step(
-    dh_ptr,  # [B, H] fp32 gradient w.r.t. o * tanh(c) so far (running d_h, or d_hbar when projecting)
-    dout_ptr,  # [B, H] this step's d_out (added unless projecting: then it is already in dh)
+    dgp_ptr,  # [B, 4H] fp32 d_gates of the step processed before (rows < kc continue into it)  (CARRY)
+    w_ptr,  # [4H, H]  (CARRY)
+    dhn_ptr,  # [B, H] d_h_n (rows kc..n end at this step)  (CARRY)
+    dout_ptr,  # [B, H] this step's d_out  (CARRY)
+    dh_ptr,  # [B, H] fp32 gradient w.r.t. o * tanh(c), computed beforehand  (projection: not CARRY)
     gates_ptr,  # [B, 4H] fp32 saved i, f, g, o
     c_ptr,  # [B, H] fp32 saved c_t
     cs_ptr,  # [B, H] fp32 saved c of the previous step (rows < k)
     c0_ptr,  # [B, H] initial cell state (rows k..n)
     dc_ptr,  # [B, H] fp32 running d_c, read and written in place
     dg_ptr,  # [B, 4H] fp32 d(pre-activation) of this step
-    n, k, H,
-    ADD_DOUT: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    n, k, kc, H,
+    CARRY: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     cmask = cols < H
     m2 = (rows < n)[:, None] & cmask[None, :]
     hc = rows[:, None] * H + cols[None, :]
-    dht = tl.load(dh_ptr + hc, mask=m2, other=0.0)
-    if ADD_DOUT:
+    if CARRY:
+        dht = carry(
+            dgp_ptr, w_ptr, dhn_ptr, rows, cols, n, kc, 4 * H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K
+        )
         dht += tl.load(dout_ptr + hc, mask=m2, other=0.0).to(tl.float32)
+    else:
+        dht = tl.load(dh_ptr + hc, mask=m2, other=0.0)
     G4 = 4 * H
     gp = gates_ptr + rows[:, None] * G4 + cols[None, :]
     i = tl.load(gp, mask=m2, other=0.0)
@@ -177,25 +190,35 @@ def lstm_bwd(
     H = w_hh.shape[0] // 4
     f32, dt = torch.float32, out.dtype
     prec = precision(dt)
-    dh = d_h_n.to(f32, copy=True)  # [B, P] running d_h
     dc = d_c_n.to(f32, copy=True)  # [B, H] running d_c
     d_g = out.new_zeros(T, B, 4 * H, dtype=f32)  # every step's d(pre-activation), for the weight GEMMs
-    d_hfull = out.new_zeros(T, B, P, dtype=f32) if w_hr is not None else None
-    dhbar = out.new_empty(B, H, dtype=f32) if w_hr is not None else None
-    for t in reversed(steps(T, reverse)):
-        n, k = bs[t], n_continue(t, bs, reverse)
-        if n == 0:
-            continue
-        if d_hfull is not None:
-            torch.add(dh[:n], d_out[t, :n], out=d_hfull[t, :n])
+    BK = block_k(4 * H)
+    if w_hr is None:
+        for t, tp, kc in bwd_order(T, bs, reverse):
+            n, k = bs[t], n_continue(t, bs, reverse)
+            BB, BH = block_rows(n), block_cols(n, H)
+            _lstm_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
+                d_g[tp], w_hh, d_h_n, d_out[t], dc, gates[t], extra[t], extra[prev_step(t, T, reverse)], c0,
+                dc, d_g[t], n, k, kc, H,
+                CARRY=True, PRECISION=prec, DOT_F32=dot_f32(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
+            )
+        d_h0 = fresh_sum(d_g, bs, reverse) @ w_hh.to(f32)  # rows starting from h0: one GEMM at the end
+        d_hfull = None
+    else:  # h_t = hbar_t W_hr^T: the gradient goes P-space -> H-space -> P-space, three launches per step
+        d_h0 = d_h_n.to(f32, copy=True)  # [B, P] running d_h
+        d_hfull = out.new_zeros(T, B, P, dtype=f32)  # d_h_t of every step, for d_w_hr
+        dhbar = out.new_empty(B, H, dtype=f32)
+        for t in reversed(steps(T, reverse)):
+            n, k = bs[t], n_continue(t, bs, reverse)
+            torch.add(d_h0[:n], d_out[t, :n], out=d_hfull[t, :n])
             step_gemm(d_hfull[t], w_hr, dhbar, n, prec)  # [n, P] @ [P, H]
-        BB, BH = block_rows(n), block_cols(n, H)
-        _lstm_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
-            dh if dhbar is None else dhbar, d_out[t], gates[t], extra[t], extra[prev_step(t, T, reverse)], c0,
-            dc, d_g[t], n, k, H,
-            ADD_DOUT=dhbar is None, BLOCK_B=BB, BLOCK_H=BH,
-        )
-        step_gemm(d_g[t], w_hh, dh, n, prec)  # [n, 4H] @ [4H, P]
+            BB, BH = block_rows(n), block_cols(n, H)
+            _lstm_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
+                d_g[t], w_hh, d_h_n, d_out[t], dhbar, gates[t], extra[t], extra[prev_step(t, T, reverse)], c0,
+                dc, d_g[t], n, k, 0, H,
+                CARRY=False, PRECISION=prec, DOT_F32=dot_f32(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=BK,
+            )
+            step_gemm(d_g[t], w_hh, d_h0, n, prec)  # [n, 4H] @ [4H, P]
     flat = d_g.reshape(T * B, 4 * H)
     d_w = d_w_hh(d_g, out, h0, bs, reverse)
     d_b = flat.sum(0) if has_bias else None
@@ -207,6 +230,6 @@ def lstm_bwd(
             hbar_all = torch.where(active[:, :, None], hbar_all, 0.0)
         d_w_hr = d_hfull.reshape(T * B, P).t() @ hbar_all.reshape(T * B, H)
     return (
-        d_g.to(dt), dh.to(dt), dc.to(dt), d_w.to(dt),
+        d_g.to(dt), d_h0.to(dt), dc.to(dt), d_w.to(dt),
         None if d_b is None else d_b.to(dt), None if d_w_hr is None else d_w_hr.to(dt),
     )

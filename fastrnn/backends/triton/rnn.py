@@ -1,7 +1,8 @@
 """Elman RNN (h' = tanh or relu of gx + W_hh h + b_hh): step kernels and their launchers.
 
 Forward, per step, one kernel: h_{t-1} W_hh^T with tl.dot plus the activation. Backward, per step: one
-pointwise kernel (d_pre from the saved output, which is all backward needs), then d_h = d_pre W_hh.
+kernel: the gradient reaching h_t (d_pre of the step after, times W_hh, with tl.dot) and d_pre from the saved
+output, which is all backward needs.
 """
 
 from __future__ import annotations
@@ -15,17 +16,19 @@ from fastrnn.backends.triton.common import (
     block_cols,
     block_k,
     block_rows,
+    bwd_order,
+    carry,
     d_w_hh,
     dot,
     dot_f32,
     final_h,
+    fresh_sum,
     load_prev,
     n_continue,
     poisoned,
     precision,
     tanh,
 )
-from fastrnn.backends.triton.gemm import step_gemm
 from fastrnn.cells import steps
 
 
@@ -65,20 +68,25 @@ def _rnn_fwd_step(
     tl.store(out_ptr + hc, h.to(out_ptr.dtype.element_ty), mask=m2)
 
 
-@triton.jit(do_not_specialize=["n"])  # one compile for every row count
+@triton.jit(do_not_specialize=["n", "kc"])  # one compile for every row count
 def _rnn_bwd_step(
-    dh_ptr,  # [B, H] fp32 running d_h
+    dgp_ptr,  # [B, H] fp32 d_pre of the step processed before (rows < kc continue into it)
+    w_ptr,  # [H, H]
+    dhn_ptr,  # [B, H] d_h_n (rows kc..n end at this step)
     dout_ptr,  # [B, H] this step's d_out
     h_ptr,  # [B, H] this step's output h_t
-    dg_ptr,  # [B, H] fp32 d(pre-activation) of this step
-    n, H,
-    RELU: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr,
+    dg_ptr,  # [B, H] fp32 d_pre of this step
+    n, kc, H,
+    RELU: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    m2 = (rows < n)[:, None] & (cols < H)[None, :]
+    cmask = cols < H
+    m2 = (rows < n)[:, None] & cmask[None, :]
     hc = rows[:, None] * H + cols[None, :]
-    dht = tl.load(dh_ptr + hc, mask=m2, other=0.0) + tl.load(dout_ptr + hc, mask=m2, other=0.0).to(tl.float32)
+    dht = carry(dgp_ptr, w_ptr, dhn_ptr, rows, cols, n, kc, H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K)
+    dht += tl.load(dout_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     h = tl.load(h_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     if RELU:  # as torch's threshold_backward: zero where the output is <= 0
         dpre = tl.where(h <= 0.0, 0.0, dht)
@@ -116,17 +124,15 @@ def rnn_bwd(
     T, B, H = out.shape
     f32, dt = torch.float32, out.dtype
     prec = precision(dt)
-    dh = d_h_n.to(f32, copy=True)  # [B, H] running d_h
     d_g = out.new_zeros(T, B, H, dtype=f32)  # kept for every step: d_w_hh and d_b_hh at the end
-    for t in reversed(steps(T, reverse)):
+    for t, tp, kc in bwd_order(T, bs, reverse):
         n = bs[t]
-        if n == 0:
-            continue
         BB, BH = block_rows(n), block_cols(n, H)
         _rnn_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
-            dh, d_out[t], out[t], d_g[t], n, H, RELU=relu, BLOCK_B=BB, BLOCK_H=BH,
+            d_g[tp], w_hh, d_h_n, d_out[t], out[t], d_g[t], n, kc, H,
+            RELU=relu, PRECISION=prec, DOT_F32=dot_f32(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(H),
         )
-        step_gemm(d_g[t], w_hh, dh, n, prec)  # [n, H] @ [H, H]
+    d_h0 = fresh_sum(d_g, bs, reverse) @ w_hh.to(f32)  # rows starting from h0: one GEMM at the end
     d_w = d_w_hh(d_g, out, h0, bs, reverse)
     d_b = d_g.reshape(T * B, H).sum(0) if has_bias else None
-    return d_g.to(dt), dh.to(dt), d_w.to(dt), None if d_b is None else d_b.to(dt)
+    return d_g.to(dt), d_h0.to(dt), d_w.to(dt), None if d_b is None else d_b.to(dt)
