@@ -43,7 +43,10 @@ def supports(cell: str, dtype: torch.dtype, device: torch.device) -> tuple[bool,
     return True, ""
 
 
-def forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved):
+def forward(
+    cell: str, gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Tensor | None, w_hr: Tensor | None,
+    batch_sizes: Tensor | None, reverse: bool, need_saved: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """gx [T,B,G*H], h0 [B,P], c0 [B,H]|None, w_hh [G*H,P], b_hh [G*H]|None, w_hr [P,H]|None
     -> out [T,B,P], h_n [B,P], c_n [B,H] (empty unless lstm), gates, extra (cells.py's saved layout)."""
     check_cell(cell)
@@ -67,7 +70,9 @@ def forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved
 
 
 def backward(
-    cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates, extra
+    cell: str, d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor | None, h0: Tensor, c0: Tensor | None, w_hh: Tensor,
+    b_hh: Tensor | None, w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool, out: Tensor, gates: Tensor,
+    extra: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
     """-> d_gx [T,B,G*H], d_h0 [B,P], d_c0 [B,H]|None, d_w_hh [G*H,P], d_b_hh|None, d_w_hr|None."""
     check_cell(cell)
