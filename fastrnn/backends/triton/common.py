@@ -125,9 +125,9 @@ def final_h(out: Tensor, bs: list[int], reverse: bool, packed: bool) -> Tensor:
     T, B, _ = out.shape
     if reverse or not packed:
         return out[0 if reverse else T - 1].clone()
-    lengths = [sum(1 for b in bs if b > row) for row in range(B)]
-    idx = torch.tensor([ln - 1 for ln in lengths], device=out.device)
-    return out[idx, torch.arange(B, device=out.device)]
+    rows = torch.arange(B)
+    last = (torch.tensor(bs)[None, :] > rows[:, None]).sum(1) - 1  # [B] each row's last step
+    return out[last.to(out.device), rows.to(out.device)]
 
 
 def bwd_order(T: int, bs: list[int], reverse: bool) -> list[tuple[int, int, int]]:
