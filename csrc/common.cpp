@@ -1,6 +1,8 @@
 // Shared by the per-cell sources: argument checks and the raw-pointer GEMM.
 #include "fastrnn.h"
 
+#include <cstdlib>
+#include <limits>
 #include <sstream>
 
 // The Fortran BLAS that torch links (MKL in the x86 wheels, OpenBLAS elsewhere). Weak, so an extension loaded into
@@ -64,6 +66,13 @@ std::vector<int64_t> batch_sizes_vec(const OptTensor& batch_sizes, int64_t T, in
 
 void check_blas_size(int64_t v, const char* what) {
   TORCH_CHECK(v >= 0 && v <= INT_MAX, "fastrnn: ", what, " = ", v, " is too large for the BLAS interface");
+}
+
+Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts) {
+  Tensor t = at::empty(shape, opts);
+  const char* poison = std::getenv("FASTRNN_POISON_OUTPUTS");
+  if (poison != nullptr && std::string(poison) == "1") t.fill_(std::numeric_limits<double>::quiet_NaN());
+  return t;
 }
 
 bool has_direct_blas() { return sgemm_ != nullptr && dgemm_ != nullptr; }

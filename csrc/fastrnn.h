@@ -72,6 +72,9 @@ void check_opt(const OptTensor& t, const char* what, at::IntArrayRef shape, at::
 void check_dtype(const Tensor& t, const char* what);
 // Validates batch_sizes (int64 CPU [T], non-increasing, each in [0, B]) and returns it, or B repeated T times.
 std::vector<int64_t> batch_sizes_vec(const OptTensor& batch_sizes, int64_t T, int64_t B);
+// An output tensor: uninitialised, or NaN-filled when FASTRNN_POISON_OUTPUTS=1 (read at every call, as the
+// Python backends do) so that an element a kernel forgets to write cannot pass as a stale value.
+Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts);
 // GEMM sizes go to BLAS as int.
 void check_blas_size(int64_t v, const char* what);
 

@@ -82,6 +82,8 @@ void gru_forward_kernel(const Walk& w, int64_t H, const T* gx, const T* h0, cons
       gru_fwd_rows(r0, r1, H, gx + t * B * GH, gh, bias, hprev, ot, gates ? gh : nullptr, et);
     });
     zero_rows(ot, n, B, H);
+    if (gates) zero_rows(gh, n, B, GH);
+    if (et) zero_rows(et, n, B, H);
   }
 }
 
@@ -129,10 +131,10 @@ std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0, const Tensor
   const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
 
   auto opts = gx.options();
-  Tensor out = at::empty({T, B, H}, opts);
-  Tensor h_n = at::empty({B, H}, opts);
-  Tensor gates = need_saved ? at::empty({T, B, 3 * H}, opts) : at::empty({0}, opts);
-  Tensor extra = need_saved ? at::empty({T, B, H}, opts) : at::empty({0}, opts);
+  Tensor out = new_output({T, B, H}, opts);
+  Tensor h_n = new_output({B, H}, opts);
+  Tensor gates = need_saved ? new_output({T, B, 3 * H}, opts) : at::empty({0}, opts);
+  Tensor extra = need_saved ? new_output({T, B, H}, opts) : at::empty({0}, opts);
   Tensor gh = need_saved ? Tensor() : at::empty({B, 3 * H}, opts);
   Tensor bias = b_hh.has_value() && b_hh->defined() ? *b_hh : at::zeros({3 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_gru_forward", [&] {
@@ -163,10 +165,10 @@ std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_h_n, const
   const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
 
   auto opts = out.options();
-  Tensor d_gx = at::empty({T, B, 3 * H}, opts);
+  Tensor d_gx = new_output({T, B, 3 * H}, opts);
   Tensor d_gh = at::empty({T, B, 3 * H}, opts);  // d_gx with the n block scaled by r: what reaches W_hh
   Tensor dh = d_h_n.clone();
-  Tensor d_w_hh = at::empty({3 * H, H}, opts);
+  Tensor d_w_hh = new_output({3 * H, H}, opts);
   Tensor dg0 = at::empty({B, 3 * H}, opts);
   AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_gru_backward", [&] {
     using T_ = scalar_t;

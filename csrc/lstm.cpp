@@ -83,6 +83,8 @@ void lstm_forward_kernel(const Walk& w, int64_t H, int64_t P, const T* gx, const
     });
     if (w_hr) gemm(false, true, n, P, H, T(1), hbar, H, w_hr, H, T(0), ot, P);
     zero_rows(ot, n, B, P);
+    if (st) zero_rows(st, n, B, GH);
+    if (et) zero_rows(et, n, B, H);
   }
 }
 
@@ -158,11 +160,11 @@ std::vector<Tensor> lstm_forward(const Tensor& gx, const Tensor& h0, const Tenso
   const bool proj = w_hr.has_value() && w_hr->defined();
 
   auto opts = gx.options();
-  Tensor out = at::empty({T, B, P}, opts);
+  Tensor out = new_output({T, B, P}, opts);
   Tensor c = c0.clone();  // running cell state, c_n at the end
-  Tensor h_n = at::empty({B, P}, opts);
-  Tensor gates = need_saved ? at::empty({T, B, 4 * H}, opts) : at::empty({0}, opts);
-  Tensor extra = need_saved ? at::empty({T, B, H}, opts) : at::empty({0}, opts);
+  Tensor h_n = new_output({B, P}, opts);
+  Tensor gates = need_saved ? new_output({T, B, 4 * H}, opts) : at::empty({0}, opts);
+  Tensor extra = need_saved ? new_output({T, B, H}, opts) : at::empty({0}, opts);
   Tensor gh = need_saved ? Tensor() : at::empty({B, 4 * H}, opts);
   Tensor hbar = proj ? at::empty({B, H}, opts) : Tensor();
   Tensor bias = b_hh.has_value() && b_hh->defined() ? *b_hh : at::zeros({4 * H}, opts);
@@ -200,11 +202,11 @@ std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_h_n, cons
   const bool proj = w_hr.has_value() && w_hr->defined();
 
   auto opts = out.options();
-  Tensor d_gx = at::empty({T, B, 4 * H}, opts);
+  Tensor d_gx = new_output({T, B, 4 * H}, opts);
   Tensor dh = d_h_n.clone();  // running gradient of the state, d_h0 at the end
   Tensor dc = d_c_n.clone();
-  Tensor d_w_hh = at::empty({4 * H, P}, opts);
-  Tensor d_w_hr = proj ? at::empty({P, H}, opts) : Tensor();
+  Tensor d_w_hh = new_output({4 * H, P}, opts);
+  Tensor d_w_hr = proj ? new_output({P, H}, opts) : Tensor();
   Tensor dhfull = proj ? at::empty({T, B, P}, opts) : Tensor();
   Tensor hbar = proj ? at::empty({T, B, H}, opts) : Tensor();
   Tensor dhbar = proj ? at::empty({B, H}, opts) : Tensor();

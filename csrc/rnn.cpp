@@ -89,8 +89,8 @@ std::vector<Tensor> rnn_forward(const Tensor& gx, const Tensor& h0, const Tensor
   const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
 
   auto opts = gx.options();
-  Tensor out = at::empty({T, B, H}, opts);
-  Tensor h_n = at::empty({B, H}, opts);
+  Tensor out = new_output({T, B, H}, opts);
+  Tensor h_n = new_output({B, H}, opts);
   Tensor bias = b_hh.has_value() && b_hh->defined() ? *b_hh : at::zeros({H}, opts);
   AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_rnn_forward", [&] {
     using T_ = scalar_t;
@@ -117,9 +117,9 @@ std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_h_n, const
   const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
 
   auto opts = out.options();
-  Tensor d_gx = at::empty({T, B, H}, opts);
+  Tensor d_gx = new_output({T, B, H}, opts);
   Tensor dh = d_h_n.clone();
-  Tensor d_w_hh = at::empty({H, H}, opts);
+  Tensor d_w_hh = new_output({H, H}, opts);
   Tensor dg0 = at::empty({B, H}, opts);
   AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_rnn_backward", [&] {
     using T_ = scalar_t;

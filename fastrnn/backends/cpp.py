@@ -15,9 +15,7 @@ from fastrnn.cells import check_cell
 NAME = "cpp"
 DTYPES = (torch.float32, torch.float64)
 
-_NOT_BUILT = (
-    "the C++ extension fastrnn._C is not built: run `pip install --no-build-isolation -e .` in the source tree"
-)
+_NOT_BUILT = "the C++ extension fastrnn._C is not built: run `pip install --no-build-isolation -e .` in the source tree"
 
 
 def _ext():
@@ -95,7 +93,9 @@ def backward(
         )
         return d_gx, d_h0, (None if c0 is None else d_c0), d_w_hh, d_b_hh, d_w_hr
     if cell == "gru":
-        d_gx, d_h0, d_w_hh, d_b_hh = C.gru_backward(d_out, d_h_n, h0, w_hh, b_hh, batch_sizes, reverse, out, gates, extra)
+        d_gx, d_h0, d_w_hh, d_b_hh = C.gru_backward(
+            d_out, d_h_n, h0, w_hh, b_hh, batch_sizes, reverse, out, gates, extra
+        )
     else:
         d_gx, d_h0, d_w_hh, d_b_hh = C.rnn_backward(
             d_out, d_h_n, h0, w_hh, b_hh, batch_sizes, reverse, out, cell == "rnn_relu"

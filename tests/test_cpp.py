@@ -1,0 +1,303 @@
+"""The cpp backend (fastrnn._C) against the reference backend: the contract itself (outputs, saved gates/extra,
+every backward gradient) for every cell, proj_size, packed batch_sizes, reverse, float64 and float32, odd sizes;
+the raw extension functions refusing bad arguments with RuntimeError; float64 gradcheck through the modules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("fastrnn._C", reason="the C++ extension fastrnn._C is not built")
+
+import fastrnn  # noqa: E402
+from fastrnn import _C  # noqa: E402
+from fastrnn.backends import get  # noqa: E402
+from fastrnn.cells import GATES, batch_sizes_list  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+cpp, ref = get("cpp"), get("reference")
+F32, F64 = torch.float32, torch.float64
+
+
+def _inputs(cell: str, T: int, B: int, H: int, P: int, dtype: torch.dtype, bias: bool):
+    G = GATES[cell]
+    s = 1 / math.sqrt(H)
+    gx = torch.randn(T, B, G * H, dtype=dtype)
+    h0 = torch.randn(B, P, dtype=dtype)
+    c0 = torch.randn(B, H, dtype=dtype) if cell == "lstm" else None
+    w_hh = torch.empty(G * H, P, dtype=dtype).uniform_(-s, s)
+    b_hh = torch.empty(G * H, dtype=dtype).uniform_(-s, s) if bias else None
+    w_hr = torch.empty(P, H, dtype=dtype).uniform_(-s, s) if P != H else None
+    return gx, h0, c0, w_hh, b_hh, w_hr
+
+
+PACKED = [5, 5, 3, 2, 1]
+CASES = [
+    pytest.param("lstm", 7, 5, 33, 33, None, False, True, id="lstm-T7-H33"),
+    pytest.param("lstm", 7, 5, 33, 17, None, False, True, id="lstm-proj"),
+    pytest.param("lstm", 5, 5, 16, 16, PACKED, False, True, id="lstm-packed"),
+    pytest.param("lstm", 5, 5, 16, 16, PACKED, True, True, id="lstm-packed-reverse"),
+    pytest.param("lstm", 5, 5, 16, 9, PACKED, True, False, id="lstm-proj-packed-reverse-nobias"),
+    pytest.param("lstm", 1, 1, 8, 8, None, False, True, id="lstm-T1-B1"),
+    pytest.param("lstm", 7, 1, 33, 5, None, True, True, id="lstm-proj-B1-reverse"),
+    pytest.param("gru", 7, 5, 33, 33, None, False, True, id="gru-T7-H33"),
+    pytest.param("gru", 7, 5, 33, 33, None, True, True, id="gru-T7-H33-reverse"),
+    pytest.param("gru", 5, 5, 16, 16, PACKED, False, True, id="gru-packed"),
+    pytest.param("gru", 5, 5, 16, 16, PACKED, True, False, id="gru-packed-reverse-nobias"),
+    pytest.param("gru", 1, 1, 8, 8, None, True, True, id="gru-T1-B1-reverse"),
+    pytest.param("rnn_tanh", 7, 5, 33, 33, None, True, True, id="rnn_tanh-T7-H33-reverse"),
+    pytest.param("rnn_tanh", 5, 5, 16, 16, PACKED, True, True, id="rnn_tanh-packed-reverse"),
+    pytest.param("rnn_tanh", 1, 1, 8, 8, None, False, False, id="rnn_tanh-T1-B1-nobias"),
+    pytest.param("rnn_relu", 7, 5, 33, 33, None, False, False, id="rnn_relu-T7-H33-nobias"),
+    pytest.param("rnn_relu", 5, 5, 16, 16, PACKED, False, True, id="rnn_relu-packed"),
+    pytest.param("rnn_relu", 5, 5, 16, 16, PACKED, True, True, id="rnn_relu-packed-reverse"),
+    # enough rows x hidden that a step's pointwise pass is split over threads
+    pytest.param("lstm", 3, 16, 260, 130, [16, 9, 4], True, True, id="lstm-proj-parallel-packed-reverse"),
+    pytest.param("gru", 3, 16, 300, 300, [16, 9, 4], False, True, id="gru-parallel-packed"),
+    pytest.param("rnn_tanh", 3, 40, 520, 520, None, False, True, id="rnn_tanh-parallel"),
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("cell,T,B,H,P,bs,reverse,bias", CASES)
+def test_contract_matches_reference(cell, T, B, H, P, bs, reverse, bias, dtype):
+    gx, h0, c0, w_hh, b_hh, w_hr = _inputs(cell, T, B, H, P, dtype, bias)
+    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
+    args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, True)
+    got, exp = cpp.forward(*args), ref.forward(*args)
+    for name, a, e in zip(("out", "h_n", "c_n"), got[:3], exp[:3], strict=True):
+        assert_close(a, e, dtype, T, f"forward {name}")
+    active = torch.arange(B)[None, :] < torch.tensor(batch_sizes_list(batch_sizes, T, B))[:, None]  # [T, B]
+    for name, a, e in zip(("gates", "extra"), got[3:], exp[3:], strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype, f"{name}: {a.shape} {a.dtype} != {e.shape} {e.dtype}"
+        if e.numel():
+            assert_close(a[active], e[active], dtype, T, f"saved {name} (active rows)")
+            assert (a[~active] == 0).all(), f"saved {name}: rows a step skips must be zero"
+
+    out = exp[0]
+    d_out, d_h_n = torch.randn_like(out), torch.randn_like(h0)
+    d_c_n = torch.randn_like(c0) if c0 is not None else None
+    bargs = (cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, *exp[3:])
+    g_got, g_exp = cpp.backward(*bargs), ref.backward(*bargs)
+    names = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr")
+    for name, a, e in zip(names, g_got, g_exp, strict=True):
+        if e is None:
+            assert a is None, f"{name}: expected None for an absent input"
+        else:
+            # weight gradients sum over all T*B rows: allow for that in float32
+            n = T * B if name in ("d_w_hh", "d_b_hh", "d_w_hr") else T
+            assert_close(a, e, dtype, n, name)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_inference_saves_nothing(cell):
+    gx, h0, c0, w_hh, b_hh, _ = _inputs(cell, 4, 3, 8, 8, F64, True)
+    out, h_n, c_n, gates, extra = cpp.forward(cell, gx, h0, c0, w_hh, b_hh, None, None, False, False)
+    assert gates.numel() == 0 and extra.numel() == 0
+    exp = ref.forward(cell, gx, h0, c0, w_hh, b_hh, None, None, False, False)
+    assert_close(out, exp[0], F64, 4, "out")
+    assert_close(h_n, exp[1], F64, 4, "h_n")
+
+
+def test_relu_nan_propagates_like_torch():
+    gx, h0, _, w_hh, b_hh, _ = _inputs("rnn_relu", 3, 2, 8, 8, F64, True)
+    gx[1, 0, 3] = float("nan")
+    got = cpp.forward("rnn_relu", gx, h0, None, w_hh, b_hh, None, None, False, True)
+    exp = ref.forward("rnn_relu", gx, h0, None, w_hh, b_hh, None, None, False, True)
+    assert_close(got[0], exp[0], F64, 3, "out with a NaN input")
+
+
+def test_supports_and_available():
+    assert cpp.available() == (True, "")
+    assert cpp.supports("gru", F32, torch.device("cpu"))[0]
+    assert cpp.supports("lstm", F64, torch.device("cpu"))[0]
+    ok, why = cpp.supports("gru", torch.bfloat16, torch.device("cpu"))
+    assert not ok and "bfloat16" in why
+    ok, why = cpp.supports("lstm", F32, torch.device("meta"))
+    assert not ok and "CPU" in why
+
+
+# ---- the raw extension must refuse bad arguments with RuntimeError before touching memory ----
+
+
+def _lstm_args(T=4, B=3, H=5, P=5, dtype=F32):
+    gx, h0, c0, w_hh, b_hh, w_hr = _inputs("lstm", T, B, H, P, dtype, True)
+    return dict(gx=gx, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr, batch_sizes=None, reverse=False, need_saved=True)
+
+
+def _gru_args(T=4, B=3, H=5, dtype=F32):
+    gx, h0, _, w_hh, b_hh, _ = _inputs("gru", T, B, H, H, dtype, True)
+    return dict(gx=gx, h0=h0, w_hh=w_hh, b_hh=b_hh, batch_sizes=None, reverse=False, need_saved=True)
+
+
+def _rnn_args(T=4, B=3, H=5, dtype=F32):
+    gx, h0, _, w_hh, b_hh, _ = _inputs("rnn_tanh", T, B, H, H, dtype, True)
+    return dict(gx=gx, h0=h0, w_hh=w_hh, b_hh=b_hh, batch_sizes=None, reverse=False, relu=False)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """Same shape and values, not contiguous (a slice of a wider tensor)."""
+    w = torch.cat([t, t], dim=-1)
+    return w[..., : t.shape[-1]]
+
+
+BAD = [
+    pytest.param(_C.lstm_forward, _lstm_args, "gx", lambda t: t[:, :, :-1], "gx", id="lstm-gx-width"),
+    pytest.param(_C.lstm_forward, _lstm_args, "gx", lambda t: t[0], "gx", id="lstm-gx-2d"),
+    pytest.param(_C.lstm_forward, _lstm_args, "h0", lambda t: t[:-1], "h0", id="lstm-h0-rows"),
+    pytest.param(_C.lstm_forward, _lstm_args, "c0", lambda t: t[:, :-1], "c0", id="lstm-c0-width"),
+    pytest.param(_C.lstm_forward, _lstm_args, "c0", _wide, "contiguous", id="lstm-c0-noncontiguous"),
+    pytest.param(_C.lstm_forward, _lstm_args, "w_hh", lambda t: t[:-1], "w_hh", id="lstm-w_hh-rows"),
+    pytest.param(_C.lstm_forward, _lstm_args, "b_hh", lambda t: t[:-4], "b_hh", id="lstm-b_hh"),
+    pytest.param(_C.lstm_forward, _lstm_args, "b_hh", lambda t: t.double(), "dtype", id="lstm-b_hh-dtype"),
+    pytest.param(_C.lstm_forward, _lstm_args, "w_hr", lambda t: torch.randn(5, 4), "w_hr", id="lstm-w_hr"),
+    pytest.param(_C.lstm_forward, _lstm_args, "gx", lambda t: t.half(), "float32 or float64", id="lstm-gx-half"),
+    pytest.param(_C.lstm_forward, _lstm_args, "gx", lambda t: t.to(torch.device("meta")), "CPU", id="lstm-gx-meta"),
+    pytest.param(_C.gru_forward, _gru_args, "gx", _wide, "contiguous", id="gru-gx-noncontiguous"),
+    pytest.param(_C.gru_forward, _gru_args, "h0", lambda t: t.double(), "dtype", id="gru-h0-dtype"),
+    pytest.param(_C.gru_forward, _gru_args, "w_hh", lambda t: t[:, :-1], "w_hh", id="gru-w_hh"),
+    pytest.param(
+        _C.gru_forward,
+        _gru_args,
+        "batch_sizes",
+        lambda t: torch.tensor([3, 2, 3, 1]),
+        "non-increasing",
+        id="gru-bs-increasing",
+    ),
+    pytest.param(
+        _C.gru_forward, _gru_args, "batch_sizes", lambda t: torch.tensor([9, 3, 2, 1]), "outside", id="gru-bs-too-large"
+    ),
+    pytest.param(
+        _C.gru_forward, _gru_args, "batch_sizes", lambda t: torch.tensor([3, 2, 1]), "batch_sizes", id="gru-bs-length"
+    ),
+    pytest.param(
+        _C.gru_forward, _gru_args, "batch_sizes", lambda t: torch.tensor([3, 2, 1, -1]), "outside", id="gru-bs-negative"
+    ),
+    pytest.param(
+        _C.gru_forward, _gru_args, "batch_sizes", lambda t: torch.tensor([3.0, 2, 1, 1]), "int64", id="gru-bs-float"
+    ),
+    pytest.param(_C.rnn_forward, _rnn_args, "w_hh", lambda t: torch.randn(5, 4), "w_hh", id="rnn-w_hh"),
+    pytest.param(_C.rnn_forward, _rnn_args, "gx", lambda t: t[:, :, :-1], "gx", id="rnn-gx"),
+    pytest.param(_C.rnn_forward, _rnn_args, "gx", lambda t: t.to(torch.int64), "float32 or float64", id="rnn-gx-int"),
+]
+
+
+@pytest.mark.parametrize("fn,make,arg,bad,msg", BAD)
+def test_forward_rejects_bad_arguments(fn, make, arg, bad, msg):
+    kw = make()
+    kw[arg] = bad(kw[arg])
+    with pytest.raises(RuntimeError, match=msg):
+        fn(**kw)
+
+
+def test_missing_tensor_is_a_type_error():
+    """pybind11 refuses None for a required tensor before any C++ runs."""
+    with pytest.raises(TypeError, match="incompatible function arguments"):
+        _C.rnn_forward(**{**_rnn_args(), "h0": None})
+
+
+def _saved(cell: str, kw: dict):
+    fwd = {"lstm": _C.lstm_forward, "gru": _C.gru_forward}[cell]
+    return fwd(**kw)
+
+
+BAD_BWD = [
+    pytest.param("lstm", "gates", lambda t: t[:, :-1], "gates", id="lstm-gates-rows"),
+    pytest.param("lstm", "extra", lambda t: t[:-1], "extra", id="lstm-extra-steps"),
+    pytest.param("lstm", "d_out", lambda t: t[..., :-1], "d_out", id="lstm-d_out"),
+    pytest.param("lstm", "d_c_n", _wide, "contiguous", id="lstm-d_c_n-noncontiguous"),
+    pytest.param("lstm", "out", lambda t: t.double(), "dtype", id="lstm-out-dtype"),
+    pytest.param("lstm", "batch_sizes", lambda t: torch.tensor([3, 3, 3, 7]), "batch_sizes", id="lstm-bs"),
+    pytest.param("gru", "gates", lambda t: torch.empty(0), "gates", id="gru-gates-empty"),
+    pytest.param("gru", "extra", lambda t: t.double(), "dtype", id="gru-extra-dtype"),
+    pytest.param("gru", "d_h_n", lambda t: t[:-1], "d_h_n", id="gru-d_h_n"),
+]
+
+
+@pytest.mark.parametrize("cell,arg,bad,msg", BAD_BWD)
+def test_backward_rejects_bad_arguments(cell, arg, bad, msg):
+    kw = _lstm_args() if cell == "lstm" else _gru_args()
+    saved = _saved(cell, kw)
+    out, h_n = saved[0], saved[1]
+    b = dict(
+        d_out=torch.randn_like(out),
+        d_h_n=torch.randn_like(h_n),
+        h0=kw["h0"],
+        w_hh=kw["w_hh"],
+        b_hh=kw["b_hh"],
+        batch_sizes=None,
+        reverse=False,
+        out=out,
+        gates=saved[-2],
+        extra=saved[-1],
+    )
+    fn = _C.gru_backward
+    if cell == "lstm":
+        b.update(d_c_n=torch.randn_like(kw["c0"]), c0=kw["c0"], w_hr=None)
+        fn = _C.lstm_backward
+    b[arg] = bad(b[arg])
+    with pytest.raises(RuntimeError, match=msg):
+        fn(**b)
+
+
+def test_rnn_backward_rejects_bad_arguments():
+    kw = _rnn_args()
+    out, h_n = _C.rnn_forward(**kw)
+    b = dict(
+        d_out=torch.randn_like(out),
+        d_h_n=torch.randn_like(h_n),
+        h0=kw["h0"],
+        w_hh=kw["w_hh"],
+        b_hh=kw["b_hh"],
+        batch_sizes=None,
+        reverse=False,
+        out=out,
+        relu=True,
+    )
+    _C.rnn_backward(**b)
+    with pytest.raises(RuntimeError, match="out"):
+        _C.rnn_backward(**{**b, "out": out[:, :-1]})
+    with pytest.raises(RuntimeError, match="d_out"):
+        _C.rnn_backward(**{**b, "d_out": _wide(b["d_out"])})
+
+
+# ---- gradcheck through the drop-in modules in float64 ----
+
+MODULES = [
+    pytest.param(lambda: fastrnn.LSTM(3, 5, num_layers=2, bidirectional=True, backend="cpp"), True, id="lstm-bidir"),
+    pytest.param(lambda: fastrnn.LSTM(3, 5, proj_size=2, backend="cpp"), True, id="lstm-proj"),
+    pytest.param(lambda: fastrnn.GRU(3, 5, bidirectional=True, backend="cpp"), False, id="gru-bidir"),
+    pytest.param(lambda: fastrnn.RNN(3, 5, nonlinearity="tanh", backend="cpp"), False, id="rnn_tanh"),
+    pytest.param(lambda: fastrnn.RNN(3, 5, nonlinearity="relu", bias=False, backend="cpp"), False, id="rnn_relu"),
+    pytest.param(lambda: fastrnn.LSTMCell(3, 5, backend="cpp"), True, id="lstmcell"),
+    pytest.param(lambda: fastrnn.GRUCell(3, 5, backend="cpp"), False, id="grucell"),
+]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+@pytest.mark.parametrize("make,lstm", MODULES)
+def test_gradcheck_modules(make, lstm, packed):
+    m = make().double()
+    cellmod = isinstance(m, torch.nn.RNNCellBase)
+    if cellmod and packed:
+        pytest.skip("cells take no PackedSequence")
+    x = torch.randn(3, 4, 3, dtype=F64, requires_grad=True)
+    names = [n for n, _ in m.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in m.named_parameters()]
+
+    def f(x, *ps):
+        def call(*a):
+            return torch.func.functional_call(m, dict(zip(names, ps, strict=True)), a)
+
+        if cellmod:
+            res = call(x[0])
+            return res if isinstance(res, tuple) else (res,)
+        if packed:
+            out, _ = call(torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 3, 2, 1])))
+            return out.data
+        out, hx = call(x)
+        return (out, *hx) if lstm else (out, hx)
+
+    assert torch.autograd.gradcheck(f, (x, *params), atol=1e-7, rtol=1e-5)
