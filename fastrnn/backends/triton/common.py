@@ -17,6 +17,7 @@ from fastrnn.cells import prev_rows, steps
 
 TF32_VAR = "FASTRNN_TRITON_TF32"
 POISON_VAR = "FASTRNN_POISON_OUTPUTS"
+MIN_PROGRAMS = 128  # about one program per SM of an H100 (132)
 
 
 @triton.jit
@@ -76,7 +77,7 @@ def carry(
     return acc + tl.load(dhn_ptr + rows[:, None] * H + cols[None, :], mask=ends, other=0.0).to(tl.float32)
 
 
-def precision(dtype: torch.dtype) -> str:
+def precision() -> str:
     """tl.dot input precision: exact fp32 unless FASTRNN_TRITON_TF32=1 (ignored for fp16/bf16 inputs)."""
     return "tf32" if os.environ.get(TF32_VAR) == "1" else "ieee"
 
@@ -86,16 +87,14 @@ def dot_f32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def block_rows(n: int) -> int:
-    """Rows per program: tl.dot needs >= 16; more rows share each weight tile read."""
-    return min(64, max(16, triton.next_power_of_2(n)))
-
-
-def block_cols(n: int, H: int) -> int:
-    """Hidden units per program: narrow tiles when few rows, so that enough programs run in parallel."""
-    if n <= 16 or H <= 256:
-        return 16
-    return 32
+def tiles(n: int, H: int) -> tuple[int, int]:
+    """(rows, hidden units) per program for n active rows: tl.dot needs >= 16 of each; more rows share each
+    weight tile read, but a step must also spread over enough programs to keep a GPU's SMs busy."""
+    bh = 32 if n > 64 and H > 256 else 16
+    bb = min(64, max(16, triton.next_power_of_2(n)))
+    while bb > 16 and triton.cdiv(n, bb) * triton.cdiv(H, bh) < MIN_PROGRAMS:
+        bb //= 2
+    return bb, bh
 
 
 def block_k(K: int) -> int:

@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from fastrnn.backends.triton.common import block_k, block_rows, dot, dot_f32
+from fastrnn.backends.triton.common import block_k, dot, dot_f32, tiles
 
 
 @triton.jit(do_not_specialize=["n"])  # one compile for every row count
@@ -52,8 +52,7 @@ def step_gemm(
     K = a.shape[1]
     N = c.shape[1]
     sbk, sbn = (b.stride(1), b.stride(0)) if transpose_b else (b.stride(0), b.stride(1))
-    BM = block_rows(n)
-    BN = 32 if N >= 512 and n > 16 else 16
+    BM, BN = tiles(n, N)
     BK = block_k(K)
     grid = (triton.cdiv(n, BM), triton.cdiv(N, BN))
     _step_gemm[grid](

@@ -14,9 +14,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastrnn.backends.triton.common import (
-    block_cols,
     block_k,
-    block_rows,
     bwd_order,
     carry,
     d_w_hh,
@@ -30,6 +28,7 @@ from fastrnn.backends.triton.common import (
     precision,
     prev_step,
     tanh,
+    tiles,
 )
 from fastrnn.cells import steps
 
@@ -145,10 +144,10 @@ def gru_fwd(
     hbuf = gx.new_empty(2, B, H, dtype=f32)  # ping-pong: programs of a step read all of h_{t-1}
     gates = poisoned((T, B, G3), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
     extra = poisoned((T, B, H), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
-    prec = precision(gx.dtype)
+    prec = precision()
     for s, t in enumerate(steps(T, reverse)):
         n, k = bs[t], n_continue(t, bs, reverse)
-        BB, BH = block_rows(n), block_cols(n, H)
+        BB, BH = tiles(n, H)
         _gru_fwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
             gx[t], hbuf[s % 2], h0, w_hh, w_hh if b_hh is None else b_hh, hbuf[(s + 1) % 2], out[t],
             gates[t] if need_saved else out[t], extra[t] if need_saved else out[t],
@@ -166,13 +165,13 @@ def gru_bwd(
     """-> d_gx [T,B,3H], d_h0 [B,H], d_w_hh [3H,H], d_b_hh [3H] | None."""
     T, B, H = out.shape
     f32, dt = torch.float32, out.dtype
-    prec = precision(dt)
+    prec = precision()
     d_gx = out.new_zeros(T, B, 3 * H, dtype=f32)
     d_gh = torch.zeros_like(d_gx)  # kept for every step: d_w_hh and d_b_hh are one GEMM / sum at the end
     zd = out.new_empty(B, H, dtype=f32)  # z * d_h_t: the direct path from h_t to h_{t-1}
     for t, tp, kc in bwd_order(T, bs, reverse):
         n, k = bs[t], n_continue(t, bs, reverse)
-        BB, BH = block_rows(n), block_cols(n, H)
+        BB, BH = tiles(n, H)
         _gru_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
             d_gh[tp], w_hh, d_h_n, zd, d_out[t], gates[t], extra[t], out[prev_step(t, T, reverse)], h0,
             d_gx[t], d_gh[t],

@@ -16,9 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastrnn.backends.triton.common import (
-    block_cols,
     block_k,
-    block_rows,
     bwd_order,
     carry,
     d_w_hh,
@@ -32,6 +30,7 @@ from fastrnn.backends.triton.common import (
     precision,
     prev_step,
     tanh,
+    tiles,
 )
 from fastrnn.backends.triton.gemm import step_gemm
 from fastrnn.cells import steps
@@ -163,11 +162,11 @@ def lstm_fwd(
     hbar = gx.new_empty(B, H, dtype=f32) if w_hr is not None else None
     gates = poisoned((T, B, G4), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
     extra = poisoned((T, B, H), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
-    prec = precision(gx.dtype)
+    prec = precision()
     for s, t in enumerate(steps(T, reverse)):
         n, k = bs[t], n_continue(t, bs, reverse)
         src, dst = hbuf[s % 2], hbuf[(s + 1) % 2]
-        BB, BH = block_rows(n), block_cols(n, H)
+        BB, BH = tiles(n, H)
         _lstm_fwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
             gx[t], src, h0, w_hh, w_hh if b_hh is None else b_hh, c, dst if hbar is None else hbar, out[t],
             gates[t] if need_saved else c, extra[t] if need_saved else c,
@@ -189,14 +188,14 @@ def lstm_bwd(
     T, B, P = out.shape
     H = w_hh.shape[0] // 4
     f32, dt = torch.float32, out.dtype
-    prec = precision(dt)
+    prec = precision()
     dc = d_c_n.to(f32, copy=True)  # [B, H] running d_c
     d_g = out.new_zeros(T, B, 4 * H, dtype=f32)  # every step's d(pre-activation), for the weight GEMMs
     BK = block_k(4 * H)
     if w_hr is None:
         for t, tp, kc in bwd_order(T, bs, reverse):
             n, k = bs[t], n_continue(t, bs, reverse)
-            BB, BH = block_rows(n), block_cols(n, H)
+            BB, BH = tiles(n, H)
             _lstm_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
                 d_g[tp], w_hh, d_h_n, d_out[t], dc, gates[t], extra[t], extra[prev_step(t, T, reverse)], c0,
                 dc, d_g[t], n, k, kc, H,
@@ -212,7 +211,7 @@ def lstm_bwd(
             n, k = bs[t], n_continue(t, bs, reverse)
             torch.add(d_h0[:n], d_out[t, :n], out=d_hfull[t, :n])
             step_gemm(d_hfull[t], w_hr, dhbar, n, prec)  # [n, P] @ [P, H]
-            BB, BH = block_rows(n), block_cols(n, H)
+            BB, BH = tiles(n, H)
             _lstm_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
                 d_g[t], w_hh, d_h_n, d_out[t], dhbar, gates[t], extra[t], extra[prev_step(t, T, reverse)], c0,
                 dc, d_g[t], n, k, 0, H,

@@ -13,9 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastrnn.backends.triton.common import (
-    block_cols,
     block_k,
-    block_rows,
     bwd_order,
     carry,
     d_w_hh,
@@ -28,6 +26,7 @@ from fastrnn.backends.triton.common import (
     poisoned,
     precision,
     tanh,
+    tiles,
 )
 from fastrnn.cells import steps
 
@@ -103,10 +102,10 @@ def rnn_fwd(
     T, B, H = gx.shape
     out = gx.new_zeros(T, B, H) if packed else poisoned((T, B, H), gx)
     hbuf = gx.new_empty(2, B, H, dtype=torch.float32)  # ping-pong: programs of a step read all of h_{t-1}
-    prec = precision(gx.dtype)
+    prec = precision()
     for s, t in enumerate(steps(T, reverse)):
         n, k = bs[t], n_continue(t, bs, reverse)
-        BB, BH = block_rows(n), block_cols(n, H)
+        BB, BH = tiles(n, H)
         _rnn_fwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
             gx[t], hbuf[s % 2], h0, w_hh, w_hh if b_hh is None else b_hh, hbuf[(s + 1) % 2], out[t],
             n, k, H,
@@ -123,11 +122,11 @@ def rnn_bwd(
     """-> d_gx [T,B,H], d_h0 [B,H], d_w_hh [H,H], d_b_hh [H] | None."""
     T, B, H = out.shape
     f32, dt = torch.float32, out.dtype
-    prec = precision(dt)
+    prec = precision()
     d_g = out.new_zeros(T, B, H, dtype=f32)  # kept for every step: d_w_hh and d_b_hh at the end
     for t, tp, kc in bwd_order(T, bs, reverse):
         n = bs[t]
-        BB, BH = block_rows(n), block_cols(n, H)
+        BB, BH = tiles(n, H)
         _rnn_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
             d_g[tp], w_hh, d_h_n, d_out[t], out[t], d_g[t], n, kc, H,
             RELU=relu, PRECISION=prec, DOT_F32=dot_f32(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(H),
