@@ -249,3 +249,18 @@ def test_gate_passes_on_itself_and_confirms_a_regression(tiny_run, tmp_path, cap
     report.save(slow, base)
     assert cli.main(["gate", "--baseline", str(base), *args]) == 0
     assert "GATE OK" in capsys.readouterr().out
+
+
+def test_merged_runs_pool_samples_and_widen_the_spread():
+    def run(torch_ms: list[float], numba_ms: list[float]) -> list[dict]:
+        t = dict(_row(1.0, 0.0, backend="torch"), samples_ms=torch_ms, flops=10**6, max_err=0.0)
+        n = dict(_row(1.0, 0.0), samples_ms=numba_ms, flops=10**6, max_err=1e-7)
+        return [t, n]
+
+    merged = measure.merge_runs([run([2.0] * 4, [1.0] * 4), run([2.0] * 4, [0.5] * 4)])
+    numba = merged[1]
+    assert numba["runs"] == 2 and numba["repeats"] == 8
+    assert numba["ratio_q25"] == pytest.approx(2.0) and numba["ratio_q75"] == pytest.approx(4.0)
+    assert report.relative_spread(numba) > 0.5  # run-to-run drift shows up as spread
+    failing = dict(_row(1.0, 0.0, status="FAILING"), samples_ms=[], flops=1)
+    assert measure.merge_runs([run([2.0], [1.0]), [run([2.0], [1.0])[0], failing]])[1]["status"] == "FAILING"

@@ -135,19 +135,22 @@ def execute(
     device: str,
     preset: str | None,
     progress: bool,
+    runs: int = 1,
 ) -> dict:
-    """Measure `cases` and return a complete results object (header + rows)."""
+    """Measure `cases` (the whole grid `runs` times, pooled) and return a complete results object."""
     from fastrnn.bench import measure
 
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     threads = sorted({c.threads for c in cases})
     n, rates = measure_gemm(threads, [c.H for c in cases], device)
-    rows = run_cases(cases, backends, settings, explicit, rates, progress)
+    runs_rows = [run_cases(cases, backends, settings, explicit, rates, progress) for _ in range(runs)]
+    rows = runs_rows[0] if runs == 1 else measure.merge_runs(runs_rows)
     data = measure.header(device, preset, settings, n, rates[threads[0]], threads[0])
     data["gemm"]["gflops_by_threads"] = {str(k): v for k, v in rates.items()}
     data["machine"]["threads"] = threads
     data["backends"] = list(backends)
+    data["runs"] = runs
     data["load_avg_1min"] = {"start": load0, "end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
     data["elapsed_s"] = round(time.perf_counter() - t0, 1)
     data["rows"] = rows
@@ -204,7 +207,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else _default_out(device, tag)
     print(f"{PROG} run: {len(cases)} cases x backends {', '.join(backends)} ({tag}; repeats {settings.repeats})",
           file=sys.stderr)
-    data = execute(cases, backends, settings, explicit, device, tag, not args.no_progress)
+    if args.runs < 1:
+        raise BenchError(f"--runs must be >= 1, got {args.runs}")
+    data = execute(cases, backends, settings, explicit, device, tag, not args.no_progress, args.runs)
     report.save(data, out)
     if not args.quiet:
         print(f"sgemm (n={data['gemm']['n']}): " + ", ".join(
@@ -253,6 +258,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     """Quick run on the baseline's configurations, compare, re-measure what looks regressed, then decide."""
     from fastrnn.bench.measure import machine_name
 
+    t0 = time.perf_counter()
     path = Path(args.baseline) if args.baseline else Path("benchmarks/baselines") / f"{machine_name(args.device)}.json"
     base = report.load(path)
     thr, k, cap = _compare_args(args)
@@ -275,17 +281,15 @@ def cmd_gate(args: argparse.Namespace) -> int:
     if flagged:
         print(f"{len(flagged)} configuration(s) look regressed; re-measuring them with "
               f"{args.recheck_factor}x the repeats", file=sys.stderr)
-        again = [c for c in _cases_from_rows([dict(zip(report.KEY_FIELDS, key, strict=True)) for key in flagged])]
+        again = _cases_from_rows([dict(zip(report.KEY_FIELDS, key, strict=True)) for key in flagged])
         slow = replace(settings, repeats=settings.repeats * args.recheck_factor,
                        min_repeats=settings.min_repeats * args.recheck_factor,
                        max_seconds=settings.max_seconds * args.recheck_factor)
         redo_backends = ["torch", *sorted({key[1] for key in flagged})]
         redo = execute(again, redo_backends, slow, True, args.device, "gate-recheck", not args.no_progress)
+        # the re-measured rows (torch.nn's included) replace the first ones; the verdict is theirs alone
         fresh = {report.row_key(r): r for r in redo["rows"]}
-        new["rows"] = [fresh.get(report.row_key(r), r) if report.row_key(r) in flagged or
-                       (r["backend"] == "torch" and report.case_key(r) in {report.case_key(fresh[f]) for f in flagged
-                                                                            if f in fresh})
-                       else r for r in new["rows"]]
+        new["rows"] = [fresh.get(report.row_key(r), r) for r in new["rows"]]
         new["rechecked"] = [list(kk) for kk in flagged]
         verdicts = report.compare(base, new, thr, k, cap)
     out = Path(args.out) if args.out else Path("bench-results") / "gate-latest.json"
@@ -297,7 +301,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
         print(f"GATE FAIL: {len(bad)} configuration(s) regressed past {thr:.0%} beyond noise (confirmed by a "
               "re-measurement) or fail the correctness gate")
         return 1
-    print(f"GATE OK: no regression past {thr:.0%} beyond noise ({new['elapsed_s']} s)")
+    print(f"GATE OK: no regression past {thr:.0%} beyond noise ({time.perf_counter() - t0:.0f} s)")
     return 0
 
 
@@ -347,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=int, help="untimed calls per backend and case")
     r.add_argument("--max-seconds", type=float, help="time budget per backend and case before repeats are cut")
     r.add_argument("--min-sample-ms", type=float, help="calls are batched until one sample lasts this long")
+    r.add_argument("--runs", type=int, default=1, help="measure the whole grid this many times and pool the "
+                   "samples, so the ratio's spread includes run-to-run drift (use 3 for a stored baseline)")
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     r.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the full preset")
     r.add_argument("--out", help="results JSON path (default bench-results/<machine>-<preset>-<time>.json)")

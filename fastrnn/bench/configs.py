@@ -104,7 +104,7 @@ PRESETS: dict[str, Preset] = {
     ),
     "full": Preset(
         cells=CELLS, modes=("inference", "training"), T=(32, 128), B=(1, 16, 64), H=(64, 256, 512, 1024),
-        settings=Settings(warmup=2, repeats=11, min_repeats=5, max_seconds=8.0, min_sample_ms=5.0),
+        settings=Settings(warmup=1, repeats=11, min_repeats=3, max_seconds=6.0, min_sample_ms=5.0),
         with_compile=True,
     ),
 }

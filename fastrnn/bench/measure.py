@@ -558,6 +558,54 @@ def measure_case(case: Case, backends: Iterable[str], settings: Settings, gemm_g
     return [rows[b] for b in order if b in rows]
 
 
+def _case_of(row: dict) -> tuple:
+    return tuple(row[f] for f in ("cell", "mode", "T", "B", "H", "I", "dtype", "threads", "device"))
+
+
+def merge_runs(runs: Sequence[Sequence[dict]]) -> list[dict]:
+    """Rows of several runs of the same grid pooled into one row per configuration: samples are concatenated,
+    and the per-round ratios of every run are pooled, so the ratio's quartiles cover the drift BETWEEN runs as
+    well as within one (what a baseline needs: a lucky run must not set the bar). A configuration that failed
+    or errored in any run keeps that row."""
+    order: list[tuple] = []
+    by_key: dict[tuple, list[dict]] = {}
+    for rows in runs:
+        for r in rows:
+            k = (*_case_of(r), r["backend"])
+            if k not in by_key:
+                order.append(k)
+                by_key[k] = []
+            by_key[k].append(r)
+    torch_samples: dict[tuple, list[list[float]]] = {}
+    for k in order:
+        if k[-1] == "torch":
+            torch_samples[k[:-1]] = [r.get("samples_ms") or [] for r in by_key[k]]
+    merged = []
+    for k in order:
+        rs = by_key[k]
+        bad = [r for r in rs if r["status"] != "ok"]
+        if bad or len(rs) == 1:
+            merged.append(dict(bad[0] if bad else rs[0], runs=len(rs)))
+            continue
+        s = [x for r in rs for x in r["samples_ms"]]
+        paired = [a / b for ts, r in zip(torch_samples.get(k[:-1], []), rs, strict=False)
+                  for a, b in zip(ts, r["samples_ms"], strict=False) if b > 0]
+        tmed = [x for ts in torch_samples.get(k[:-1], []) for x in ts]
+        med = statistics.median(s)
+        row = dict(rs[0])
+        row.update(
+            median_ms=med, q25_ms=_quantile(s, 0.25), q75_ms=_quantile(s, 0.75), min_ms=min(s), max_ms=max(s),
+            repeats=len(s), samples_ms=s, runs=len(rs),
+            torch_median_ms=statistics.median(tmed) if tmed else None,
+            ratio_vs_torch=statistics.median(paired) if paired else None,
+            ratio_q25=_quantile(paired, 0.25) if paired else None,
+            ratio_q75=_quantile(paired, 0.75) if paired else None,
+            gflops=row["flops"] / (med * 1e-3) / 1e9, max_err=max(r.get("max_err") or 0.0 for r in rs),
+        )
+        merged.append(row)
+    return merged
+
+
 def header(device: str, preset: str | None, settings: Settings, gemm_n: int, gemm_gflops: float, threads: int) -> dict:
     return {
         "schema": SCHEMA,

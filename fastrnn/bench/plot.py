@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
+from fastrnn.bench.configs import ALL_CELLS
 from fastrnn.bench.measure import BenchError
 
 
@@ -26,6 +27,7 @@ def _pyplot():
 
 def plot(data: dict, out_dir: str | Path) -> list[Path]:
     plt = _pyplot()
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for r in data["rows"] if r["status"] == "ok"]
@@ -34,7 +36,9 @@ def plot(data: dict, out_dir: str | Path) -> list[Path]:
     gemm = (data.get("gemm") or {}).get("gflops")
     written = []
     for mode in sorted({r["mode"] for r in rows}):
-        cells = sorted({r["cell"] for r in rows if r["mode"] == mode})
+        present = {r["cell"] for r in rows if r["mode"] == mode}
+        cells = [c for c in ALL_CELLS if c in present]
+        hs = sorted({r["H"] for r in rows if r["mode"] == mode})
         for metric, ylabel, fname in (
             ("ratio_vs_torch", "speed-up vs torch.nn (x)", f"speedup_{mode}.png"),
             ("gflops", "GFLOP/s", f"gflops_{mode}.png"),
@@ -58,6 +62,9 @@ def plot(data: dict, out_dir: str | Path) -> list[Path]:
                     ax.axhline(gemm, color="black", ls="--", lw=0.8, label=f"sgemm {gemm:.0f}")
                 ax.set_xscale("log", base=2)
                 ax.set_yscale("log")
+                ax.set_xticks(hs, [str(h) for h in hs])
+                ax.yaxis.set_major_formatter(ScalarFormatter())
+                ax.yaxis.set_minor_formatter(NullFormatter())
                 ax.set_title(f"{cell} ({mode})")
                 ax.set_xlabel("hidden size H")
                 ax.set_ylabel(ylabel)

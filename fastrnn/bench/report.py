@@ -250,7 +250,7 @@ def parse_threshold(text: str) -> float:
 def markdown_table(data: dict) -> str:
     """The README's results table: one line per cell x mode x shape x backend, with the run's provenance."""
     m, v, g = data.get("machine", {}), data.get("versions", {}), data.get("git", {})
-    commit = (g.get("commit") or "unknown")[:10]
+    commit = (g.get("commit") or "unknown")[:10] + (" + uncommitted changes" if g.get("dirty") else "")
     lines = [
         f"Measured on {m.get('cpu_model', '?')} ({m.get('cores', '?')} cores), torch {v.get('torch', '?')}, "
         f"fastrnn {v.get('fastrnn', '?')} at commit `{commit}`, {data.get('created', '?')}; "
