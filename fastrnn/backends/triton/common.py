@@ -58,23 +58,28 @@ def load_prev(src_ptr, h0_ptr, rows, cols, n, k, ld, cmask):
 
 @triton.jit
 def carry(
-    dg_ptr, w_ptr, dhn_ptr, rows, cols, n, kc, GH, H, cmask,
+    dg_ptr, ldg, w_ptr, rows, cols, kc, K, H, cmask,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """[BLOCK_B, BLOCK_H] fp32 gradient reaching the state after this step (backward): rows < kc continue into
-    the step processed before, so get its d_gates [B, GH] @ W_hh [GH, H] (tl.dot); rows kc..n end here and
-    get d_h_n [B, H]."""
+    """[BLOCK_B, BLOCK_H] fp32 gradient a step passes back to the state before it (backward, read by the step
+    processed next): d_gates [B, K] (row stride ldg) @ W_hh [K, H] with tl.dot, for rows < kc, else 0."""
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     cont = rows < kc
-    for k0 in range(0, GH, BLOCK_K):
+    for k0 in range(0, K, BLOCK_K):
         kk = k0 + tl.arange(0, BLOCK_K)
-        kmask = kk < GH
-        a = tl.load(dg_ptr + rows[:, None] * GH + kk[None, :], mask=cont[:, None] & kmask[None, :], other=0.0)
+        kmask = kk < K
+        a = tl.load(dg_ptr + rows[:, None] * ldg + kk[None, :], mask=cont[:, None] & kmask[None, :], other=0.0)
         w = tl.load(w_ptr + kk[:, None] * H + cols[None, :], mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc += dot(a, w, PRECISION, DOT_F32)
-    ends = ((rows >= kc) & (rows < n))[:, None] & cmask[None, :]
-    return acc + tl.load(dhn_ptr + rows[:, None] * H + cols[None, :], mask=ends, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def ended(dhn_ptr, rows, cols, n, kc, H, cmask):
+    """[len(rows), len(cols)] fp32 d_h_n for the rows kc..n whose sequence ends at this step, else 0."""
+    m = ((rows >= kc) & (rows < n))[:, None] & cmask[None, :]
+    return tl.load(dhn_ptr + rows[:, None] * H + cols[None, :], mask=m, other=0.0).to(tl.float32)
 
 
 def precision() -> str:
@@ -138,20 +143,20 @@ def bwd_order(T: int, bs: list[int], reverse: bool) -> list[tuple[int, int, int]
 
 
 def fresh_sum(d_gh: Tensor, bs: list[int], reverse: bool) -> Tensor:
-    """[B, GH]: each row's d_gates at the step where it started from h0 (step 0 forward; its own last step
-    reverse). d_gh [T, B, GH] is zero on rows a step does not touch."""
+    """[B, GH]: each row's d_gates at the step where it started from h0: step 0 forward, its own last step
+    reverse (a gather, no [T, B, GH] temporary). d_gh [T, B, GH] may be a column slice."""
     if not reverse:
         return d_gh[0]
     B = d_gh.shape[1]
-    ends = torch.tensor(bs[1:] + [0], device=d_gh.device)  # rows of step t beyond those active at t+1
-    fresh = torch.arange(B, device=d_gh.device)[None, :] >= ends[:, None]  # [T, B]
-    return (d_gh * fresh[:, :, None].to(d_gh.dtype)).sum(0)
+    rows = torch.arange(B)
+    last = (torch.tensor(bs)[None, :] > rows[:, None]).sum(1) - 1  # [B]
+    return d_gh[last.to(d_gh.device), rows.to(d_gh.device)]
 
 
 def d_w_hh(d_gh: Tensor, out: Tensor, h0: Tensor, bs: list[int], reverse: bool) -> Tensor:
     """sum_t d_gh[t]^T h_{t-1} as two GEMMs, without materialising h_{t-1} for every step.
     d_gh [T, B, GH] fp32 (zero on rows a step does not touch), out [T, B, P], h0 [B, P] -> [GH, P] fp32."""
-    T, B, GH = d_gh.shape
+    T, _, GH = d_gh.shape
     P = out.shape[2]
     acc = d_gh.dtype
     cont, src = (d_gh[:-1], out[1:]) if reverse else (d_gh[1:], out[:-1])

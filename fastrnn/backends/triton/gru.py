@@ -3,7 +3,7 @@
 Forward, per step, one kernel: h_{t-1} W_hh^T with tl.dot for a tile of hidden units of all three gates, then
 the activations, h update and the saved gates / W_hn h + b_hn. Backward, per step, one kernel: the gradient
 reaching h_t (d_gates_h of the step after times W_hh with tl.dot, plus z * d_h of that step), then
-d(pre-activation) for gx and for the W_hh product (they differ in the n gate by the factor r).
+d(pre-activation) for gx and, for the W_hh product, the only part that differs: r * d_n.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from fastrnn.backends.triton.common import (
     d_w_hh,
     dot,
     dot_f32,
+    ended,
     final_h,
     fresh_sum,
     load_prev,
@@ -88,7 +89,8 @@ def _gru_fwd_step(
 
 @triton.jit(do_not_specialize=["n", "k", "kc"])  # one compile for every row count
 def _gru_bwd_step(
-    dghp_ptr,  # [B, 3H] fp32 d_gates_h of the step processed before (rows < kc continue into it)
+    dgxp_ptr,  # [B, 3H] fp32 d_gx of the step processed before (rows < kc continue into it): its r, z part
+    dnp_ptr,  # [B, H] fp32 r * d_n of that step: the n part of its d_gates_h
     w_ptr,  # [3H, H]
     dhn_ptr,  # [B, H] d_h_n (rows kc..n end at this step)
     zd_ptr,  # [B, H] fp32 z * d_h_t: read (the step processed before), then overwritten with this step's
@@ -98,7 +100,7 @@ def _gru_bwd_step(
     hs_ptr,  # [B, H] output of the previous step (rows < k)
     h0_ptr,  # [B, H] initial state (rows k..n)
     dgx_ptr,  # [B, 3H] fp32 d(pre-activation) w.r.t. gx
-    dgh_ptr,  # [B, 3H] fp32 d(pre-activation) w.r.t. h W_hh^T + b_hh
+    dn_ptr,  # [B, H] fp32 r * d_n (d_gates_h equals d_gx but in the n gate)
     n, k, kc, H,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -109,9 +111,11 @@ def _gru_bwd_step(
     m2 = (rows < n)[:, None] & cmask[None, :]
     hc = rows[:, None] * H + cols[None, :]
     G3 = 3 * H
-    dht = carry(
-        dghp_ptr, w_ptr, dhn_ptr, rows, cols, n, kc, G3, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K
+    dht = carry(dgxp_ptr, G3, w_ptr, rows, cols, kc, 2 * H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K)
+    dht += carry(
+        dnp_ptr, H, w_ptr + 2 * H * H, rows, cols, kc, H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K
     )
+    dht += ended(dhn_ptr, rows, cols, n, kc, H, cmask)
     dht += tl.load(zd_ptr + hc, mask=(rows < kc)[:, None] & cmask[None, :], other=0.0)
     dht += tl.load(dout_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     g3 = rows[:, None] * G3 + cols[None, :]
@@ -126,9 +130,7 @@ def _gru_bwd_step(
     tl.store(dgx_ptr + g3, dr, mask=m2)
     tl.store(dgx_ptr + g3 + H, dz, mask=m2)
     tl.store(dgx_ptr + g3 + 2 * H, dn, mask=m2)
-    tl.store(dgh_ptr + g3, dr, mask=m2)
-    tl.store(dgh_ptr + g3 + H, dz, mask=m2)
-    tl.store(dgh_ptr + g3 + 2 * H, dn * r, mask=m2)
+    tl.store(dn_ptr + hc, dn * r, mask=m2)
     tl.store(zd_ptr + hc, dht * z, mask=m2)
 
 
@@ -166,20 +168,22 @@ def gru_bwd(
     T, B, H = out.shape
     f32, dt = torch.float32, out.dtype
     prec = precision()
-    d_gx = out.new_zeros(T, B, 3 * H, dtype=f32)
-    d_gh = torch.zeros_like(d_gx)  # kept for every step: d_w_hh and d_b_hh are one GEMM / sum at the end
+    d_gx = out.new_zeros(T, B, 3 * H, dtype=f32)  # kept for every step, as is d_n below: d_w_hh and d_b_hh
+    d_n = out.new_zeros(T, B, H, dtype=f32)  # r * d_n: with d_gx's r, z part, the gradient of h W_hh^T + b_hh
     zd = out.new_empty(B, H, dtype=f32)  # z * d_h_t: the direct path from h_t to h_{t-1}
     for t, tp, kc in bwd_order(T, bs, reverse):
         n, k = bs[t], n_continue(t, bs, reverse)
         BB, BH = tiles(n, H)
         _gru_bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
-            d_gh[tp], w_hh, d_h_n, zd, d_out[t], gates[t], extra[t], out[prev_step(t, T, reverse)], h0,
-            d_gx[t], d_gh[t],
+            d_gx[tp], d_n[tp], w_hh, d_h_n, zd, d_out[t], gates[t], extra[t], out[prev_step(t, T, reverse)], h0,
+            d_gx[t], d_n[t],
             n, k, kc, H,
-            PRECISION=prec, DOT_F32=dot_f32(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(3 * H),
+            PRECISION=prec, DOT_F32=dot_f32(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(2 * H),
         )
-    # rows starting from h0: one GEMM at the end (zd holds each row's z * d_h at that step)
-    d_h0 = torch.addmm(zd, fresh_sum(d_gh, bs, reverse), w_hh.to(f32))
-    d_w = d_w_hh(d_gh, out, h0, bs, reverse)
-    d_b = d_gh.reshape(T * B, 3 * H).sum(0) if has_bias else None
+    # rows starting from h0: GEMMs at the end (zd holds each row's z * d_h at that step)
+    w = w_hh.to(f32)
+    d_rz = d_gx[:, :, : 2 * H]
+    d_h0 = zd + fresh_sum(d_rz, bs, reverse) @ w[: 2 * H] + fresh_sum(d_n, bs, reverse) @ w[2 * H :]
+    d_w = torch.cat([d_w_hh(d_rz, out, h0, bs, reverse), d_w_hh(d_n, out, h0, bs, reverse)])
+    d_b = torch.cat([d_rz.sum((0, 1)), d_n.sum((0, 1))]) if has_bias else None
     return d_gx.to(dt), d_h0.to(dt), d_w.to(dt), None if d_b is None else d_b.to(dt)

@@ -22,6 +22,7 @@ from fastrnn.backends.triton.common import (
     d_w_hh,
     dot,
     dot_f32,
+    ended,
     final_h,
     fresh_sum,
     load_prev,
@@ -126,8 +127,9 @@ def _lstm_bwd_step(
     hc = rows[:, None] * H + cols[None, :]
     if CARRY:
         dht = carry(
-            dgp_ptr, w_ptr, dhn_ptr, rows, cols, n, kc, 4 * H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K
+            dgp_ptr, 4 * H, w_ptr, rows, cols, kc, 4 * H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K
         )
+        dht += ended(dhn_ptr, rows, cols, n, kc, H, cmask)
         dht += tl.load(dout_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     else:
         dht = tl.load(dh_ptr + hc, mask=m2, other=0.0)

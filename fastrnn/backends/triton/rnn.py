@@ -19,6 +19,7 @@ from fastrnn.backends.triton.common import (
     d_w_hh,
     dot,
     dot_f32,
+    ended,
     final_h,
     fresh_sum,
     load_prev,
@@ -84,7 +85,8 @@ def _rnn_bwd_step(
     cmask = cols < H
     m2 = (rows < n)[:, None] & cmask[None, :]
     hc = rows[:, None] * H + cols[None, :]
-    dht = carry(dgp_ptr, w_ptr, dhn_ptr, rows, cols, n, kc, H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K)
+    dht = carry(dgp_ptr, H, w_ptr, rows, cols, kc, H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K)
+    dht += ended(dhn_ptr, rows, cols, n, kc, H, cmask)
     dht += tl.load(dout_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     h = tl.load(h_ptr + hc, mask=m2, other=0.0).to(tl.float32)
     if RELU:  # as torch's threshold_backward: zero where the output is <= 0
