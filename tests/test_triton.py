@@ -219,3 +219,18 @@ def test_half_precision_error(kind, extra, dtype):
     for i, (f, t, r) in enumerate(zip(e_fast, e_torch, exact, strict=True)):
         ef, et = _rel_err(f, r), _rel_err(t, r)
         assert ef <= 2 * et + 1e-6, f"{kind} {dtype} result {i}: triton error {ef:.3g} > 2x torch.nn's {et:.3g}"
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA the script itself is the check")
+def test_gpu_check_script_runs(tmp_path):
+    """benchmarks/gpu_check's own logic (config loop, gate, rows, summary) on the interpreter, one tiny config."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check"
+    env = {**os.environ, "OUT": str(tmp_path)}
+    args = ["--cpu-smoke", "--skip-tests", "--cells", "GRU", "--dtypes", "fp32", "--reps", "1", "--warmup", "0"]
+    p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert "geomean" in p.stdout and (tmp_path / "gpu_check.json").exists()
