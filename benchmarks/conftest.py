@@ -23,11 +23,18 @@ _FASTRNN = ("reference", "cpp", "numba", "triton")
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     g = parser.getgroup("fastrnn-bench")
-    g.addoption("--bench-preset", choices=sorted(configs.PRESETS), default="quick",
-                help="which fastrnn-bench grid to benchmark (default quick)")
-    g.addoption("--bench-backends", default=None,
-                help="comma list of torch, compile, reference, cpp, numba, triton (default: torch.nn and every "
-                "available CPU backend)")
+    g.addoption(
+        "--bench-preset",
+        choices=sorted(configs.PRESETS),
+        default="quick",
+        help="which fastrnn-bench grid to benchmark (default quick)",
+    )
+    g.addoption(
+        "--bench-backends",
+        default=None,
+        help="comma list of torch, compile, reference, cpp, numba, triton (default: torch.nn and every "
+        "available CPU backend)",
+    )
 
 
 def _backends(config: pytest.Config) -> tuple[list[str], bool]:

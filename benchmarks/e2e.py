@@ -36,13 +36,45 @@ from fastrnn import backends as fr_backends
 # ------------------------------------------------------------------------------------------------- data
 
 
-_SUBJECTS = ["the cat", "a dog", "my neighbour", "the old sailor", "every student", "a small robot", "the queen",
-             "our teacher", "the river", "a tired baker", "the fastest runner", "nobody"]
+_SUBJECTS = [
+    "the cat",
+    "a dog",
+    "my neighbour",
+    "the old sailor",
+    "every student",
+    "a small robot",
+    "the queen",
+    "our teacher",
+    "the river",
+    "a tired baker",
+    "the fastest runner",
+    "nobody",
+]
 _VERBS = ["sees", "likes", "paints", "follows", "remembers", "builds", "carries", "ignores", "answers", "visits"]
-_OBJECTS = ["the red house", "a quiet garden", "seven green apples", "the long letter", "a broken clock",
-            "the northern lights", "an empty bottle", "the morning train", "two paper boats", "the last page"]
-_TAILS = ["", " today", " again", " in the rain", " before dinner", " without a word", " every monday",
-          " at the harbour", " with great care", " for the first time"]
+_OBJECTS = [
+    "the red house",
+    "a quiet garden",
+    "seven green apples",
+    "the long letter",
+    "a broken clock",
+    "the northern lights",
+    "an empty bottle",
+    "the morning train",
+    "two paper boats",
+    "the last page",
+]
+_TAILS = [
+    "",
+    " today",
+    " again",
+    " in the rain",
+    " before dinner",
+    " without a word",
+    " every monday",
+    " at the harbour",
+    " with great care",
+    " for the first time",
+]
 
 
 def make_corpus(n_chars: int, seed: int = 0) -> str:
@@ -67,8 +99,9 @@ def make_series(n_series: int, length: int, seed: int = 0) -> Tensor:
     t = torch.arange(length, dtype=torch.float64)
     period = 8 + 40 * torch.rand(n_series, 2, generator=g, dtype=torch.float64)
     phase = 2 * math.pi * torch.rand(n_series, 2, generator=g, dtype=torch.float64)
-    x = (torch.sin(2 * math.pi * t / period[:, :1] + phase[:, :1])
-         + 0.5 * torch.sin(2 * math.pi * t / period[:, 1:] + phase[:, 1:]))
+    x = torch.sin(2 * math.pi * t / period[:, :1] + phase[:, :1]) + 0.5 * torch.sin(
+        2 * math.pi * t / period[:, 1:] + phase[:, 1:]
+    )
     noise = 0.1 * torch.randn(n_series, length, generator=g, dtype=torch.float64)
     ar = torch.zeros(n_series, length, dtype=torch.float64)
     for i in range(2, length):
@@ -122,14 +155,21 @@ def charlm_task(full: bool) -> Task:
     order = torch.randperm(n, generator=g)
     batches = []
     for k in order.tolist():
-        chunk = ids[k * T * B: k * T * B + T * B + 1]
+        chunk = ids[k * T * B : k * T * B + T * B + 1]
         x, y = chunk[:-1].view(B, T).t(), chunk[1:].view(B, T).t()
         batches.append((x.contiguous(), y.contiguous()))
     torch.manual_seed(0)
     model = CharLM(len(chars), 32, hidden)
     ce = nn.CrossEntropyLoss()
-    return Task("charlm", model, batches, lambda out, y: ce(out.reshape(-1, out.shape[-1]), y.reshape(-1)), 3e-3,
-                "lstm", {"corpus_chars": len(text), "vocab": len(chars), "T": T, "B": B, "H": hidden})
+    return Task(
+        "charlm",
+        model,
+        batches,
+        lambda out, y: ce(out.reshape(-1, out.shape[-1]), y.reshape(-1)),
+        3e-3,
+        "lstm",
+        {"corpus_chars": len(text), "vocab": len(chars), "T": T, "B": B, "H": hidden},
+    )
 
 
 def forecast_task(full: bool) -> Task:
@@ -140,13 +180,12 @@ def forecast_task(full: bool) -> Task:
     perm = torch.randperm(series.shape[0], generator=g)
     batches = []
     for k in range(series.shape[0] // B):
-        s = series[perm[k * B:(k + 1) * B]].t()  # [T+1, B]
+        s = series[perm[k * B : (k + 1) * B]].t()  # [T+1, B]
         batches.append((s[:-1].unsqueeze(-1).contiguous(), s[1:].unsqueeze(-1).contiguous()))
     torch.manual_seed(1)
     model = Forecaster(hidden)
     mse = nn.MSELoss()
-    return Task("forecast", model, batches, mse, 3e-3, "gru",
-                {"series": series.shape[0], "T": T, "B": B, "H": hidden})
+    return Task("forecast", model, batches, mse, 3e-3, "gru", {"series": series.shape[0], "T": T, "B": B, "H": hidden})
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -168,22 +207,26 @@ def run_task(task: Task, epochs: int, backend: str | None) -> dict:
     ref = task.model
     fast = fastrnn.convert(copy.deepcopy(ref), backend=backend)
     chosen = fr_backends.select(task.cell, torch.float32, torch.device("cpu"), backend)
-    opts = {"torch": torch.optim.Adam(ref.parameters(), lr=task.lr),
-            "fastrnn": torch.optim.Adam(fast.parameters(), lr=task.lr)}
+    opts = {
+        "torch": torch.optim.Adam(ref.parameters(), lr=task.lr),
+        "fastrnn": torch.optim.Adam(fast.parameters(), lr=task.lr),
+    }
     models = {"torch": ref, "fastrnn": fast}
     times: dict[str, list[float]] = {"torch": [], "fastrnn": []}
     losses: dict[str, list[float]] = {"torch": [], "fastrnn": []}
     print(f"\n{task.name}: {task.info}, {len(task.batches)} batches/epoch, fastrnn backend {chosen}")
     print(f"{'epoch':>5} {'torch.nn s':>11} {'fastrnn s':>10} {'speed-up':>9} {'torch loss':>11} {'fastrnn loss':>13}")
     for e in range(epochs):
-        for name in (("torch", "fastrnn") if e % 2 == 0 else ("fastrnn", "torch")):
+        for name in ("torch", "fastrnn") if e % 2 == 0 else ("fastrnn", "torch"):
             dt, ls = train_epoch(models[name], opts[name], task)
             times[name].append(dt)
             losses[name] += ls
         n = len(task.batches)
-        print(f"{e + 1:>5} {times['torch'][-1]:>11.3f} {times['fastrnn'][-1]:>10.3f} "
-              f"{times['torch'][-1] / times['fastrnn'][-1]:>8.2f}x {sum(losses['torch'][-n:]) / n:>11.5f} "
-              f"{sum(losses['fastrnn'][-n:]) / n:>13.5f}")
+        print(
+            f"{e + 1:>5} {times['torch'][-1]:>11.3f} {times['fastrnn'][-1]:>10.3f} "
+            f"{times['torch'][-1] / times['fastrnn'][-1]:>8.2f}x {sum(losses['torch'][-n:]) / n:>11.5f} "
+            f"{sum(losses['fastrnn'][-n:]) / n:>13.5f}"
+        )
     diffs = [abs(a - b) for a, b in zip(losses["torch"], losses["fastrnn"], strict=True)]
     rel = [d / max(abs(a), 1e-12) for d, a in zip(diffs, losses["torch"], strict=True)]
     # Adam steps amplify float32 rounding differences a little every step: allow 2e-6 relative per step.
@@ -192,12 +235,23 @@ def run_task(task: Task, epochs: int, backend: str | None) -> dict:
     # Epoch 1 includes one-time costs (JIT compilation); the speed-up is over the later epochs when there are any.
     later = slice(1, None) if epochs > 1 else slice(None)
     speedup = sum(times["torch"][later]) / sum(times["fastrnn"][later])
-    print(f"max |loss difference| {max(diffs):.3e} (relative {max(rel):.3e}, tolerance {tol:.1e}): "
-          f"{'agree' if ok else 'DISAGREE'};  speed-up over epochs {2 if epochs > 1 else 1}..{epochs}: "
-          f"{speedup:.2f}x")
-    return {"task": task.name, "info": task.info, "backend": chosen, "epoch_s": times, "losses": losses,
-            "max_loss_diff": max(diffs), "max_rel_loss_diff": max(rel), "tolerance": tol, "agree": ok,
-            "speedup": speedup}
+    print(
+        f"max |loss difference| {max(diffs):.3e} (relative {max(rel):.3e}, tolerance {tol:.1e}): "
+        f"{'agree' if ok else 'DISAGREE'};  speed-up over epochs {2 if epochs > 1 else 1}..{epochs}: "
+        f"{speedup:.2f}x"
+    )
+    return {
+        "task": task.name,
+        "info": task.info,
+        "backend": chosen,
+        "epoch_s": times,
+        "losses": losses,
+        "max_loss_diff": max(diffs),
+        "max_rel_loss_diff": max(rel),
+        "tolerance": tol,
+        "agree": ok,
+        "speedup": speedup,
+    }
 
 
 def plot(results: list[dict], path: str) -> None:

@@ -15,8 +15,28 @@ from fastrnn import backends as fr_backends
 from fastrnn.bench import cli, measure, report
 from fastrnn.bench.configs import Case, Settings
 
-TINY = ["--cells", "lstm", "--T", "2", "--B", "1", "--H", "8", "--repeats", "2", "--warmup", "1", "--threads", "1",
-        "--min-sample-ms", "0.1", "--backends", "reference", "--no-progress", "--quiet"]
+TINY = [
+    "--cells",
+    "lstm",
+    "--T",
+    "2",
+    "--B",
+    "1",
+    "--H",
+    "8",
+    "--repeats",
+    "2",
+    "--warmup",
+    "1",
+    "--threads",
+    "1",
+    "--min-sample-ms",
+    "0.1",
+    "--backends",
+    "reference",
+    "--no-progress",
+    "--quiet",
+]
 
 
 def _errors_cleanly(capsys, argv: list[str]) -> str:
@@ -53,8 +73,9 @@ def tiny_run(tmp_path_factory) -> Path:
         pytest.param(["run", "--T", "0"], "--T must be", id="zero-length"),
         pytest.param(["run", "--frobnicate"], "unrecognized arguments", id="unknown-flag"),
         pytest.param(["bogus"], "invalid choice", id="unknown-command"),
-        pytest.param(["compare", "/nonexistent/a.json", "/nonexistent/b.json"], "no such results file",
-                     id="missing-file"),
+        pytest.param(
+            ["compare", "/nonexistent/a.json", "/nonexistent/b.json"], "no such results file", id="missing-file"
+        ),
         pytest.param(["plot", "/nonexistent/a.json"], "no such results file", id="plot-missing-file"),
         pytest.param(["gate", "--baseline", "/nonexistent/base.json"], "no such results file", id="gate-no-baseline"),
     ],
@@ -78,19 +99,22 @@ def test_bad_threshold_is_one_line(capsys, tiny_run):
 
 def test_unavailable_backend_is_one_line(capsys, monkeypatch):
     real = fr_backends.is_available
-    monkeypatch.setattr(fr_backends, "is_available",
-                        lambda n: (False, "not built here") if n == "cpp" else real(n))
+    monkeypatch.setattr(fr_backends, "is_available", lambda n: (False, "not built here") if n == "cpp" else real(n))
     assert "backend 'cpp' is not available here: not built here" in _errors_cleanly(
-        capsys, ["run", "--backends", "cpp", "--cells", "lstm", "--T", "2", "--B", "1", "--H", "8"])
+        capsys, ["run", "--backends", "cpp", "--cells", "lstm", "--T", "2", "--B", "1", "--H", "8"]
+    )
 
 
 def test_console_entry_point_prints_no_traceback():
-    r = subprocess.run([sys.executable, "-m", "fastrnn.bench", "run", "--cells", "nope"], capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "fastrnn.bench", "run", "--cells", "nope"], capture_output=True, text=True, timeout=120
+    )
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
-    assert r.stderr.strip() == ("fastrnn-bench: error: unknown cell 'nope'; expected one of "
-                                "lstm, gru, rnn_tanh, rnn_relu, lstm_cell, gru_cell, rnn_tanh_cell, rnn_relu_cell")
+    assert r.stderr.strip() == (
+        "fastrnn-bench: error: unknown cell 'nope'; expected one of "
+        "lstm, gru, rnn_tanh, rnn_relu, lstm_cell, gru_cell, rnn_tanh_cell, rnn_relu_cell"
+    )
 
 
 # -------------------------------------------------------------------------------------------- compare rule
@@ -99,9 +123,21 @@ def test_console_entry_point_prints_no_traceback():
 def _row(ratio: float, spread: float, backend: str = "numba", status: str = "ok") -> dict:
     """A row whose ratio IQR is `spread` (relative) around `ratio`."""
     return {
-        "cell": "lstm", "backend": backend, "mode": "training", "T": 32, "B": 16, "H": 256, "I": 256,
-        "dtype": "float32", "threads": 1, "device": "cpu", "status": status, "median_ms": 1.0,
-        "ratio_vs_torch": ratio, "ratio_q25": ratio * (1 - spread / 2), "ratio_q75": ratio * (1 + spread / 2),
+        "cell": "lstm",
+        "backend": backend,
+        "mode": "training",
+        "T": 32,
+        "B": 16,
+        "H": 256,
+        "I": 256,
+        "dtype": "float32",
+        "threads": 1,
+        "device": "cpu",
+        "status": status,
+        "median_ms": 1.0,
+        "ratio_vs_torch": ratio,
+        "ratio_q25": ratio * (1 - spread / 2),
+        "ratio_q75": ratio * (1 + spread / 2),
     }
 
 
@@ -134,8 +170,11 @@ def _results(rows: list[dict]) -> dict:
 
 @pytest.mark.parametrize(
     "new_ratio, spread, rc",
-    [pytest.param(2.0 / 3, 0.05, 1, id="3x-fails"), pytest.param(1.9, 0.05, 0, id="5pct-passes"),
-     pytest.param(1.6, 0.4, 0, id="noisy-passes")],
+    [
+        pytest.param(2.0 / 3, 0.05, 1, id="3x-fails"),
+        pytest.param(1.9, 0.05, 0, id="5pct-passes"),
+        pytest.param(1.6, 0.4, 0, id="noisy-passes"),
+    ],
 )
 def test_compare_cli_exit_status(tmp_path, capsys, new_ratio, spread, rc):
     base, new = tmp_path / "base.json", tmp_path / "new.json"
@@ -158,11 +197,19 @@ def test_tiny_run_schema(tiny_run):
     assert data["gemm"]["gflops"] > 0
     rows = data["rows"]
     assert {(r["backend"], r["mode"]) for r in rows} == {
-        (b, m) for b in ("torch", "reference") for m in ("inference", "training")}
+        (b, m) for b in ("torch", "reference") for m in ("inference", "training")
+    }
     for r in rows:
         assert r["status"] == "ok", r
-        assert (r["cell"], r["T"], r["B"], r["H"], r["I"], r["dtype"], r["threads"]) == ("lstm", 2, 1, 8, 8,
-                                                                                          "float32", 1)
+        assert (r["cell"], r["T"], r["B"], r["H"], r["I"], r["dtype"], r["threads"]) == (
+            "lstm",
+            2,
+            1,
+            8,
+            8,
+            "float32",
+            1,
+        )
         assert 0 < r["q25_ms"] <= r["median_ms"] <= r["q75_ms"]
         assert r["repeats"] == 2 and r["number"] >= 1
         assert r["ratio_vs_torch"] > 0 and r["ratio_q25"] <= r["ratio_q75"]
@@ -196,8 +243,12 @@ def test_wrong_backend_is_failing_not_timed(monkeypatch):
         return out + 1e-2, h_n, c_n, gates, extra
 
     monkeypatch.setattr(ref, "forward", wrong_forward)
-    rows = measure.measure_case(Case("gru", "inference", 3, 2, 8, 8, threads=1), ["reference"],
-                                Settings(warmup=1, repeats=2, min_repeats=1, min_sample_ms=0.1), None)
+    rows = measure.measure_case(
+        Case("gru", "inference", 3, 2, 8, 8, threads=1),
+        ["reference"],
+        Settings(warmup=1, repeats=2, min_repeats=1, min_sample_ms=0.1),
+        None,
+    )
     by = {r["backend"]: r for r in rows}
     assert by["torch"]["status"] == "ok"
     assert by["reference"]["status"] == "FAILING"
@@ -215,8 +266,12 @@ def test_wrong_gradient_is_failing(monkeypatch):
         return tuple(grads)
 
     monkeypatch.setattr(ref, "backward", wrong_backward)
-    rows = measure.measure_case(Case("lstm", "training", 3, 2, 8, 8, threads=1), ["reference"],
-                                Settings(warmup=1, repeats=2, min_repeats=1, min_sample_ms=0.1), None)
+    rows = measure.measure_case(
+        Case("lstm", "training", 3, 2, 8, 8, threads=1),
+        ["reference"],
+        Settings(warmup=1, repeats=2, min_repeats=1, min_sample_ms=0.1),
+        None,
+    )
     bad = rows[-1]
     assert bad["status"] == "FAILING" and "grad_weight_hh" in bad["note"]
 
@@ -232,8 +287,11 @@ def test_gate_passes_on_itself_and_confirms_a_regression(tiny_run, tmp_path, cap
     fast = copy.deepcopy(data)
     for r in fast["rows"]:
         if r["backend"] != "torch":
-            r.update(ratio_vs_torch=r["ratio_vs_torch"] * 4, ratio_q25=r["ratio_vs_torch"] * 4,
-                     ratio_q75=r["ratio_vs_torch"] * 4)
+            r.update(
+                ratio_vs_torch=r["ratio_vs_torch"] * 4,
+                ratio_q25=r["ratio_vs_torch"] * 4,
+                ratio_q75=r["ratio_vs_torch"] * 4,
+            )
     base = tmp_path / "fast.json"
     report.save(fast, base)
     assert cli.main(["gate", "--baseline", str(base), *args]) == 1
@@ -244,8 +302,7 @@ def test_gate_passes_on_itself_and_confirms_a_regression(tiny_run, tmp_path, cap
     slow = copy.deepcopy(data)
     for r in slow["rows"]:
         if r["backend"] != "torch":
-            r.update(ratio_vs_torch=r["ratio_vs_torch"] / 4, ratio_q25=r["ratio_q25"] / 4,
-                     ratio_q75=r["ratio_q75"] / 4)
+            r.update(ratio_vs_torch=r["ratio_vs_torch"] / 4, ratio_q25=r["ratio_q25"] / 4, ratio_q75=r["ratio_q75"] / 4)
     report.save(slow, base)
     assert cli.main(["gate", "--baseline", str(base), *args]) == 0
     assert "GATE OK" in capsys.readouterr().out

@@ -106,8 +106,9 @@ def run_cases(
     for case in cases:
         if bar is not None:
             bar.set_description(case.label())
-        rows += measure.measure_case(case, configs.backends_for(case, backends, explicit), settings,
-                                     gemm.get(case.threads))
+        rows += measure.measure_case(
+            case, configs.backends_for(case, backends, explicit), settings, gemm.get(case.threads)
+        )
         if bar is not None:
             bar.update()
     if bar is not None:
@@ -205,15 +206,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     cases = configs.grid(cells, modes, Ts, Bs, Hs, dtypes, threads, args.input_size, device)
     tag = preset_name if not custom else "custom"
     out = Path(args.out) if args.out else _default_out(device, tag)
-    print(f"{PROG} run: {len(cases)} cases x backends {', '.join(backends)} ({tag}; repeats {settings.repeats})",
-          file=sys.stderr)
+    print(
+        f"{PROG} run: {len(cases)} cases x backends {', '.join(backends)} ({tag}; repeats {settings.repeats})",
+        file=sys.stderr,
+    )
     if args.runs < 1:
         raise BenchError(f"--runs must be >= 1, got {args.runs}")
     data = execute(cases, backends, settings, explicit, device, tag, not args.no_progress, args.runs)
     report.save(data, out)
     if not args.quiet:
-        print(f"sgemm (n={data['gemm']['n']}): " + ", ".join(
-            f"{v:.1f} GFLOP/s at {k} thread(s)" for k, v in data["gemm"]["gflops_by_threads"].items()))
+        print(
+            f"sgemm (n={data['gemm']['n']}): "
+            + ", ".join(f"{v:.1f} GFLOP/s at {k} thread(s)" for k, v in data["gemm"]["gflops_by_threads"].items())
+        )
         print(report.results_table(data))
         print()
         print(report.summary(data))
@@ -233,9 +238,19 @@ def _compare_args(args: argparse.Namespace) -> tuple[float, float, float]:
     return report.parse_threshold(args.threshold), args.noise_k, report.parse_threshold(args.noise_cap)
 
 
+def _warn_if_other_machine(base: dict, new: dict) -> None:
+    a, b = (base.get("machine") or {}).get("name"), (new.get("machine") or {}).get("name")
+    if a and b and a != b:
+        print(
+            f"note: comparing runs from different machine types ({a} vs {b}); ratios may differ legitimately",
+            file=sys.stderr,
+        )
+
+
 def cmd_compare(args: argparse.Namespace) -> int:
     base, new = report.load(args.base), report.load(args.new)
     thr, k, cap = _compare_args(args)
+    _warn_if_other_machine(base, new)
     verdicts = report.compare(base, new, thr, k, cap)
     print(report.compare_table(verdicts, thr))
     bad = [v for v in verdicts if v.fails]
@@ -273,18 +288,28 @@ def cmd_gate(args: argparse.Namespace) -> int:
     settings = Settings(**{f: s0[f] for f in Settings.__dataclass_fields__ if f in s0})
     if args.repeats is not None:
         settings = replace(settings, repeats=args.repeats, min_repeats=min(settings.min_repeats, args.repeats))
-    print(f"{PROG} gate: baseline {path} ({base.get('machine', {}).get('cpu_model', '?')}, commit "
-          f"{(base.get('git', {}).get('commit') or '?')[:10]}); {len(cases)} cases", file=sys.stderr)
+    print(
+        f"{PROG} gate: baseline {path} ({base.get('machine', {}).get('cpu_model', '?')}, commit "
+        f"{(base.get('git', {}).get('commit') or '?')[:10]}); {len(cases)} cases",
+        file=sys.stderr,
+    )
     new = execute(cases, backends, settings, explicit, args.device, "gate", not args.no_progress)
+    _warn_if_other_machine(base, new)
     verdicts = report.compare(base, new, thr, k, cap)
     flagged = {v.key for v in verdicts if v.verdict == "REGRESSION"}
     if flagged:
-        print(f"{len(flagged)} configuration(s) look regressed; re-measuring them with "
-              f"{args.recheck_factor}x the repeats", file=sys.stderr)
+        print(
+            f"{len(flagged)} configuration(s) look regressed; re-measuring them with "
+            f"{args.recheck_factor}x the repeats",
+            file=sys.stderr,
+        )
         again = _cases_from_rows([dict(zip(report.KEY_FIELDS, key, strict=True)) for key in flagged])
-        slow = replace(settings, repeats=settings.repeats * args.recheck_factor,
-                       min_repeats=settings.min_repeats * args.recheck_factor,
-                       max_seconds=settings.max_seconds * args.recheck_factor)
+        slow = replace(
+            settings,
+            repeats=settings.repeats * args.recheck_factor,
+            min_repeats=settings.min_repeats * args.recheck_factor,
+            max_seconds=settings.max_seconds * args.recheck_factor,
+        )
         redo_backends = ["torch", *sorted({key[1] for key in flagged})]
         redo = execute(again, redo_backends, slow, True, args.device, "gate-recheck", not args.no_progress)
         # the re-measured rows (torch.nn's included) replace the first ones; the verdict is theirs alone
@@ -298,8 +323,10 @@ def cmd_gate(args: argparse.Namespace) -> int:
     print(f"wrote {out}")
     bad = [v for v in verdicts if v.fails]
     if bad:
-        print(f"GATE FAIL: {len(bad)} configuration(s) regressed past {thr:.0%} beyond noise (confirmed by a "
-              "re-measurement) or fail the correctness gate")
+        print(
+            f"GATE FAIL: {len(bad)} configuration(s) regressed past {thr:.0%} beyond noise (confirmed by a "
+            "re-measurement) or fail the correctness gate"
+        )
         return 1
     print(f"GATE OK: no regression past {thr:.0%} beyond noise ({time.perf_counter() - t0:.0f} s)")
     return 0
@@ -338,8 +365,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--quick", action="store_true", help="the gate's small grid (default; about a minute)")
     g.add_argument("--full", action="store_true", help="the kernel issues' CPU grid (long: see the README)")
     r.add_argument("--cells", help=f"comma list of {', '.join(configs.ALL_CELLS)}")
-    r.add_argument("--backends", help=f"comma list of {', '.join(KNOWN_BACKENDS)} or auto (torch.nn is always "
-                   "included: it is every ratio's denominator)")
+    r.add_argument(
+        "--backends",
+        help=f"comma list of {', '.join(KNOWN_BACKENDS)} or auto (torch.nn is always "
+        "included: it is every ratio's denominator)",
+    )
     r.add_argument("--modes", help=f"comma list of {', '.join(configs.MODES)}")
     r.add_argument("--dtypes", help=f"comma list of {', '.join(configs.DTYPES)}")
     r.add_argument("--T", help="sequence lengths, comma list")
@@ -351,8 +381,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--warmup", type=int, help="untimed calls per backend and case")
     r.add_argument("--max-seconds", type=float, help="time budget per backend and case before repeats are cut")
     r.add_argument("--min-sample-ms", type=float, help="calls are batched until one sample lasts this long")
-    r.add_argument("--runs", type=int, default=1, help="measure the whole grid this many times and pool the "
-                   "samples, so the ratio's spread includes run-to-run drift (use 3 for a stored baseline)")
+    r.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="measure the whole grid this many times and pool the "
+        "samples, so the ratio's spread includes run-to-run drift (use 3 for a stored baseline)",
+    )
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     r.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the full preset")
     r.add_argument("--out", help="results JSON path (default bench-results/<machine>-<preset>-<time>.json)")
@@ -362,14 +397,22 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=cmd_run)
 
     def compare_flags(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--threshold", default=f"{report.DEFAULT_THRESHOLD:.0%}",
-                       help="smallest ratio drop that counts, e.g. 10%% (default %(default)s)")
-        q.add_argument("--noise-k", type=float, default=report.DEFAULT_NOISE_K,
-                       help="a drop must also exceed k x the combined relative ratio IQR of both runs "
-                       "(default %(default)s)")
-        q.add_argument("--noise-cap", default=f"{report.DEFAULT_NOISE_CAP:.0%}",
-                       help="noise never excuses a drop larger than this (default %(default)s, i.e. a 2x "
-                       "slowdown always fails)")
+        q.add_argument(
+            "--threshold",
+            default=f"{report.DEFAULT_THRESHOLD:.0%}",
+            help="smallest ratio drop that counts, e.g. 10%% (default %(default)s)",
+        )
+        q.add_argument(
+            "--noise-k",
+            type=float,
+            default=report.DEFAULT_NOISE_K,
+            help="a drop must also exceed k x the combined relative ratio IQR of both runs (default %(default)s)",
+        )
+        q.add_argument(
+            "--noise-cap",
+            default=f"{report.DEFAULT_NOISE_CAP:.0%}",
+            help="noise never excuses a drop larger than this (default %(default)s, i.e. a 2x slowdown always fails)",
+        )
 
     c = sub.add_parser("compare", help="ratio changes between two results files; exit 1 on a regression")
     c.add_argument("base", help="baseline results JSON")
@@ -417,8 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.traceback:
             raise
         msg = " ".join(str(e).split())
-        print(f"{PROG}: internal error: {type(e).__name__}: {msg} (rerun with --traceback for details)",
-              file=sys.stderr)
+        print(
+            f"{PROG}: internal error: {type(e).__name__}: {msg} (rerun with --traceback for details)", file=sys.stderr
+        )
         return 3
 
 

@@ -99,11 +99,20 @@ class Preset:
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
-        cells=CELLS, modes=("inference", "training"), T=(32,), B=(1, 16), H=(64, 256), threads=(1,),
+        cells=CELLS,
+        modes=("inference", "training"),
+        T=(32,),
+        B=(1, 16),
+        H=(64, 256),
+        threads=(1,),
         settings=Settings(warmup=2, repeats=21, min_repeats=7, max_seconds=3.0, min_sample_ms=5.0),
     ),
     "full": Preset(
-        cells=CELLS, modes=("inference", "training"), T=(32, 128), B=(1, 16, 64), H=(64, 256, 512, 1024),
+        cells=CELLS,
+        modes=("inference", "training"),
+        T=(32, 128),
+        B=(1, 16, 64),
+        H=(64, 256, 512, 1024),
         settings=Settings(warmup=1, repeats=11, min_repeats=3, max_seconds=6.0, min_sample_ms=5.0),
         with_compile=True,
     ),
@@ -132,7 +141,4 @@ def backends_for(case: Case, backends: Sequence[str], explicit: bool) -> list[st
     """The backends that time `case`: the reference backend only on tiny shapes unless asked for by name."""
     if explicit:
         return list(backends)
-    return [
-        b for b in backends
-        if b != "reference" or (case.H <= REFERENCE_MAX_H and case.T <= REFERENCE_MAX_T)
-    ]
+    return [b for b in backends if b != "reference" or (case.H <= REFERENCE_MAX_H and case.T <= REFERENCE_MAX_T)]

@@ -46,12 +46,22 @@ from fastrnn.bench.configs import PEERS, Case, Settings, base_cell
 SCHEMA = "fastrnn-bench/1"
 
 _TORCH_CLASSES = {
-    "lstm": nn.LSTM, "gru": nn.GRU, "rnn_tanh": nn.RNN, "rnn_relu": nn.RNN,
-    "lstm_cell": nn.LSTMCell, "gru_cell": nn.GRUCell, "rnn_tanh_cell": nn.RNNCell, "rnn_relu_cell": nn.RNNCell,
+    "lstm": nn.LSTM,
+    "gru": nn.GRU,
+    "rnn_tanh": nn.RNN,
+    "rnn_relu": nn.RNN,
+    "lstm_cell": nn.LSTMCell,
+    "gru_cell": nn.GRUCell,
+    "rnn_tanh_cell": nn.RNNCell,
+    "rnn_relu_cell": nn.RNNCell,
 }
 _FAST_CLASSES = {
-    nn.LSTM: fastrnn.LSTM, nn.GRU: fastrnn.GRU, nn.RNN: fastrnn.RNN,
-    nn.LSTMCell: fastrnn.LSTMCell, nn.GRUCell: fastrnn.GRUCell, nn.RNNCell: fastrnn.RNNCell,
+    nn.LSTM: fastrnn.LSTM,
+    nn.GRU: fastrnn.GRU,
+    nn.RNN: fastrnn.RNN,
+    nn.LSTMCell: fastrnn.LSTMCell,
+    nn.GRUCell: fastrnn.GRUCell,
+    nn.RNNCell: fastrnn.RNNCell,
 }
 
 
@@ -490,9 +500,26 @@ def backend_status(backend: str, case: Case) -> tuple[bool, str]:
 def _row(case: Case, backend: str, status: str, note: str = "", **fields) -> dict:
     row = case.as_dict()
     row.update(
-        backend=backend, status=status, note=note, flops=case.flops(), median_ms=None, q25_ms=None, q75_ms=None,
-        min_ms=None, max_ms=None, repeats=0, number=0, torch_median_ms=None, ratio_vs_torch=None, ratio_q25=None,
-        ratio_q75=None, gflops=None, gemm_gflops=None, peak_mem_bytes=None, peak_mem_kind=None, max_err=None,
+        backend=backend,
+        status=status,
+        note=note,
+        flops=case.flops(),
+        median_ms=None,
+        q25_ms=None,
+        q75_ms=None,
+        min_ms=None,
+        max_ms=None,
+        repeats=0,
+        number=0,
+        torch_median_ms=None,
+        ratio_vs_torch=None,
+        ratio_q25=None,
+        ratio_q75=None,
+        gflops=None,
+        gemm_gflops=None,
+        peak_mem_bytes=None,
+        peak_mem_kind=None,
+        max_err=None,
     )
     row.update(fields)
     return row
@@ -544,14 +571,23 @@ def measure_case(case: Case, backends: Iterable[str], settings: Settings, gemm_g
         peak, kind = wl.peak_memory(tm.call, tm.backend, mods[tm.backend])
         tmed = statistics.median(t_torch) if t_torch else None
         base.update(
-            median_ms=med * 1e3, q25_ms=_quantile(s, 0.25) * 1e3, q75_ms=_quantile(s, 0.75) * 1e3,
-            min_ms=min(s) * 1e3, max_ms=max(s) * 1e3, repeats=len(s), number=tm.number,
-            samples_ms=[float(f"{x * 1e3:.4g}") for x in s], clock=clock,
+            median_ms=med * 1e3,
+            q25_ms=_quantile(s, 0.25) * 1e3,
+            q75_ms=_quantile(s, 0.75) * 1e3,
+            min_ms=min(s) * 1e3,
+            max_ms=max(s) * 1e3,
+            repeats=len(s),
+            number=tm.number,
+            samples_ms=[float(f"{x * 1e3:.4g}") for x in s],
+            clock=clock,
             torch_median_ms=None if tmed is None else tmed * 1e3,
             ratio_vs_torch=statistics.median(paired) if paired else None,
             ratio_q25=_quantile(paired, 0.25) if paired else None,
             ratio_q75=_quantile(paired, 0.75) if paired else None,
-            gflops=case.flops() / med / 1e9, gemm_gflops=gemm_gflops, peak_mem_bytes=peak, peak_mem_kind=kind,
+            gflops=case.flops() / med / 1e9,
+            gemm_gflops=gemm_gflops,
+            peak_mem_bytes=peak,
+            peak_mem_kind=kind,
         )
         rows[tm.backend] = base
     order = ["torch", *[b for b in backends if b != "torch"]]
@@ -588,19 +624,30 @@ def merge_runs(runs: Sequence[Sequence[dict]]) -> list[dict]:
             merged.append(dict(bad[0] if bad else rs[0], runs=len(rs)))
             continue
         s = [x for r in rs for x in r["samples_ms"]]
-        paired = [a / b for ts, r in zip(torch_samples.get(k[:-1], []), rs, strict=False)
-                  for a, b in zip(ts, r["samples_ms"], strict=False) if b > 0]
+        paired = [
+            a / b
+            for ts, r in zip(torch_samples.get(k[:-1], []), rs, strict=False)
+            for a, b in zip(ts, r["samples_ms"], strict=False)
+            if b > 0
+        ]
         tmed = [x for ts in torch_samples.get(k[:-1], []) for x in ts]
         med = statistics.median(s)
         row = dict(rs[0])
         row.update(
-            median_ms=med, q25_ms=_quantile(s, 0.25), q75_ms=_quantile(s, 0.75), min_ms=min(s), max_ms=max(s),
-            repeats=len(s), samples_ms=s, runs=len(rs),
+            median_ms=med,
+            q25_ms=_quantile(s, 0.25),
+            q75_ms=_quantile(s, 0.75),
+            min_ms=min(s),
+            max_ms=max(s),
+            repeats=len(s),
+            samples_ms=s,
+            runs=len(rs),
             torch_median_ms=statistics.median(tmed) if tmed else None,
             ratio_vs_torch=statistics.median(paired) if paired else None,
             ratio_q25=_quantile(paired, 0.25) if paired else None,
             ratio_q75=_quantile(paired, 0.75) if paired else None,
-            gflops=row["flops"] / (med * 1e-3) / 1e9, max_err=max(r.get("max_err") or 0.0 for r in rs),
+            gflops=row["flops"] / (med * 1e-3) / 1e9,
+            max_err=max(r.get("max_err") or 0.0 for r in rs),
         )
         merged.append(row)
     return merged
@@ -615,8 +662,12 @@ def header(device: str, preset: str | None, settings: Settings, gemm_n: int, gem
         "git": git_info(),
         "preset": preset,
         "settings": {
-            "warmup": settings.warmup, "repeats": settings.repeats, "min_repeats": settings.min_repeats,
-            "max_seconds": settings.max_seconds, "min_sample_ms": settings.min_sample_ms, "clock": settings.clock,
+            "warmup": settings.warmup,
+            "repeats": settings.repeats,
+            "min_repeats": settings.min_repeats,
+            "max_seconds": settings.max_seconds,
+            "min_sample_ms": settings.min_sample_ms,
+            "clock": settings.clock,
         },
         "gemm": {"n": gemm_n, "dtype": "float32", "threads": threads, "gflops": gemm_gflops},
         "definitions": {

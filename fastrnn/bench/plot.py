@@ -1,8 +1,8 @@
 """PNG charts from a results file (matplotlib, Agg backend: no display needed).
 
-    speedup_<mode>.png   ratio vs torch.nn against hidden size, one panel per cell, one line per backend x (T, B)
-    gflops_<mode>.png    achieved GFLOP/s against hidden size, same layout, with the measured sgemm rate as a
-                         dashed line (the roof a recurrence of small per-step GEMMs approaches from below)
+speedup_<mode>.png   ratio vs torch.nn against hidden size, one panel per cell, one line per backend x (T, B)
+gflops_<mode>.png    achieved GFLOP/s against hidden size, same layout, with the measured sgemm rate as a
+                     dashed line (the roof a recurrence of small per-step GEMMs approaches from below)
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ def _pyplot():
 def plot(data: dict, out_dir: str | Path) -> list[Path]:
     plt = _pyplot()
     from matplotlib.ticker import NullFormatter, ScalarFormatter
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows = [r for r in data["rows"] if r["status"] == "ok"]
@@ -54,8 +55,9 @@ def plot(data: dict, out_dir: str | Path) -> list[Path]:
                     lines[(r["backend"], r["T"], r["B"], r["threads"])].append((r["H"], r[metric]))
                 for (backend, T, B, th), pts in sorted(lines.items()):
                     pts.sort()
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                            label=f"{backend} T={T} B={B} thr={th}")
+                    ax.plot(
+                        [p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{backend} T={T} B={B} thr={th}"
+                    )
                 if metric == "ratio_vs_torch":
                     ax.axhline(1.0, color="grey", lw=0.8)
                 elif gemm:

@@ -102,18 +102,38 @@ def results_table(data: dict) -> str:
         t = torch_rows.get(case_key(r), {})
         if r["status"] != "ok":
             note = (r.get("note") or "")[:70]
-            lines.append([f"{r['cell']} {r['mode']}", _shape(r), r["backend"], _f(t.get("median_ms"), ".3f"),
-                          r["status"], note, "", "", ""])
+            lines.append(
+                [
+                    f"{r['cell']} {r['mode']}",
+                    _shape(r),
+                    r["backend"],
+                    _f(t.get("median_ms"), ".3f"),
+                    r["status"],
+                    note,
+                    "",
+                    "",
+                    "",
+                ]
+            )
             continue
         ratio = r.get("ratio_vs_torch")
         spread = f"{_f(r.get('ratio_q25'), '.2f')}-{_f(r.get('ratio_q75'), '.2f')}"
-        lines.append([
-            f"{r['cell']} {r['mode']}", _shape(r), r["backend"], _f(t.get("median_ms"), ".3f"),
-            _f(r.get("median_ms"), ".3f"), _f(ratio, ".2f") + "x", spread, _f(r.get("gflops"), ".2f"),
-            _f(r.get("gemm_gflops"), ".1f"),
-        ])
-    return _table(["case", "shape", "backend", "torch ms", "ms", "ratio", "ratio IQR", "GFLOP/s", "sgemm GFLOP/s"],
-                  lines)
+        lines.append(
+            [
+                f"{r['cell']} {r['mode']}",
+                _shape(r),
+                r["backend"],
+                _f(t.get("median_ms"), ".3f"),
+                _f(r.get("median_ms"), ".3f"),
+                _f(ratio, ".2f") + "x",
+                spread,
+                _f(r.get("gflops"), ".2f"),
+                _f(r.get("gemm_gflops"), ".1f"),
+            ]
+        )
+    return _table(
+        ["case", "shape", "backend", "torch ms", "ms", "ratio", "ratio IQR", "GFLOP/s", "sgemm GFLOP/s"], lines
+    )
 
 
 def summary(data: dict) -> str:
@@ -130,8 +150,10 @@ def summary(data: dict) -> str:
         tail = f"; {len(bad)} FAILING/ERROR" if bad else ""
         tail += f"; {skipped} skipped" if skipped else ""
         if ok:
-            out.append(f"{cell:<14} {mode:<10} {backend:<10} geomean ratio {geomean(ok):6.2f}x   "
-                       f"min {min(ok):6.2f}x   over {len(ok)} shapes{tail}")
+            out.append(
+                f"{cell:<14} {mode:<10} {backend:<10} geomean ratio {geomean(ok):6.2f}x   "
+                f"min {min(ok):6.2f}x   over {len(ok)} shapes{tail}"
+            )
         else:
             out.append(f"{cell:<14} {mode:<10} {backend:<10} no timed shapes{tail}")
     return "\n".join(out)
@@ -217,19 +239,27 @@ def compare_table(verdicts: list[Verdict], threshold: float) -> str:
     lines = []
     for v in verdicts:
         d = dict(zip(KEY_FIELDS, v.key, strict=True))
-        lines.append([
-            f"{d['cell']} {d['mode']}", f"T={d['T']} B={d['B']} H={d['H']} {d['dtype']} thr={d['threads']}",
-            d["backend"], _f(v.base_ratio, ".2f"), _f(v.new_ratio, ".2f"),
-            "-" if v.change is None else f"{v.change * 100:+.1f}%",
-            "-" if v.allowance is None else f"{max(v.allowance, threshold) * 100:.0f}%", v.verdict,
-            v.note[:60],
-        ])
+        lines.append(
+            [
+                f"{d['cell']} {d['mode']}",
+                f"T={d['T']} B={d['B']} H={d['H']} {d['dtype']} thr={d['threads']}",
+                d["backend"],
+                _f(v.base_ratio, ".2f"),
+                _f(v.new_ratio, ".2f"),
+                "-" if v.change is None else f"{v.change * 100:+.1f}%",
+                "-" if v.allowance is None else f"{max(v.allowance, threshold) * 100:.0f}%",
+                v.verdict,
+                v.note[:60],
+            ]
+        )
     counts = defaultdict(int)
     for v in verdicts:
         counts[v.verdict] += 1
     tail = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
-    return _table(["case", "shape", "backend", "base ratio", "new ratio", "change", "tolerated", "verdict", "note"],
-                  lines) + f"\n{len(verdicts)} configurations: {tail}"
+    return (
+        _table(["case", "shape", "backend", "base ratio", "new ratio", "change", "tolerated", "verdict", "note"], lines)
+        + f"\n{len(verdicts)} configurations: {tail}"
+    )
 
 
 def parse_threshold(text: str) -> float:
