@@ -1,5 +1,6 @@
-"""What the triton kernels share: accurate tanh, the two-source load of the previous state, block sizes,
-and the host-side bookkeeping (prev rows, buffers, final states, weight gradients as large GEMMs).
+"""What the triton kernels share: jit helpers (accurate tanh, the tl.dot wrapper, the two-source load of the
+previous state, backward's carried gradient) and the host-side bookkeeping (tile sizes, which rows continue,
+final states, d_h0 and the weight gradients as large GEMMs at the end).
 
 Imported only once triton is known to be importable (fastrnn/backends/triton/__init__.py sees to that).
 """
@@ -124,14 +125,17 @@ def n_continue(t: int, bs: list[int], reverse: bool) -> int:
     return prev_rows(t, bs[t], len(bs), bs, reverse)
 
 
+def last_steps(bs: list[int], B: int, device: torch.device) -> Tensor:
+    """[B] int64: each row's last step in time order (its length - 1)."""
+    return ((torch.tensor(bs)[None, :] > torch.arange(B)[:, None]).sum(1) - 1).to(device)
+
+
 def final_h(out: Tensor, bs: list[int], reverse: bool, packed: bool) -> Tensor:
     """h_n [B, P]: each row's output at its last step (exactly the state rounded to out's dtype)."""
     T, B, _ = out.shape
     if reverse or not packed:
         return out[0 if reverse else T - 1].clone()
-    rows = torch.arange(B)
-    last = (torch.tensor(bs)[None, :] > rows[:, None]).sum(1) - 1  # [B] each row's last step
-    return out[last.to(out.device), rows.to(out.device)]
+    return out[last_steps(bs, B, out.device), torch.arange(B, device=out.device)]
 
 
 def bwd_order(T: int, bs: list[int], reverse: bool) -> list[tuple[int, int, int]]:
@@ -148,9 +152,7 @@ def fresh_sum(d_gh: Tensor, bs: list[int], reverse: bool) -> Tensor:
     if not reverse:
         return d_gh[0]
     B = d_gh.shape[1]
-    rows = torch.arange(B)
-    last = (torch.tensor(bs)[None, :] > rows[:, None]).sum(1) - 1  # [B]
-    return d_gh[last.to(d_gh.device), rows.to(d_gh.device)]
+    return d_gh[last_steps(bs, B, d_gh.device), torch.arange(B, device=d_gh.device)]
 
 
 def d_w_hh(d_gh: Tensor, out: Tensor, h0: Tensor, bs: list[int], reverse: bool) -> Tensor:
