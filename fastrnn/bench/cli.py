@@ -116,7 +116,9 @@ def run_cases(
     return rows
 
 
-def measure_gemm(threads: Sequence[int], H: Sequence[int], device: str) -> tuple[int, dict[int, float]]:
+def measure_gemm(
+    threads: Sequence[int], H: Sequence[int], device: str, clock: str = "auto"
+) -> tuple[int, dict[int, float]]:
     """The sgemm rate at each thread count, for a square GEMM as large as the run's largest weight matrix."""
     from fastrnn.bench import measure
 
@@ -124,7 +126,7 @@ def measure_gemm(threads: Sequence[int], H: Sequence[int], device: str) -> tuple
     rates = {}
     for th in threads:
         measure.set_threads(th)
-        rates[th] = measure.gemm_rate(n, device=device)
+        rates[th] = measure.gemm_rate(n, device=device, clock=measure.clock_name(device, th, clock))
     return n, rates
 
 
@@ -144,7 +146,7 @@ def execute(
     t0 = time.perf_counter()
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     threads = sorted({c.threads for c in cases})
-    n, rates = measure_gemm(threads, [c.H for c in cases], device)
+    n, rates = measure_gemm(threads, [c.H for c in cases], device, settings.clock)
     runs_rows = [run_cases(cases, backends, settings, explicit, rates, progress) for _ in range(runs)]
     rows = runs_rows[0] if runs == 1 else measure.merge_runs(runs_rows)
     data = measure.header(device, preset, settings, n, rates[threads[0]], threads[0])

@@ -150,9 +150,12 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def gemm_rate(n: int, dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 0.5) -> float:
-    """GFLOP/s of an n x n x n GEMM (best of a few samples): the machine's attainable matmul rate, the roof the
-    recurrences' GFLOP/s are read against."""
+def gemm_rate(
+    n: int, dtype: torch.dtype = torch.float32, device: str = "cpu", seconds: float = 0.5, clock: str = "wall"
+) -> float:
+    """GFLOP/s of an n x n x n GEMM (best of the samples taken in `seconds`): the machine's attainable matmul
+    rate, the roof the recurrences' GFLOP/s are read against; timed on the same clock as the cases."""
+    now = _CLOCKS[clock]
     a = torch.randn(n, n, dtype=dtype, device=device)
     b = torch.randn(n, n, dtype=dtype, device=device)
     c = torch.empty(n, n, dtype=dtype, device=device)
@@ -162,12 +165,12 @@ def gemm_rate(n: int, dtype: torch.dtype = torch.float32, device: str = "cpu", s
     t_end = time.perf_counter() + seconds
     k = 0
     while k < 3 or time.perf_counter() < t_end:
-        t0 = time.perf_counter()
+        t0 = now()
         torch.mm(a, b, out=c)
         _sync(device)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, now() - t0)
         k += 1
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / max(best, 1e-9) / 1e9
 
 
 # ------------------------------------------------------------------------------------------ implementations
@@ -427,13 +430,17 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {msg}"[:300]
 
 
-def clock_for(case: Case, settings: Settings) -> str:
-    """'cpu' (the process's CPU time) for single-threaded CPU cases, else 'wall'. One thread's CPU time excludes
+def clock_name(device: str, threads: int, setting: str = "auto") -> str:
+    """'cpu' (the process's CPU time) for single-threaded CPU work, else 'wall'. One thread's CPU time excludes
     the time a neighbour holds the core, which on a shared machine is most of the noise; with more threads it
     would count spin-waiting workers, and on CUDA it would miss the device, so those use wall time."""
-    if settings.clock != "auto":
-        return settings.clock
-    return "cpu" if case.device == "cpu" and case.threads == 1 else "wall"
+    if setting != "auto":
+        return setting
+    return "cpu" if device == "cpu" and threads == 1 else "wall"
+
+
+def clock_for(case: Case, settings: Settings) -> str:
+    return clock_name(case.device, case.threads, settings.clock)
 
 
 _CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
@@ -557,6 +564,7 @@ def measure_case(case: Case, backends: Iterable[str], settings: Settings, gemm_g
         mods[b] = m
         timers.append(_Timer(b, wl.call_fn(b, m)))
     clock = clock_for(case, settings)
+    set_threads(case.threads)  # again: a backend's first call may have just imported numba (default: all cores)
     time_interleaved(timers, settings, case.device, clock)
     t_torch = timers[0].samples or []
     for tm in timers:
