@@ -271,12 +271,21 @@ def _cases_from_rows(rows: Sequence[dict]) -> list[Case]:
     return list(seen.values())
 
 
+def _default_baseline(machine: str) -> Path:
+    """benchmarks/baselines/<machine>.json of the source tree fastrnn runs from, else of the current directory."""
+    import fastrnn
+
+    rel = Path("benchmarks") / "baselines" / f"{machine}.json"
+    src = Path(fastrnn.__file__).resolve().parent.parent / rel
+    return src if src.exists() else rel
+
+
 def cmd_gate(args: argparse.Namespace) -> int:
     """Quick run on the baseline's configurations, compare, re-measure what looks regressed, then decide."""
     from fastrnn.bench.measure import machine_name
 
     t0 = time.perf_counter()
-    path = Path(args.baseline) if args.baseline else Path("benchmarks/baselines") / f"{machine_name(args.device)}.json"
+    path = Path(args.baseline) if args.baseline else _default_baseline(machine_name(args.device))
     base = report.load(path)
     thr, k, cap = _compare_args(args)
     if args.recheck_factor < 1:
