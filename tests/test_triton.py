@@ -34,6 +34,8 @@ if not tb.supports("lstm", torch.float32, DEVICE)[0]:
 F32 = torch.float32
 # (T, B, H): tiny under the interpreter, odd and round sizes on the GPU
 SHAPES = [(4, 3, 5), (1, 2, 8)] if not CUDA else [(9, 5, 33), (16, 64, 128), (1, 1, 40)]
+# several row and column tiles and K loops (slow under the interpreter: a subset of cases)
+MULTI_TILE = (2, 18, 70)
 
 
 def lengths_to_batch_sizes(lengths: list[int]) -> torch.Tensor:
@@ -75,8 +77,14 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "T{}-B{}-H{}".format(*s))
+SHAPE_CASES = [
+    pytest.param(shape, case.values[0], id="T{}-B{}-H{}-{}".format(*shape, case.id))
+    for shape in SHAPES
+    for case in CASES
+] + [pytest.param(MULTI_TILE, case.values[0], id="T{}-B{}-H{}-{}".format(*MULTI_TILE, case.id)) for case in CASES[::3]]
+
+
+@pytest.mark.parametrize("shape,case", SHAPE_CASES)
 @pytest.mark.parametrize(
     "cell,proj",
     [("lstm", None), ("lstm", 3), ("gru", None), ("rnn_tanh", None), ("rnn_relu", None)],
