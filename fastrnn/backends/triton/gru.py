@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastrnn.backends import new_output
 from fastrnn.backends.triton.common import (
     block_k,
     bwd_order,
@@ -25,7 +26,6 @@ from fastrnn.backends.triton.common import (
     fresh_sum,
     load_prev,
     n_continue,
-    poisoned,
     precision,
     prev_step,
     tanh,
@@ -142,10 +142,10 @@ def gru_fwd(
     T, B, G3 = gx.shape
     H = G3 // 3
     f32 = torch.float32
-    out = gx.new_zeros(T, B, H) if packed else poisoned((T, B, H), gx)
+    out = gx.new_zeros(T, B, H) if packed else new_output((T, B, H), gx)
     hbuf = gx.new_empty(2, B, H, dtype=f32)  # ping-pong: programs of a step read all of h_{t-1}
-    gates = poisoned((T, B, G3), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
-    extra = poisoned((T, B, H), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
+    gates = new_output((T, B, G3), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
+    extra = new_output((T, B, H), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
     prec = precision()
     for s, t in enumerate(steps(T, reverse)):
         n, k = bs[t], n_continue(t, bs, reverse)

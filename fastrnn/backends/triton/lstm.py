@@ -15,6 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastrnn.backends import new_output
 from fastrnn.backends.triton.common import (
     block_k,
     bwd_order,
@@ -27,7 +28,6 @@ from fastrnn.backends.triton.common import (
     fresh_sum,
     load_prev,
     n_continue,
-    poisoned,
     precision,
     prev_step,
     tanh,
@@ -158,12 +158,12 @@ def lstm_fwd(
     T, B, G4 = gx.shape
     H, P = G4 // 4, h0.shape[1]
     f32 = torch.float32
-    out = gx.new_zeros(T, B, P) if packed else poisoned((T, B, P), gx)
+    out = gx.new_zeros(T, B, P) if packed else new_output((T, B, P), gx)
     hbuf = gx.new_empty(2, B, P, dtype=f32)  # ping-pong: programs of a step read all of h_{t-1}
     c = c0.to(f32, copy=True)
     hbar = gx.new_empty(B, H, dtype=f32) if w_hr is not None else None
-    gates = poisoned((T, B, G4), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
-    extra = poisoned((T, B, H), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
+    gates = new_output((T, B, G4), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
+    extra = new_output((T, B, H), gx, f32) if need_saved else gx.new_empty(0, dtype=f32)
     prec = precision()
     for s, t in enumerate(steps(T, reverse)):
         n, k = bs[t], n_continue(t, bs, reverse)

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastrnn.backends import new_output
 from fastrnn.backends.triton.common import (
     block_k,
     bwd_order,
@@ -24,7 +25,6 @@ from fastrnn.backends.triton.common import (
     fresh_sum,
     load_prev,
     n_continue,
-    poisoned,
     precision,
     tanh,
     tiles,
@@ -102,7 +102,7 @@ def rnn_fwd(
 ) -> tuple[Tensor, Tensor]:
     """gx [T,B,H], h0 [B,H] -> out [T,B,H], h_n [B,H]."""
     T, B, H = gx.shape
-    out = gx.new_zeros(T, B, H) if packed else poisoned((T, B, H), gx)
+    out = gx.new_zeros(T, B, H) if packed else new_output((T, B, H), gx)
     hbuf = gx.new_empty(2, B, H, dtype=torch.float32)  # ping-pong: programs of a step read all of h_{t-1}
     prec = precision()
     for s, t in enumerate(steps(T, reverse)):
