@@ -222,6 +222,7 @@ def test_tiny_run_schema(tiny_run):
 
 
 def test_readme_table_and_plot(tiny_run, tmp_path, capsys):
+    pytest.importorskip("matplotlib")
     assert cli.main(["readme-table", str(tiny_run)]) == 0
     md = capsys.readouterr().out
     assert "| cell | mode |" in md and "| lstm | training | 2 | 1 | 8 | 1 | reference |" in md
