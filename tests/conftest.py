@@ -13,6 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+else:  # torch.nn is the float32 oracle: exact float32, not cuDNN's TF32 default
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 os.environ.setdefault("FASTRNN_POISON_OUTPUTS", "1")
 os.environ.pop("FASTRNN_BACKEND", None)  # the suite chooses backends itself
 
