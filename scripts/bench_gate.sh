@@ -5,8 +5,7 @@
 # configurations that look regressed with 3x the repeats, and exits 1 only if a regression past the threshold
 # (default 10%) and past the measured noise is confirmed, or a backend fails its correctness check.
 # Extra arguments go to `fastrnn-bench gate` (e.g. --threshold 15%, --baseline PATH).
-# Regenerate the baseline (after a deliberate speed change, or on a new machine type):
-#   .venv/bin/fastrnn-bench run --quick --out benchmarks/baselines/cpu-2core-x86_64.json
+# Regenerate the baseline (after a deliberate speed change, or on a new machine type): bash scripts/bench_baseline.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi

@@ -216,6 +216,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise BenchError(f"--runs must be >= 1, got {args.runs}")
     data = execute(cases, backends, settings, explicit, device, tag, not args.no_progress, args.runs)
     report.save(data, out)
+    load = data["load_avg_1min"]["start"]
+    cores = data["machine"]["cores"]
+    if load is not None and load > cores - 0.5:
+        print(
+            f"note: load average {load:.1f} on {cores} cores at the start: other work shares this machine, so "
+            "multi-threaded (wall-clock) timings are noisy; one-thread cases are timed on CPU time",
+            file=sys.stderr,
+        )
     if not args.quiet:
         print(
             f"sgemm (n={data['gemm']['n']}): "
