@@ -1,4 +1,5 @@
-"""LSTM (with optional proj_size) on numba: kernels, then launchers.
+"""LSTM (with optional proj_size) on numba: the launchers (allocate, lay out W_hh in blocks, call the kernels of
+kernels.py).
 
 Forward, per step: each thread (block k of hidden units) multiplies h_{t-1} by its block of W_hh^T with BLAS
 and fuses the gate activations, the cell update and saving (i, f, g, o) and c_t; with proj_size one more
@@ -8,10 +9,7 @@ P columns) forms d_h_{t-1}. All steps run inside one compiled function.
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
-from numba import prange
 from torch import Tensor
 
 from fastrnn.backends import new_output
@@ -21,150 +19,11 @@ from fastrnn.backends.numba.common import (
     block_cols,
     block_rows,
     dummy,
-    jit,
     n_blocks,
     prev_counts,
     weight_grads,
 )
-
-
-@jit()
-def _sigmoid(x):
-    return 1.0 / (1.0 + math.exp(-x))
-
-
-@jit()
-def _lstm_fwd_block(k, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, proj, need_saved):
-    # hidden units j0..j1 of step t: gh = h_{t-1} @ W_k^T into ghb[k] [n, 4*hb], then the fused pass
-    H = c.shape[1]
-    hb = wb.shape[1] // 4
-    j0 = k * hb
-    j1 = min(H, j0 + hb)
-    gh = ghb[k, :n]
-    np.dot(h[:n], wb[k].T, gh)
-    bk = bb[k]
-    for r in range(n):
-        for j in range(j0, j1):
-            q = j - j0
-            i = _sigmoid(gx[t, r, j] + gh[r, q] + bk[q])
-            f = _sigmoid(gx[t, r, H + j] + gh[r, hb + q] + bk[hb + q])
-            g = math.tanh(gx[t, r, 2 * H + j] + gh[r, 2 * hb + q] + bk[2 * hb + q])
-            o = _sigmoid(gx[t, r, 3 * H + j] + gh[r, 3 * hb + q] + bk[3 * hb + q])
-            cn = f * c[r, j] + i * g
-            c[r, j] = cn
-            hn = o * math.tanh(cn)
-            if proj:
-                hbar[r, j] = hn
-            else:
-                out[t, r, j] = hn
-            if need_saved:
-                gates[t, r, j] = i
-                gates[t, r, H + j] = f
-                gates[t, r, 2 * H + j] = g
-                gates[t, r, 3 * H + j] = o
-                extra[t, r, j] = cn
-
-
-@jit(parallel=True)
-def lstm_fwd_kernel(gx, h, c, wb, bb, w_hr, bs, reverse, out, hbar, ghb, gates, extra, proj, need_saved):
-    # gx [T,B,4H]  h [B,P] in: h0, out: h_n   c [B,H] in: c0, out: c_n   wb [nblk,4hb,P]  bb [nblk,4hb]
-    # w_hr [P,H] | empty   bs [T]   out [T,B,P]   hbar [B,H] | empty   ghb [nblk,B,4hb]
-    # gates [T,B,4H], extra [T,B,H] (empty unless need_saved)
-    T, B, P = out.shape
-    nblk = wb.shape[0]
-    for s in range(T):
-        t = T - 1 - s if reverse else s
-        n = bs[t]
-        if nblk == 1:
-            _lstm_fwd_block(0, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, proj, need_saved)
-        else:
-            for k in prange(nblk):
-                _lstm_fwd_block(k, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, proj, need_saved)
-        if proj:
-            np.dot(hbar[:n], w_hr.T, out[t, :n])
-        for r in range(n):
-            for p in range(P):
-                h[r, p] = out[t, r, p]
-        for r in range(n, B):
-            for p in range(P):
-                out[t, r, p] = 0.0
-            if need_saved:  # saved rows past n are never read, but zeros keep the op deterministic (opcheck)
-                for m in range(gates.shape[2]):
-                    gates[t, r, m] = 0.0
-                for m in range(extra.shape[2]):
-                    extra[t, r, m] = 0.0
-
-
-@jit()
-def _lstm_bwd_block(k, nblk, t, n, kp, src, dhb, dc, c0, gates, extra, dg, hbar_all, proj):
-    # hidden units of block k at step t: d(pre-activations) of the 4 gates, the running d_c, and o*tanh(c_t)
-    # for d_w_hr. c_{t-1} is extra[src] for the kp rows that continue, c0 for the rows that start here.
-    H = dc.shape[1]
-    hb = -(-H // nblk)
-    j0 = k * hb
-    j1 = min(H, j0 + hb)
-    for r in range(n):
-        for j in range(j0, j1):
-            i = gates[t, r, j]
-            f = gates[t, r, H + j]
-            g = gates[t, r, 2 * H + j]
-            o = gates[t, r, 3 * H + j]
-            cp = extra[src, r, j] if r < kp else c0[r, j]
-            tc = math.tanh(extra[t, r, j])
-            dht = dhb[r, j]
-            if proj:
-                hbar_all[t, r, j] = o * tc
-            dct = dc[r, j] + dht * o * (1.0 - tc * tc)
-            dg[t, r, j] = dct * g * i * (1.0 - i)
-            dg[t, r, H + j] = dct * cp * f * (1.0 - f)
-            dg[t, r, 2 * H + j] = dct * i * (1.0 - g * g)
-            dg[t, r, 3 * H + j] = dht * tc * o * (1.0 - o)
-            dc[r, j] = dct * f
-
-
-@jit(parallel=True)
-def lstm_bwd_kernel(
-    d_out, dh, dc, c0, wtb, w_hr, bs, kprev, reverse, gates, extra, dg, dhfull, hbar_all, dhbar, dhblk, proj, nblk
-):
-    # d_out [T,B,P]  dh [B,P] in: d_h_n, out: d_h0   dc [B,H] in: d_c_n, out: d_c0   c0 [B,H]
-    # wtb [nblkp,pb,4H] W_hh^T in row blocks   w_hr [P,H] | empty   bs, kprev [T]   gates, extra: saved
-    # dg [T,B,4H] out: d_gx (zero on inactive rows)   dhfull [T,B,P], hbar_all [T,B,H] (proj, zero-filled)
-    # dhbar [B,H] (proj)   dhblk [nblkp,B,pb] scratch
-    T, B, P = d_out.shape
-    G4 = dg.shape[2]
-    nblkp = wtb.shape[0]
-    pb = wtb.shape[1]
-    for s in range(T):
-        t = s if reverse else T - 1 - s
-        n = bs[t]
-        kp = kprev[t]
-        src = t + 1 if reverse else t - 1
-        for r in range(n):
-            for p in range(P):
-                dh[r, p] += d_out[t, r, p]
-        dhb = dh
-        if proj:
-            for r in range(n):
-                for p in range(P):
-                    dhfull[t, r, p] = dh[r, p]
-            np.dot(dh[:n], w_hr, dhbar[:n])
-            dhb = dhbar
-        if nblk == 1:
-            _lstm_bwd_block(0, nblk, t, n, kp, src, dhb, dc, c0, gates, extra, dg, hbar_all, proj)
-        else:
-            for k in prange(nblk):
-                _lstm_bwd_block(k, nblk, t, n, kp, src, dhb, dc, c0, gates, extra, dg, hbar_all, proj)
-        for r in range(n, B):
-            for m in range(G4):
-                dg[t, r, m] = 0.0
-        if nblkp == 1:
-            np.dot(dg[t, :n], wtb[0].T, dh[:n])
-        else:
-            for k in prange(nblkp):
-                np.dot(dg[t, :n], wtb[k].T, dhblk[k, :n])
-            for r in range(n):
-                for p in range(P):
-                    dh[r, p] = dhblk[p // pb, r, p % pb]
+from fastrnn.backends.numba.kernels import lstm_bwd_kernel, lstm_fwd_kernel
 
 
 def lstm_fwd(

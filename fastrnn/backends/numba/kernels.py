@@ -1,0 +1,386 @@
+"""The numba kernels of every cell: forward and backward of lstm (with proj_size), gru, rnn_tanh / rnn_relu.
+
+All @njit code of the backend lives in this one file because numba invalidates its on-disk cache per
+source file: a kernel calling a helper defined in another file would keep a stale compiled copy of the
+helper after an edit. The launchers (allocate, lay out W_hh in blocks, call) are in lstm.py, gru.py, rnn.py.
+
+Each step of a forward kernel: for each block k of hidden units (one thread each when there are several),
+one BLAS GEMM h_{t-1} @ W_k^T into a preallocated buffer, then one fused pass over the block's units
+(activations, state update, saving what backward needs). Each step of a backward kernel: one fused pass
+forming d(pre-activations), then one GEMM d_gates @ W_hh split over blocks of output columns.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange, types
+from numba.extending import overload
+
+from fastrnn.backends.numba.common import jit
+
+# tanh for float32 as a [13/6] rational function on [-7.9053, 7.9053] (beyond it tanh rounds to +-1): within
+# 3e-7 of tanh, and plain arithmetic that LLVM vectorizes, where libm's tanhf is a scalar call many times
+# slower. float64 keeps libm (1e-9 accuracy is part of the contract tests).
+_CLAMP = np.float32(7.90531110763549805)
+_A = tuple(np.float32(a) for a in (4.89352455891786e-03, 6.37261928875436e-04, 1.48572235717979e-05,
+                                  5.12229709037114e-08, -8.60467152213735e-11, 2.00018790482477e-13,
+                                  -2.76076847742355e-16))
+_B = tuple(np.float32(b) for b in (4.89352518554385e-03, 2.26843463243900e-03, 1.18534705686654e-04,
+                                  1.19825839466702e-06))
+_HALF = np.float32(0.5)
+
+
+def _tanh(x):
+    return math.tanh(x)
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+@overload(_tanh)
+def _tanh_impl(x):
+    if x != types.float32:
+        return lambda x: math.tanh(x)
+    a1, a3, a5, a7, a9, a11, a13 = _A
+    b0, b2, b4, b6 = _B
+    hi, lo = _CLAMP, -_CLAMP
+
+    def f32(x):
+        if x > hi:  # comparisons keep NaN as NaN
+            x = hi
+        elif x < lo:
+            x = lo
+        x2 = x * x
+        p = x * (a1 + x2 * (a3 + x2 * (a5 + x2 * (a7 + x2 * (a9 + x2 * (a11 + x2 * a13))))))
+        return p / (b0 + x2 * (b2 + x2 * (b4 + x2 * b6)))
+
+    return f32
+
+
+@overload(_sigmoid)
+def _sigmoid_impl(x):
+    if x != types.float32:
+        return lambda x: 1.0 / (1.0 + math.exp(-x))
+    half = _HALF
+    return lambda x: half + half * _tanh(half * x)
+
+
+@jit()
+def _lstm_fwd_block(k, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, proj, need_saved):
+    # hidden units j0..j1 of step t: gh = h_{t-1} @ W_k^T into ghb[k] [n, 4*hb], then the fused pass
+    H = c.shape[1]
+    hb = wb.shape[1] // 4
+    j0 = k * hb
+    j1 = min(H, j0 + hb)
+    gh = ghb[k, :n]
+    np.dot(h[:n], wb[k].T, gh)
+    bk = bb[k]
+    for r in range(n):
+        for j in range(j0, j1):
+            q = j - j0
+            i = _sigmoid(gx[t, r, j] + gh[r, q] + bk[q])
+            f = _sigmoid(gx[t, r, H + j] + gh[r, hb + q] + bk[hb + q])
+            g = _tanh(gx[t, r, 2 * H + j] + gh[r, 2 * hb + q] + bk[2 * hb + q])
+            o = _sigmoid(gx[t, r, 3 * H + j] + gh[r, 3 * hb + q] + bk[3 * hb + q])
+            cn = f * c[r, j] + i * g
+            c[r, j] = cn
+            hn = o * _tanh(cn)
+            if proj:
+                hbar[r, j] = hn
+            else:
+                out[t, r, j] = hn
+            if need_saved:
+                gates[t, r, j] = i
+                gates[t, r, H + j] = f
+                gates[t, r, 2 * H + j] = g
+                gates[t, r, 3 * H + j] = o
+                extra[t, r, j] = cn
+
+
+@jit(parallel=True)
+def lstm_fwd_kernel(gx, h, c, wb, bb, w_hr, bs, reverse, out, hbar, ghb, gates, extra, proj, need_saved):
+    # gx [T,B,4H]  h [B,P] in: h0, out: h_n   c [B,H] in: c0, out: c_n   wb [nblk,4hb,P]  bb [nblk,4hb]
+    # w_hr [P,H] | empty   bs [T]   out [T,B,P]   hbar [B,H] | empty   ghb [nblk,B,4hb]
+    # gates [T,B,4H], extra [T,B,H] (empty unless need_saved)
+    T, B, P = out.shape
+    nblk = wb.shape[0]
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        n = bs[t]
+        if nblk == 1:
+            _lstm_fwd_block(0, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, proj, need_saved)
+        else:
+            for k in prange(nblk):
+                _lstm_fwd_block(k, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, proj, need_saved)
+        if proj:
+            np.dot(hbar[:n], w_hr.T, out[t, :n])
+        for r in range(n):
+            for p in range(P):
+                h[r, p] = out[t, r, p]
+        for r in range(n, B):
+            for p in range(P):
+                out[t, r, p] = 0.0
+            if need_saved:  # saved rows past n are never read, but zeros keep the op deterministic (opcheck)
+                for m in range(gates.shape[2]):
+                    gates[t, r, m] = 0.0
+                for m in range(extra.shape[2]):
+                    extra[t, r, m] = 0.0
+
+
+@jit()
+def _lstm_bwd_block(k, nblk, t, n, kp, src, dhb, dc, c0, gates, extra, dg, hbar_all, proj):
+    # hidden units of block k at step t: d(pre-activations) of the 4 gates, the running d_c, and o*tanh(c_t)
+    # for d_w_hr. c_{t-1} is extra[src] for the kp rows that continue, c0 for the rows that start here.
+    H = dc.shape[1]
+    hb = -(-H // nblk)
+    j0 = k * hb
+    j1 = min(H, j0 + hb)
+    for r in range(n):
+        for j in range(j0, j1):
+            i = gates[t, r, j]
+            f = gates[t, r, H + j]
+            g = gates[t, r, 2 * H + j]
+            o = gates[t, r, 3 * H + j]
+            cp = extra[src, r, j] if r < kp else c0[r, j]
+            tc = _tanh(extra[t, r, j])
+            dht = dhb[r, j]
+            if proj:
+                hbar_all[t, r, j] = o * tc
+            dct = dc[r, j] + dht * o * (1.0 - tc * tc)
+            dg[t, r, j] = dct * g * i * (1.0 - i)
+            dg[t, r, H + j] = dct * cp * f * (1.0 - f)
+            dg[t, r, 2 * H + j] = dct * i * (1.0 - g * g)
+            dg[t, r, 3 * H + j] = dht * tc * o * (1.0 - o)
+            dc[r, j] = dct * f
+
+
+@jit(parallel=True)
+def lstm_bwd_kernel(
+    d_out, dh, dc, c0, wtb, w_hr, bs, kprev, reverse, gates, extra, dg, dhfull, hbar_all, dhbar, dhblk, proj, nblk
+):
+    # d_out [T,B,P]  dh [B,P] in: d_h_n, out: d_h0   dc [B,H] in: d_c_n, out: d_c0   c0 [B,H]
+    # wtb [nblkp,pb,4H] W_hh^T in row blocks   w_hr [P,H] | empty   bs, kprev [T]   gates, extra: saved
+    # dg [T,B,4H] out: d_gx (zero on inactive rows)   dhfull [T,B,P], hbar_all [T,B,H] (proj, zero-filled)
+    # dhbar [B,H] (proj)   dhblk [nblkp,B,pb] scratch
+    T, B, P = d_out.shape
+    G4 = dg.shape[2]
+    nblkp = wtb.shape[0]
+    pb = wtb.shape[1]
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        n = bs[t]
+        kp = kprev[t]
+        src = t + 1 if reverse else t - 1
+        for r in range(n):
+            for p in range(P):
+                dh[r, p] += d_out[t, r, p]
+        dhb = dh
+        if proj:
+            for r in range(n):
+                for p in range(P):
+                    dhfull[t, r, p] = dh[r, p]
+            np.dot(dh[:n], w_hr, dhbar[:n])
+            dhb = dhbar
+        if nblk == 1:
+            _lstm_bwd_block(0, nblk, t, n, kp, src, dhb, dc, c0, gates, extra, dg, hbar_all, proj)
+        else:
+            for k in prange(nblk):
+                _lstm_bwd_block(k, nblk, t, n, kp, src, dhb, dc, c0, gates, extra, dg, hbar_all, proj)
+        for r in range(n, B):
+            for m in range(G4):
+                dg[t, r, m] = 0.0
+        if nblkp == 1:
+            np.dot(dg[t, :n], wtb[0].T, dh[:n])
+        else:
+            for k in prange(nblkp):
+                np.dot(dg[t, :n], wtb[k].T, dhblk[k, :n])
+            for r in range(n):
+                for p in range(P):
+                    dh[r, p] = dhblk[p // pb, r, p % pb]
+
+
+@jit()
+def _gru_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, gates, extra, need_saved):
+    # hidden units j0..j1 of step t: gh = h_{t-1} @ W_k^T into ghb[k] [n, 3*hb], then the fused pass
+    H = h.shape[1]
+    hb = wb.shape[1] // 3
+    j0 = k * hb
+    j1 = min(H, j0 + hb)
+    gh = ghb[k, :n]
+    np.dot(h[:n], wb[k].T, gh)
+    bk = bb[k]
+    for r in range(n):
+        for j in range(j0, j1):
+            q = j - j0
+            rg = _sigmoid(gx[t, r, j] + gh[r, q] + bk[q])
+            z = _sigmoid(gx[t, r, H + j] + gh[r, hb + q] + bk[hb + q])
+            hn = gh[r, 2 * hb + q] + bk[2 * hb + q]
+            nn = _tanh(gx[t, r, 2 * H + j] + rg * hn)
+            out[t, r, j] = (1.0 - z) * nn + z * h[r, j]
+            if need_saved:
+                gates[t, r, j] = rg
+                gates[t, r, H + j] = z
+                gates[t, r, 2 * H + j] = nn
+                extra[t, r, j] = hn
+
+
+@jit(parallel=True)
+def gru_fwd_kernel(gx, h, wb, bb, bs, reverse, out, ghb, gates, extra, need_saved):
+    # gx [T,B,3H]  h [B,H] in: h0, out: h_n   wb [nblk,3hb,H]  bb [nblk,3hb]  bs [T]  out [T,B,H]
+    # ghb [nblk,B,3hb]   gates [T,B,3H], extra [T,B,H] (empty unless need_saved)
+    T, B, H = out.shape
+    nblk = wb.shape[0]
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        n = bs[t]
+        if nblk == 1:
+            _gru_fwd_block(0, t, n, gx, h, wb, bb, out, ghb, gates, extra, need_saved)
+        else:
+            for k in prange(nblk):
+                _gru_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, gates, extra, need_saved)
+        for r in range(n):
+            for p in range(H):
+                h[r, p] = out[t, r, p]
+        for r in range(n, B):
+            for p in range(H):
+                out[t, r, p] = 0.0
+            if need_saved:  # saved rows past n are never read, but zeros keep the op deterministic (opcheck)
+                for m in range(gates.shape[2]):
+                    gates[t, r, m] = 0.0
+                for m in range(extra.shape[2]):
+                    extra[t, r, m] = 0.0
+
+
+@jit()
+def _gru_bwd_block(k, nblk, t, n, kp, src, dh, h0, out, gates, extra, dg, dgh):
+    # hidden units of block k at step t; h_{t-1} is out[src] for the kp rows that continue, h0 for the rest
+    H = dh.shape[1]
+    hb = -(-H // nblk)
+    j0 = k * hb
+    j1 = min(H, j0 + hb)
+    for r in range(n):
+        for j in range(j0, j1):
+            rg = gates[t, r, j]
+            z = gates[t, r, H + j]
+            nn = gates[t, r, 2 * H + j]
+            hp = out[src, r, j] if r < kp else h0[r, j]
+            dht = dh[r, j]
+            dn = dht * (1.0 - z) * (1.0 - nn * nn)
+            dr = dn * extra[t, r, j] * rg * (1.0 - rg)
+            dz = dht * (hp - nn) * z * (1.0 - z)
+            dg[t, r, j] = dr
+            dg[t, r, H + j] = dz
+            dg[t, r, 2 * H + j] = dn
+            dgh[t, r, j] = dr
+            dgh[t, r, H + j] = dz
+            dgh[t, r, 2 * H + j] = dn * rg
+
+
+@jit(parallel=True)
+def gru_bwd_kernel(d_out, dh, h0, wtb, bs, kprev, reverse, out, gates, extra, dg, dgh, dhblk, nblk):
+    # d_out [T,B,H]  dh [B,H] in: d_h_n, out: d_h0   h0 [B,H]   wtb [nblkp,pb,3H] W_hh^T in row blocks
+    # bs, kprev [T]   out, gates, extra: forward's   dg [T,B,3H] out: d_gx   dgh [T,B,3H] out: d(W_hh h + b_hh)
+    # (both zero on inactive rows)   dhblk [nblkp,B,pb] scratch
+    T, B, H = d_out.shape
+    G3 = dg.shape[2]
+    nblkp = wtb.shape[0]
+    pb = wtb.shape[1]
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        n = bs[t]
+        kp = kprev[t]
+        src = t + 1 if reverse else t - 1
+        for r in range(n):
+            for p in range(H):
+                dh[r, p] += d_out[t, r, p]
+        if nblk == 1:
+            _gru_bwd_block(0, nblk, t, n, kp, src, dh, h0, out, gates, extra, dg, dgh)
+        else:
+            for k in prange(nblk):
+                _gru_bwd_block(k, nblk, t, n, kp, src, dh, h0, out, gates, extra, dg, dgh)
+        for r in range(n, B):
+            for m in range(G3):
+                dg[t, r, m] = 0.0
+                dgh[t, r, m] = 0.0
+        # d_h_{t-1} = d_gh @ W_hh + d_h_t * z
+        if nblkp == 1:
+            np.dot(dgh[t, :n], wtb[0].T, dhblk[0, :n])
+        else:
+            for k in prange(nblkp):
+                np.dot(dgh[t, :n], wtb[k].T, dhblk[k, :n])
+        for r in range(n):
+            for p in range(H):
+                dh[r, p] = dhblk[p // pb, r, p % pb] + dh[r, p] * gates[t, r, H + p]
+
+
+@jit()
+def _rnn_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, relu):
+    H = h.shape[1]
+    hb = wb.shape[1]
+    j0 = k * hb
+    j1 = min(H, j0 + hb)
+    gh = ghb[k, :n]
+    np.dot(h[:n], wb[k].T, gh)
+    bk = bb[k]
+    for r in range(n):
+        for j in range(j0, j1):
+            x = gx[t, r, j] + gh[r, j - j0] + bk[j - j0]
+            if relu:
+                out[t, r, j] = x if x > 0.0 or x != x else 0.0  # NaN passes, as torch.relu
+            else:
+                out[t, r, j] = _tanh(x)
+
+
+@jit(parallel=True)
+def rnn_fwd_kernel(gx, h, wb, bb, bs, reverse, out, ghb, relu):
+    # gx [T,B,H]  h [B,H] in: h0, out: h_n   wb [nblk,hb,H]  bb [nblk,hb]  bs [T]  out [T,B,H]  ghb [nblk,B,hb]
+    T, B, H = out.shape
+    nblk = wb.shape[0]
+    for s in range(T):
+        t = T - 1 - s if reverse else s
+        n = bs[t]
+        if nblk == 1:
+            _rnn_fwd_block(0, t, n, gx, h, wb, bb, out, ghb, relu)
+        else:
+            for k in prange(nblk):
+                _rnn_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, relu)
+        for r in range(n):
+            for p in range(H):
+                h[r, p] = out[t, r, p]
+        for r in range(n, B):
+            for p in range(H):
+                out[t, r, p] = 0.0
+
+
+@jit(parallel=True)
+def rnn_bwd_kernel(d_out, dh, wtb, bs, reverse, out, dg, dhblk, relu):
+    # d_out [T,B,H]  dh [B,H] in: d_h_n, out: d_h0   wtb [nblkp,pb,H] W_hh^T in row blocks   bs [T]
+    # out [T,B,H] forward's   dg [T,B,H] out: d_gx (zero on inactive rows)   dhblk [nblkp,B,pb] scratch
+    T, B, H = d_out.shape
+    nblkp = wtb.shape[0]
+    pb = wtb.shape[1]
+    for s in range(T):
+        t = s if reverse else T - 1 - s
+        n = bs[t]
+        for r in range(n):
+            for j in range(H):
+                d = dh[r, j] + d_out[t, r, j]
+                y = out[t, r, j]
+                if relu:  # torch's threshold_backward: zero where the output is <= 0
+                    dg[t, r, j] = 0.0 if y <= 0.0 else d
+                else:
+                    dg[t, r, j] = d * (1.0 - y * y)
+        for r in range(n, B):
+            for j in range(H):
+                dg[t, r, j] = 0.0
+        if nblkp == 1:
+            np.dot(dg[t, :n], wtb[0].T, dh[:n])
+        else:
+            for k in prange(nblkp):
+                np.dot(dg[t, :n], wtb[k].T, dhblk[k, :n])
+            for r in range(n):
+                for p in range(H):
+                    dh[r, p] = dhblk[p // pb, r, p % pb]

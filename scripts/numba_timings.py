@@ -1,0 +1,106 @@
+"""Quick numbers for the numba backend (#5): first-call time of each cell, and sanity timings against torch.nn.
+
+    python scripts/numba_timings.py first-call   # cold (empty NUMBA_CACHE_DIR) and warm first forward+backward
+    python scripts/numba_timings.py speed        # median of 5, torch.set_num_threads(2): torch.nn, numba, cpp
+
+Only the benchmark suite (fastrnn-bench) claims speed; these are sanity checks while developing.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+CELLS = {"lstm": ("LSTM", {}), "gru": ("GRU", {}), "rnn_tanh": ("RNN", {}), "rnn_relu": ("RNN", {"nonlinearity": "relu"})}
+
+
+def _one_call(cell: str) -> float:
+    """Seconds for the first forward+backward of one float32 layer in this (fresh) process."""
+    import torch
+
+    import fastrnn
+
+    cls, kw = CELLS[cell]
+    m = getattr(fastrnn, cls)(16, 32, backend="numba", **kw)
+    x = torch.randn(8, 4, 16, requires_grad=True)
+    t0 = time.perf_counter()
+    out, _ = m(x)
+    out.sum().backward()
+    return time.perf_counter() - t0
+
+
+def first_call() -> None:
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
+        print(f"{'cell':10} {'cold s':>8} {'warm s':>8}   (first forward+backward, float32, NUMBA_CACHE_DIR={cache})")
+        for cell in CELLS:
+            cmd = [sys.executable, __file__, "_one", cell]
+            runs = [float(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
+                    for _ in range(2)]
+            print(f"{cell:10} {runs[0]:8.2f} {runs[1]:8.2f}")
+
+
+def _median(f, reps: int = 5) -> float:
+    f()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def speed() -> None:
+    import torch
+
+    import fastrnn
+    from fastrnn import backends
+
+    torch.set_num_threads(2)
+    names = ["torch", "numba"] + (["cpp"] if backends.is_available("cpp")[0] else [])
+    shapes = [(32, 1, 64), (32, 16, 256), (128, 16, 256), (32, 64, 512), (32, 1, 1024), (32, 64, 1024)]
+    print(f"{'cell':9} {'T':>4} {'B':>3} {'H':>5} {'mode':6} " + " ".join(f"{n + ' ms':>9}" for n in names)
+          + "  numba/torch" + ("  numba/cpp" if "cpp" in names else ""))
+    for cell, (cls, kw) in CELLS.items():
+        for T, B, H in shapes:
+            x = torch.randn(T, B, H)
+            ref = getattr(torch.nn, cls)(H, H, **kw)
+            mods = {"torch": ref}
+            for n in names[1:]:
+                mods[n] = getattr(fastrnn, cls)(H, H, backend=n, **kw)
+                mods[n].load_state_dict(ref.state_dict())
+            for mode in ("fwd", "train"):
+                res = {}
+                for n, m in mods.items():
+                    if mode == "fwd":
+                        def f(m=m):
+                            with torch.no_grad():
+                                m(x)
+                    else:
+                        xg = x.clone().requires_grad_()
+
+                        def f(m=m, xg=xg):
+                            out, _ = m(xg)
+                            out.sum().backward()
+                    res[n] = _median(f) * 1e3
+                line = f"{cell:9} {T:4} {B:3} {H:5} {mode:6} " + " ".join(f"{res[n]:9.2f}" for n in names)
+                line += f"  {res['numba'] / res['torch']:11.2f}"
+                if "cpp" in res:
+                    line += f"  {res['numba'] / res['cpp']:9.2f}"
+                print(line, flush=True)
+
+
+if __name__ == "__main__":
+    what = sys.argv[1] if len(sys.argv) > 1 else "first-call"
+    if what == "_one":
+        print(_one_call(sys.argv[2]))
+    elif what == "first-call":
+        first_call()
+    elif what == "speed":
+        speed()
+    else:
+        sys.exit(__doc__)
