@@ -78,6 +78,8 @@ def tiny_run(tmp_path_factory) -> Path:
         ),
         pytest.param(["plot", "/nonexistent/a.json"], "no such results file", id="plot-missing-file"),
         pytest.param(["gate", "--baseline", "/nonexistent/base.json"], "no such results file", id="gate-no-baseline"),
+        pytest.param(["run", "--out", "/proc/nope/r.json"], "cannot create its folder", id="unwritable-out"),
+        pytest.param(["run", "--runs", "0"], "--runs must be >= 1", id="zero-runs"),
     ],
 )
 def test_bad_input_is_one_line(capsys, argv, needle):

@@ -207,13 +207,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = _settings_from(args, preset.settings)
     cases = configs.grid(cells, modes, Ts, Bs, Hs, dtypes, threads, args.input_size, device)
     tag = preset_name if not custom else "custom"
-    out = Path(args.out) if args.out else _default_out(device, tag)
+    out = report.check_writable(args.out if args.out else _default_out(device, tag))
+    if args.runs < 1:
+        raise BenchError(f"--runs must be >= 1, got {args.runs}")
     print(
         f"{PROG} run: {len(cases)} cases x backends {', '.join(backends)} ({tag}; repeats {settings.repeats})",
         file=sys.stderr,
     )
-    if args.runs < 1:
-        raise BenchError(f"--runs must be >= 1, got {args.runs}")
     data = execute(cases, backends, settings, explicit, device, tag, not args.no_progress, args.runs)
     report.save(data, out)
     load = data["load_avg_1min"]["start"]
@@ -298,6 +298,7 @@ def cmd_gate(args: argparse.Namespace) -> int:
     thr, k, cap = _compare_args(args)
     if args.recheck_factor < 1:
         raise BenchError("--recheck-factor must be >= 1")
+    out = report.check_writable(args.out if args.out else Path("bench-results") / "gate-latest.json")
     cases = _cases_from_rows(base["rows"])
     if args.threads:
         ths = _ints(args.threads, "--threads")
@@ -336,7 +337,6 @@ def cmd_gate(args: argparse.Namespace) -> int:
         new["rows"] = [fresh.get(report.row_key(r), r) for r in new["rows"]]
         new["rechecked"] = [list(kk) for kk in flagged]
         verdicts = report.compare(base, new, thr, k, cap)
-    out = Path(args.out) if args.out else Path("bench-results") / "gate-latest.json"
     report.save(new, out)
     print(report.compare_table(verdicts, thr))
     print(f"wrote {out}")
@@ -363,8 +363,12 @@ def cmd_plot(args: argparse.Namespace) -> int:
 def cmd_readme_table(args: argparse.Namespace) -> int:
     text = report.markdown_table(report.load(args.results))
     if args.out:
-        Path(args.out).write_text(text)
-        print(f"wrote {args.out}")
+        p = report.check_writable(args.out)
+        try:
+            p.write_text(text)
+        except OSError as e:
+            raise BenchError(f"{p}: cannot write ({e.strerror})") from None
+        print(f"wrote {p}")
     else:
         print(text, end="")
     return 0

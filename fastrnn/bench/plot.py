@@ -30,7 +30,10 @@ def plot(data: dict, out_dir: str | Path) -> list[Path]:
     from matplotlib.ticker import NullFormatter, ScalarFormatter
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise BenchError(f"{out}: cannot create the output folder ({e.strerror})") from None
     rows = [r for r in data["rows"] if r["status"] == "ok"]
     if not rows:
         raise BenchError("the results file has no timed rows to plot")

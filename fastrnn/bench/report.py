@@ -63,11 +63,24 @@ def load(path: str | Path) -> dict:
     return data
 
 
-def save(data: dict, path: str | Path) -> None:
+def check_writable(path: str | Path) -> Path:
+    """Create `path`'s folder now, so a bad --out fails before a long run rather than after it."""
     p = Path(path)
-    if p.parent and not p.parent.exists():
+    if p.is_dir():
+        raise BenchError(f"{p}: is a directory, expected a file path for the results")
+    try:
         p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    except OSError as e:
+        raise BenchError(f"{p}: cannot create its folder ({e.strerror})") from None
+    return p
+
+
+def save(data: dict, path: str | Path) -> None:
+    p = check_writable(path)
+    try:
+        p.write_text(json.dumps(data, indent=1, sort_keys=False) + "\n")
+    except OSError as e:
+        raise BenchError(f"{p}: cannot write ({e.strerror})") from None
 
 
 def _f(x: float | None, fmt: str) -> str:
