@@ -4,6 +4,7 @@
 #include <cstdlib>
 #include <limits>
 #include <sstream>
+#include <type_traits>
 
 // The Fortran BLAS that torch links (MKL in the x86 wheels, OpenBLAS elsewhere). Weak, so an extension loaded into
 // a torch without these symbols still imports and takes the at::addmm_out path.
@@ -14,6 +15,12 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+// MKL's packed GEMM (CBLAS enums passed as int: RowMajor 101, NoTrans 111, Trans 112, Packed 151, BMatrix 162).
+size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
+void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld,
+                      float* dest) __attribute__((weak));
+void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
+                         const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
 namespace fastrnn {
@@ -120,5 +127,45 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const
           const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   gemm_impl<double>(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
+
+namespace {
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112, kPacked = 151, kBMatrix = 162;
+constexpr int64_t kPackMinRows = 2;
+
+bool packing_enabled() {
+  const char* v = std::getenv("FASTRNN_CPP_PACKED");
+  return cblas_sgemm_pack_get_size != nullptr && cblas_sgemm_pack != nullptr && cblas_sgemm_compute != nullptr &&
+         !(v != nullptr && std::string(v) == "0");
+}
+}  // namespace
+
+template <typename T>
+StepGemm<T>::StepGemm(const T* w, bool trans, int64_t N, int64_t K, int64_t max_m)
+    : w_(w), trans_(trans), N_(N), K_(K) {
+  // One row (B = 1) is a matrix-vector product: MKL's gemv path on the plain weight beats the packed one there.
+  if constexpr (std::is_same_v<T, float>) {
+    if (max_m < kPackMinRows || N <= 0 || K <= 0 || !packing_enabled()) return;
+    const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(max_m), int(N), int(K));
+    packed_ = at::empty({int64_t(bytes / sizeof(float)) + 16}, at::TensorOptions().dtype(at::kFloat));
+    cblas_sgemm_pack(kRowMajor, kBMatrix, trans ? kTrans : kNoTrans, int(max_m), int(N), int(K), 1.0f, w,
+                     int(trans ? K : N), packed_.data_ptr<float>());
+  }
+}
+
+template <typename T>
+void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
+  if (m <= 0) return;
+  if constexpr (std::is_same_v<T, float>) {
+    if (packed_.defined()) {
+      cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m), int(N_), int(K_), a, int(lda),
+                          packed_.data_ptr<float>(), int(trans_ ? K_ : N_), beta, c, int(ldc));
+      return;
+    }
+  }
+  gemm(false, trans_, m, N_, K_, T(1), a, lda, w_, trans_ ? K_ : N_, beta, c, ldc);
+}
+
+template class StepGemm<float>;
+template class StepGemm<double>;
 
 }  // namespace fastrnn

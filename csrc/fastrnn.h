@@ -109,11 +109,32 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double al
 // True when gemm goes straight to the BLAS linked into torch (sgemm_/dgemm_), false on the at::addmm_out path.
 bool has_direct_blas();
 
+// C[m, N] = A[m, K] @ op(W) + beta C for one weight W that every step multiplies: W is [N, K] (trans, op = W^T) or
+// [K, N], row-major. With MKL (float32, 2+ rows) W is packed once here, so a step's GEMM does not repack W;
+// otherwise each call is a plain gemm. FASTRNN_CPP_PACKED=0 turns packing off (read when the object is built).
+template <typename T>
+class StepGemm {
+ public:
+  StepGemm(const T* w, bool trans, int64_t N, int64_t K, int64_t max_m);
+  void operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const;
+  bool packed() const { return packed_.defined(); }
+
+ private:
+  const T* w_;
+  bool trans_;
+  int64_t N_, K_;
+  Tensor packed_;  // MKL's packed copy of W, undefined when not packing
+};
+
+extern template class StepGemm<float>;
+extern template class StepGemm<double>;
+
 // gh[0:n] = h_{t-1} @ w^T for the n rows of step t: rows [0, k) from hsrc (out[src]), rows [k, n) from h0.
 template <typename T>
-inline void gemm_prev(const T* hsrc, const T* h0, int64_t k, int64_t n, int64_t P, const T* w, int64_t GH, T* gh) {
-  if (k > 0) gemm(false, true, k, GH, P, T(1), hsrc, P, w, P, T(0), gh, GH);
-  if (n > k) gemm(false, true, n - k, GH, P, T(1), h0 + k * P, P, w, P, T(0), gh + k * GH, GH);
+inline void gemm_prev(const StepGemm<T>& w, const T* hsrc, const T* h0, int64_t k, int64_t n, int64_t P, T* gh,
+                      int64_t ldg) {
+  if (k > 0) w(k, hsrc, P, T(0), gh, ldg);
+  if (n > k) w(n - k, h0 + k * P, P, T(0), gh + k * ldg, ldg);
 }
 
 // d_w[GH,P] = sum over steps and rows of dg[t,b]^T h_{t-1}[b]: two GEMMs over all T*B rows (rows a step does not

@@ -70,11 +70,12 @@ template <typename T>
 void gru_forward_kernel(const Walk& w, int64_t H, const T* gx, const T* h0, const T* w_hh, const T* bias, T* out,
                         T* gates, T* extra, T* gh_buf) {
   const int64_t B = w.B, GH = 3 * H;
+  const StepGemm<T> whh(w_hh, true, GH, H, B);
   for (int64_t i = 0; i < w.T; ++i) {
     const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
     const T* hsrc = k > 0 ? out + w.src(t) * B * H : nullptr;
     T* gh = gates ? gates + t * B * GH : gh_buf;
-    gemm_prev(hsrc, h0, k, n, H, w_hh, GH, gh);
+    gemm_prev(whh, hsrc, h0, k, n, H, gh, GH);
     T* ot = out + t * B * H;
     T* et = extra ? extra + t * B * H : nullptr;
     auto hprev = [&](int64_t r) { return r < k ? hsrc + r * H : h0 + r * H; };
@@ -91,6 +92,7 @@ template <typename T>
 void gru_backward_kernel(const Walk& w, int64_t H, const T* d_out, T* dh, const T* h0, const T* w_hh, const T* out,
                          const T* gates, const T* extra, T* d_gx, T* d_gh, T* d_w_hh, T* dg0) {
   const int64_t B = w.B, GH = 3 * H;
+  const StepGemm<T> whh(w_hh, false, H, GH, B);
   for (int64_t i = w.T - 1; i >= 0; --i) {
     const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
     const T* hsrc = k > 0 ? out + w.src(t) * B * H : nullptr;
@@ -102,7 +104,7 @@ void gru_backward_kernel(const Walk& w, int64_t H, const T* d_out, T* dh, const 
     });
     zero_rows(dxt, n, B, GH);
     zero_rows(dgt, n, B, GH);
-    gemm(false, false, n, H, GH, T(1), dgt, GH, w_hh, H, T(1), dh, H);
+    whh(n, dgt, GH, T(1), dh, H);
   }
   weight_grad(w, d_gh, GH, out, h0, GH, H, dg0, d_w_hh);
 }

@@ -70,10 +70,11 @@ template <typename T>
 void lstm_forward_kernel(const Walk& w, int64_t H, int64_t P, const T* gx, const T* h0, const T* w_hh, const T* bias,
                          const T* w_hr, T* out, T* c, T* gates, T* extra, T* gh_buf, T* hbar) {
   const int64_t B = w.B, GH = 4 * H;
+  const StepGemm<T> whh(w_hh, true, GH, P, B), whr(w_hr, true, P, H, w_hr ? B : 0);
   for (int64_t i = 0; i < w.T; ++i) {
     const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
     T* gh = gates ? gates + t * B * GH : gh_buf;
-    gemm_prev(k > 0 ? out + w.src(t) * B * P : nullptr, h0, k, n, P, w_hh, GH, gh);
+    gemm_prev(whh, k > 0 ? out + w.src(t) * B * P : nullptr, h0, k, n, P, gh, GH);
     T* ot = out + t * B * P;
     T* hdst = w_hr ? hbar : ot;
     T* st = gates ? gates + t * B * GH : nullptr;
@@ -81,7 +82,7 @@ void lstm_forward_kernel(const Walk& w, int64_t H, int64_t P, const T* gx, const
     at::parallel_for(0, n, row_grain(GH), [&](int64_t r0, int64_t r1) {
       lstm_fwd_rows(r0, r1, H, gx + t * B * GH, gh, bias, c, hdst, st, et);
     });
-    if (w_hr) gemm(false, true, n, P, H, T(1), hbar, H, w_hr, H, T(0), ot, P);
+    if (w_hr) whr(n, hbar, H, T(0), ot, P);
     zero_rows(ot, n, B, P);
     if (st) zero_rows(st, n, B, GH);
     if (et) zero_rows(et, n, B, H);
@@ -93,6 +94,7 @@ void lstm_backward_kernel(const Walk& w, int64_t H, int64_t P, const T* d_out, T
                           const T* c0, const T* w_hh, const T* w_hr, const T* out, const T* gates, const T* extra,
                           T* d_gx, T* d_w_hh, T* d_w_hr, T* dhfull, T* hbar, T* dhbar, T* dg0) {
   const int64_t B = w.B, GH = 4 * H;
+  const StepGemm<T> whh(w_hh, false, P, GH, B), whr(w_hr, false, H, P, w_hr ? B : 0);
   for (int64_t i = w.T - 1; i >= 0; --i) {
     const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
     const T* dot = d_out + t * B * P;
@@ -103,7 +105,7 @@ void lstm_backward_kernel(const Walk& w, int64_t H, int64_t P, const T* d_out, T
       T* dhf = dhfull + t * B * P;
       for (int64_t e = 0; e < n * P; ++e) dhf[e] = dh[e] + dot[e];
       zero_rows(dhf, n, B, P);
-      gemm(false, false, n, H, P, T(1), dhf, P, w_hr, H, T(0), dhbar, H);
+      whr(n, dhf, P, T(0), dhbar, H);
     }
     const T* ext = extra + t * B * H;
     const T* cprev_src = k > 0 ? extra + w.src(t) * B * H : nullptr;
@@ -113,7 +115,7 @@ void lstm_backward_kernel(const Walk& w, int64_t H, int64_t P, const T* d_out, T
     });
     zero_rows(dgt, n, B, GH);
     if (hbt) zero_rows(hbt, n, B, H);
-    gemm(false, false, n, P, GH, T(1), dgt, GH, w_hh, P, T(0), dh, P);
+    whh(n, dgt, GH, T(0), dh, P);
   }
   weight_grad(w, d_gx, GH, out, h0, GH, P, dg0, d_w_hh);
   if (w_hr) gemm(true, false, P, H, w.T * B, T(1), dhfull, P, hbar, H, T(0), d_w_hr, H);

@@ -38,10 +38,11 @@ void rnn_bwd_rows(int64_t r0, int64_t r1, int64_t H, const T* dh, const T* d_out
 template <typename T, bool kRelu>
 void rnn_forward_kernel(const Walk& w, int64_t H, const T* gx, const T* h0, const T* w_hh, const T* bias, T* out) {
   const int64_t B = w.B;
+  const StepGemm<T> whh(w_hh, true, H, H, B);
   for (int64_t i = 0; i < w.T; ++i) {
     const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
     T* ot = out + t * B * H;
-    gemm_prev(k > 0 ? out + w.src(t) * B * H : nullptr, h0, k, n, H, w_hh, H, ot);
+    gemm_prev(whh, k > 0 ? out + w.src(t) * B * H : nullptr, h0, k, n, H, ot, H);
     at::parallel_for(0, n, row_grain(4 * H), [&](int64_t r0, int64_t r1) {
       rnn_fwd_rows<T, kRelu>(r0, r1, H, gx + t * B * H, bias, ot);
     });
@@ -53,6 +54,7 @@ template <typename T, bool kRelu>
 void rnn_backward_kernel(const Walk& w, int64_t H, const T* d_out, T* dh, const T* h0, const T* w_hh, const T* out,
                          T* d_gx, T* d_w_hh, T* dg0) {
   const int64_t B = w.B;
+  const StepGemm<T> whh(w_hh, false, H, H, B);
   for (int64_t i = w.T - 1; i >= 0; --i) {
     const int64_t t = w.step(i), n = w.bs[t];
     T* dgt = d_gx + t * B * H;
@@ -60,7 +62,7 @@ void rnn_backward_kernel(const Walk& w, int64_t H, const T* d_out, T* dh, const 
       rnn_bwd_rows<T, kRelu>(r0, r1, H, dh, d_out + t * B * H, out + t * B * H, dgt);
     });
     zero_rows(dgt, n, B, H);
-    gemm(false, false, n, H, H, T(1), dgt, H, w_hh, H, T(0), dh, H);
+    whh(n, dgt, H, T(0), dh, H);
   }
   weight_grad(w, d_gx, H, out, h0, H, H, dg0, d_w_hh);
 }
