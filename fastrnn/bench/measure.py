@@ -682,5 +682,6 @@ def header(device: str, preset: str | None, settings: Settings, gemm_n: int, gem
             "ratio_vs_torch": "median of per-round torch.nn ms / backend ms, rounds interleaved (>1 = faster)",
             "flops": "2*T*B*G*H*(I+H) per forward (input projection + recurrence GEMMs); training = 3x forward",
             "peak_mem_bytes": "cpu: bytes saved for backward by one forward; cuda: max_memory_allocated delta",
+            "clock": "cpu = process CPU time (one-thread CPU cases), wall = wall time (more threads, CUDA)",
         },
     }

@@ -298,7 +298,7 @@ def markdown_table(data: dict) -> str:
         f"Measured on {m.get('cpu_model', '?')} ({m.get('cores', '?')} cores), torch {v.get('torch', '?')}, "
         f"fastrnn {v.get('fastrnn', '?')} at commit `{commit}`, {data.get('created', '?')}; "
         f"sgemm {_f(data.get('gemm', {}).get('gflops'), '.1f')} GFLOP/s. Ratio = torch.nn time / backend time "
-        "(> 1 is faster), both measured in the same run.",
+        "(> 1 is faster; median over rounds that time both back to back in the same run).",
         "",
         "| cell | mode | T | B | H | threads | backend | torch.nn ms | backend ms | ratio | GFLOP/s |",
         "|---|---|--:|--:|--:|--:|---|--:|--:|--:|--:|",
