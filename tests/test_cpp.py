@@ -109,12 +109,47 @@ def test_relu_nan_propagates_like_torch():
     assert_close(got[0], exp[0], F64, 3, "out with a NaN input")
 
 
+HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize(
+    "cell,P,bs,reverse",
+    [
+        pytest.param("lstm", 9, PACKED, True, id="lstm-proj-packed-reverse"),
+        pytest.param("gru", 16, PACKED, False, id="gru-packed"),
+        pytest.param("rnn_relu", 16, None, True, id="rnn_relu-reverse"),
+    ],
+)
+def test_half_precision_matches_reference(cell, P, bs, reverse, dtype):
+    """Half types run the float32 kernels on widened inputs: the reference's recipe, so nearly the same bits."""
+    gx, h0, c0, w_hh, b_hh, w_hr = (None if t is None else t.to(dtype) for t in _inputs(cell, 5, 5, 16, P, F32, True))
+    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
+    args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, True)
+    got, exp = cpp.forward(*args), ref.forward(*args)
+    tol = HALF_TOL[dtype]
+    for name, a, e in zip(("out", "h_n", "c_n", "gates", "extra"), got, exp, strict=True):
+        assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
+        assert_close(a, e, name=f"forward {name}", rtol=tol, atol=tol)
+    d_out, d_h_n = torch.randn_like(exp[0]), torch.randn_like(h0)
+    d_c_n = torch.randn_like(c0) if c0 is not None else None
+    bargs = (cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, exp[0], *exp[3:])
+    for name, a, e in zip(
+        ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr"), cpp.backward(*bargs), ref.backward(*bargs), strict=True
+    ):
+        if e is None:
+            assert a is None, f"{name}: expected None"
+        else:
+            assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+            assert_close(a, e, name=name, rtol=tol, atol=tol)
+
+
 def test_supports_and_available():
     assert cpp.available() == (True, "")
-    assert cpp.supports("gru", F32, torch.device("cpu"))[0]
-    assert cpp.supports("lstm", F64, torch.device("cpu"))[0]
-    ok, why = cpp.supports("gru", torch.bfloat16, torch.device("cpu"))
-    assert not ok and "bfloat16" in why
+    for dtype in (F32, F64, torch.bfloat16, torch.float16):
+        assert cpp.supports("gru", dtype, torch.device("cpu"))[0]
+    ok, why = cpp.supports("gru", torch.int32, torch.device("cpu"))
+    assert not ok and "int32" in why
     ok, why = cpp.supports("lstm", F32, torch.device("meta"))
     assert not ok and "CPU" in why
 

@@ -2,6 +2,10 @@
 
 Every tensor argument is contiguous and of one dtype and device (ops.py sees to that); the C++ entry points check
 shapes, dtypes, devices and contiguity again before touching memory. Outputs are allocated in C++.
+
+The kernels are float32 and float64. bfloat16 and float16 run the float32 kernels on inputs widened once per call
+and round the results back: the reference's own recipe (state and saved activations in float32, cells.saved_dtype),
+so the numbers match it; the cost is one conversion pass over gx, out and the gradients.
 """
 
 from __future__ import annotations
@@ -13,14 +17,28 @@ from fastrnn.backends import optional_import
 from fastrnn.cells import check_cell
 
 NAME = "cpp"
-DTYPES = (torch.float32, torch.float64)
+KERNEL_DTYPES = (torch.float32, torch.float64)
+WIDENED_DTYPES = (torch.bfloat16, torch.float16)  # computed by the float32 kernels
 
 _NOT_BUILT = "the C++ extension fastrnn._C is not built: run `pip install --no-build-isolation -e .` in the source tree"
 
 
+_module = None
+
+
 def _ext():
-    mod, _ = optional_import("fastrnn._C")
-    return mod
+    global _module
+    if _module is None:
+        _module, _ = optional_import("fastrnn._C")
+    return _module
+
+
+def _f32(t: Tensor | None) -> Tensor | None:
+    return None if t is None else t.float()
+
+
+def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def available() -> tuple[bool, str]:
@@ -33,8 +51,8 @@ def supports(cell: str, dtype: torch.dtype, device: torch.device) -> tuple[bool,
     check_cell(cell)
     if torch.device(device).type != "cpu":
         return False, f"the cpp backend runs on CPU tensors only, got device {device}"
-    if dtype not in DTYPES:
-        return False, f"the cpp backend supports float32 and float64, got {dtype}"
+    if dtype not in KERNEL_DTYPES + WIDENED_DTYPES:
+        return False, f"the cpp backend supports float32, float64, bfloat16 and float16, got {dtype}"
     return True, ""
 
 
@@ -51,6 +69,10 @@ def forward(
     need_saved: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """gx [T,B,G*H], h0 [B,P], c0 [B,H]|None -> out [T,B,P], h_n [B,P], c_n, gates, extra (cells.py layout)."""
+    if gx.dtype in WIDENED_DTYPES:
+        args = (_f32(gx), _f32(h0), _f32(c0), _f32(w_hh), _f32(b_hh), _f32(w_hr), batch_sizes, reverse, need_saved)
+        out, h_n, c_n, gates, extra = forward(cell, *args)
+        return out.to(gx.dtype), h_n.to(gx.dtype), c_n.to(gx.dtype), gates, extra
     C = _ext()
     check_cell(cell)
     if cell == "lstm":
@@ -82,6 +104,11 @@ def backward(
     extra: Tensor,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
     """-> d_gx [T,B,G*H], d_h0 [B,P], d_c0 [B,H]|None, d_w_hh, d_b_hh|None, d_w_hr|None."""
+    dt = out.dtype
+    if dt in WIDENED_DTYPES:
+        wide = (_f32(d_out), _f32(d_h_n), _f32(d_c_n), _f32(h0), _f32(c0), _f32(w_hh), _f32(b_hh), _f32(w_hr))
+        grads = backward(cell, *wide, batch_sizes, reverse, _f32(out), gates, extra)
+        return tuple(_to(g, dt) for g in grads)  # type: ignore[return-value]
     C = _ext()
     check_cell(cell)
     if cell == "lstm":
