@@ -70,34 +70,40 @@ def _sigmoid_impl(x):
 
 @jit()
 def _lstm_fwd_block(k, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, proj, need_saved):
-    # hidden units j0..j1 of step t: gh = h_{t-1} @ W_k^T into ghb[k] [n, 4*hb], then the fused pass
+    # hidden units j0..j1 of step t: gh = h_{t-1} @ W_k^T into ghb[k] [n, 4*hb], then per row short loops over
+    # one or two arrays each (bias, activations, cell update, saving) that LLVM vectorizes; the row stays in L1
     H = c.shape[1]
     hb = wb.shape[1] // 4
     j0 = k * hb
-    j1 = min(H, j0 + hb)
+    w = min(H, j0 + hb) - j0
     gh = ghb[k, :n]
     np.dot(h[:n], wb[k].T, gh)
     bk = bb[k]
     for r in range(n):
-        for j in range(j0, j1):
-            q = j - j0
-            i = _sigmoid(gx[t, r, j] + gh[r, q] + bk[q])
-            f = _sigmoid(gx[t, r, H + j] + gh[r, hb + q] + bk[hb + q])
-            g = _tanh(gx[t, r, 2 * H + j] + gh[r, 2 * hb + q] + bk[2 * hb + q])
-            o = _sigmoid(gx[t, r, 3 * H + j] + gh[r, 3 * hb + q] + bk[3 * hb + q])
-            cn = f * c[r, j] + i * g
-            c[r, j] = cn
-            hn = o * _tanh(cn)
-            if proj:
-                hbar[r, j] = hn
-            else:
-                out[t, r, j] = hn
-            if need_saved:
-                gates[t, r, j] = i
-                gates[t, r, H + j] = f
-                gates[t, r, 2 * H + j] = g
-                gates[t, r, 3 * H + j] = o
-                extra[t, r, j] = cn
+        a = gh[r]  # [4hb] pre-activations, then activations (i, f, g, o)
+        x = gx[t, r]
+        for g in range(4):
+            for q in range(w):
+                a[g * hb + q] += x[g * H + j0 + q] + bk[g * hb + q]
+        for q in range(w):
+            a[q] = _sigmoid(a[q])
+            a[hb + q] = _sigmoid(a[hb + q])
+            a[2 * hb + q] = _tanh(a[2 * hb + q])
+            a[3 * hb + q] = _sigmoid(a[3 * hb + q])
+        cr = c[r, j0:j0 + w]
+        hr = hbar[r, j0:j0 + w] if proj else out[t, r, j0:j0 + w]
+        for q in range(w):
+            cn = a[hb + q] * cr[q] + a[q] * a[2 * hb + q]
+            cr[q] = cn
+            hr[q] = a[3 * hb + q] * _tanh(cn)
+        if need_saved:
+            sg = gates[t, r]
+            for g in range(4):
+                for q in range(w):
+                    sg[g * H + j0 + q] = a[g * hb + q]
+            se = extra[t, r]
+            for q in range(w):
+                se[j0 + q] = cr[q]
 
 
 @jit(parallel=True)
@@ -139,22 +145,28 @@ def _lstm_bwd_block(k, nblk, t, n, kp, src, dhb, dc, c0, gates, extra, dg, hbar_
     j0 = k * hb
     j1 = min(H, j0 + hb)
     for r in range(n):
+        sg = gates[t, r]
+        ct = extra[t, r]
+        cp = extra[src, r] if r < kp else c0[r]
+        d = dg[t, r]
+        dht = dhb[r]
+        dcr = dc[r]
         for j in range(j0, j1):
-            i = gates[t, r, j]
-            f = gates[t, r, H + j]
-            g = gates[t, r, 2 * H + j]
-            o = gates[t, r, 3 * H + j]
-            cp = extra[src, r, j] if r < kp else c0[r, j]
-            tc = _tanh(extra[t, r, j])
-            dht = dhb[r, j]
-            if proj:
-                hbar_all[t, r, j] = o * tc
-            dct = dc[r, j] + dht * o * (1.0 - tc * tc)
-            dg[t, r, j] = dct * g * i * (1.0 - i)
-            dg[t, r, H + j] = dct * cp * f * (1.0 - f)
-            dg[t, r, 2 * H + j] = dct * i * (1.0 - g * g)
-            dg[t, r, 3 * H + j] = dht * tc * o * (1.0 - o)
-            dc[r, j] = dct * f
+            i = sg[j]
+            f = sg[H + j]
+            g = sg[2 * H + j]
+            o = sg[3 * H + j]
+            tc = _tanh(ct[j])
+            dct = dcr[j] + dht[j] * o * (1.0 - tc * tc)
+            d[j] = dct * g * i * (1.0 - i)
+            d[H + j] = dct * cp[j] * f * (1.0 - f)
+            d[2 * H + j] = dct * i * (1.0 - g * g)
+            d[3 * H + j] = dht[j] * tc * o * (1.0 - o)
+            dcr[j] = dct * f
+        if proj:
+            hr = hbar_all[t, r]
+            for j in range(j0, j1):
+                hr[j] = sg[3 * H + j] * _tanh(ct[j])
 
 
 @jit(parallel=True)
@@ -204,27 +216,39 @@ def lstm_bwd_kernel(
 
 @jit()
 def _gru_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, gates, extra, need_saved):
-    # hidden units j0..j1 of step t: gh = h_{t-1} @ W_k^T into ghb[k] [n, 3*hb], then the fused pass
+    # hidden units j0..j1 of step t: gh = h_{t-1} @ W_k^T into ghb[k] [n, 3*hb], then per row short loops that
+    # LLVM vectorizes (bias, gates, state update, saving)
     H = h.shape[1]
     hb = wb.shape[1] // 3
     j0 = k * hb
-    j1 = min(H, j0 + hb)
+    w = min(H, j0 + hb) - j0
     gh = ghb[k, :n]
     np.dot(h[:n], wb[k].T, gh)
     bk = bb[k]
     for r in range(n):
-        for j in range(j0, j1):
-            q = j - j0
-            rg = _sigmoid(gx[t, r, j] + gh[r, q] + bk[q])
-            z = _sigmoid(gx[t, r, H + j] + gh[r, hb + q] + bk[hb + q])
-            hn = gh[r, 2 * hb + q] + bk[2 * hb + q]
-            nn = _tanh(gx[t, r, 2 * H + j] + rg * hn)
-            out[t, r, j] = (1.0 - z) * nn + z * h[r, j]
-            if need_saved:
-                gates[t, r, j] = rg
-                gates[t, r, H + j] = z
-                gates[t, r, 2 * H + j] = nn
-                extra[t, r, j] = hn
+        a = gh[r]  # [3hb]: r, z pre-activations then activations; W_hn h + b_hn; then n
+        x = gx[t, r]
+        for g in range(3):
+            for q in range(w):
+                a[g * hb + q] += bk[g * hb + q]
+        if need_saved:
+            se = extra[t, r]
+            for q in range(w):
+                se[j0 + q] = a[2 * hb + q]
+        for q in range(w):
+            a[q] = _sigmoid(a[q] + x[j0 + q])
+            a[hb + q] = _sigmoid(a[hb + q] + x[H + j0 + q])
+            a[2 * hb + q] = _tanh(x[2 * H + j0 + q] + a[q] * a[2 * hb + q])
+        hp = h[r, j0:j0 + w]
+        hr = out[t, r, j0:j0 + w]
+        for q in range(w):
+            z = a[hb + q]
+            hr[q] = (1.0 - z) * a[2 * hb + q] + z * hp[q]
+        if need_saved:
+            sg = gates[t, r]
+            for g in range(3):
+                for q in range(w):
+                    sg[g * H + j0 + q] = a[g * hb + q]
 
 
 @jit(parallel=True)
@@ -262,21 +286,24 @@ def _gru_bwd_block(k, nblk, t, n, kp, src, dh, h0, out, gates, extra, dg, dgh):
     j0 = k * hb
     j1 = min(H, j0 + hb)
     for r in range(n):
+        sg = gates[t, r]
+        hn = extra[t, r]
+        hp = out[src, r] if r < kp else h0[r]
+        dht = dh[r]
+        d = dg[t, r]
         for j in range(j0, j1):
-            rg = gates[t, r, j]
-            z = gates[t, r, H + j]
-            nn = gates[t, r, 2 * H + j]
-            hp = out[src, r, j] if r < kp else h0[r, j]
-            dht = dh[r, j]
-            dn = dht * (1.0 - z) * (1.0 - nn * nn)
-            dr = dn * extra[t, r, j] * rg * (1.0 - rg)
-            dz = dht * (hp - nn) * z * (1.0 - z)
-            dg[t, r, j] = dr
-            dg[t, r, H + j] = dz
-            dg[t, r, 2 * H + j] = dn
-            dgh[t, r, j] = dr
-            dgh[t, r, H + j] = dz
-            dgh[t, r, 2 * H + j] = dn * rg
+            rg = sg[j]
+            z = sg[H + j]
+            nn = sg[2 * H + j]
+            dn = dht[j] * (1.0 - z) * (1.0 - nn * nn)
+            d[j] = dn * hn[j] * rg * (1.0 - rg)
+            d[H + j] = dht[j] * (hp[j] - nn) * z * (1.0 - z)
+            d[2 * H + j] = dn
+        e = dgh[t, r]
+        for j in range(j0, j1):
+            e[j] = d[j]
+            e[H + j] = d[H + j]
+            e[2 * H + j] = d[2 * H + j] * sg[j]
 
 
 @jit(parallel=True)
