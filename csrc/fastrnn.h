@@ -110,7 +110,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double al
 bool has_direct_blas();
 
 // C[m, N] = A[m, K] @ op(W) + beta C for one weight W that every step multiplies: W is [N, K] (trans, op = W^T) or
-// [K, N], row-major. With MKL (float32, 2+ rows) W is packed once here, so a step's GEMM does not repack W;
+// [K, N], row-major. With MKL (float32, 3+ rows) W is packed once here, so a step's GEMM does not repack W;
 // otherwise each call is a plain gemm. FASTRNN_CPP_PACKED=0 turns packing off (read when the object is built).
 template <typename T>
 class StepGemm {
