@@ -101,6 +101,22 @@ def test_inference_saves_nothing(cell):
     assert_close(h_n, exp[1], F64, 4, "h_n")
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("T,B,bs", [(0, 3, None), (3, 0, None), (2, 3, [3, 0])], ids=["T0", "B0", "empty-step"])
+def test_degenerate_sizes(cell, T, B, bs):
+    gx, h0, c0, w_hh, b_hh, _ = _inputs(cell, T, B, 4, 4, F64, True)
+    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
+    args = (cell, gx, h0, c0, w_hh, b_hh, None, batch_sizes, False, True)
+    got, exp = cpp.forward(*args), ref.forward(*args)
+    for name, a, e in zip(("out", "h_n", "c_n"), got[:3], exp[:3], strict=True):
+        assert_close(a, e, F64, 1, name)
+    ones = (torch.ones_like(exp[0]), torch.ones_like(h0), None if c0 is None else torch.ones_like(c0))
+    bargs = (cell, *ones, h0, c0, w_hh, b_hh, None, batch_sizes, False, exp[0], *exp[3:])
+    for name, a, e in zip(("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh"), cpp.backward(*bargs), ref.backward(*bargs)):
+        if e is not None:
+            assert_close(a, e, F64, 1, name)
+
+
 def test_relu_nan_propagates_like_torch():
     gx, h0, _, w_hh, b_hh, _ = _inputs("rnn_relu", 3, 2, 8, 8, F64, True)
     gx[1, 0, 3] = float("nan")
