@@ -12,6 +12,7 @@ pytest.importorskip("numba")
 
 import fastrnn  # noqa: E402
 from fastrnn.backends import get  # noqa: E402
+from fastrnn.backends.numba.common import THREADS_VAR  # noqa: E402
 from fastrnn.cells import GATES, batch_sizes_list  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 
@@ -34,30 +35,31 @@ def _inputs(cell: str, T: int, B: int, H: int, P: int, dtype: torch.dtype, bias:
 
 
 CASES = [
-    pytest.param("lstm", 7, 5, 33, 33, None, False, True, id="lstm-T7-H33"),
-    pytest.param("lstm", 7, 5, 33, 17, None, False, True, id="lstm-proj"),
-    pytest.param("lstm", 5, 5, 16, 16, [5, 5, 3, 2, 1], False, True, id="lstm-packed"),
-    pytest.param("lstm", 5, 5, 16, 16, [5, 5, 3, 2, 1], True, True, id="lstm-packed-reverse"),
-    pytest.param("lstm", 5, 5, 16, 9, [5, 5, 3, 2, 1], True, False, id="lstm-proj-packed-reverse-nobias"),
-    pytest.param("lstm", 1, 1, 8, 8, None, False, True, id="lstm-T1-B1"),
-    pytest.param("gru", 7, 5, 33, 33, None, False, True, id="gru-T7-H33"),
-    pytest.param("gru", 5, 5, 16, 16, [5, 5, 3, 2, 1], False, True, id="gru-packed"),
-    pytest.param("gru", 5, 5, 16, 16, [5, 5, 3, 2, 1], True, False, id="gru-packed-reverse-nobias"),
-    pytest.param("gru", 1, 1, 8, 8, None, True, True, id="gru-T1-B1-reverse"),
-    pytest.param("rnn_tanh", 7, 5, 33, 33, None, True, True, id="rnn_tanh-T7-H33-reverse"),
-    pytest.param("rnn_tanh", 5, 5, 16, 16, [5, 5, 3, 2, 1], True, True, id="rnn_tanh-packed-reverse"),
-    pytest.param("rnn_relu", 7, 5, 33, 33, None, False, False, id="rnn_relu-T7-H33-nobias"),
-    pytest.param("rnn_relu", 5, 5, 16, 16, [5, 5, 3, 2, 1], False, True, id="rnn_relu-packed"),
-    # large enough that a step is split into blocks over threads (common.PARALLEL_MIN_MACS)
-    pytest.param("lstm", 3, 16, 260, 130, [16, 9, 4], True, True, id="lstm-proj-blocked-packed-reverse"),
-    pytest.param("gru", 3, 16, 300, 300, [16, 9, 4], False, True, id="gru-blocked-packed"),
-    pytest.param("rnn_tanh", 3, 16, 520, 520, None, False, True, id="rnn_tanh-blocked"),
+    pytest.param("lstm", 7, 5, 33, 33, None, False, True, 1, id="lstm-T7-H33"),
+    pytest.param("lstm", 7, 5, 33, 17, None, False, True, 1, id="lstm-proj"),
+    pytest.param("lstm", 5, 5, 16, 16, [5, 5, 3, 2, 1], False, True, 1, id="lstm-packed"),
+    pytest.param("lstm", 5, 5, 16, 16, [5, 5, 3, 2, 1], True, True, 1, id="lstm-packed-reverse"),
+    pytest.param("lstm", 5, 5, 16, 9, [5, 5, 3, 2, 1], True, False, 1, id="lstm-proj-packed-reverse-nobias"),
+    pytest.param("lstm", 1, 1, 8, 8, None, False, True, 1, id="lstm-T1-B1"),
+    pytest.param("gru", 7, 5, 33, 33, None, False, True, 1, id="gru-T7-H33"),
+    pytest.param("gru", 5, 5, 16, 16, [5, 5, 3, 2, 1], False, True, 1, id="gru-packed"),
+    pytest.param("gru", 5, 5, 16, 16, [5, 5, 3, 2, 1], True, False, 1, id="gru-packed-reverse-nobias"),
+    pytest.param("gru", 1, 1, 8, 8, None, True, True, 1, id="gru-T1-B1-reverse"),
+    pytest.param("rnn_tanh", 7, 5, 33, 33, None, True, True, 1, id="rnn_tanh-T7-H33-reverse"),
+    pytest.param("rnn_tanh", 5, 5, 16, 16, [5, 5, 3, 2, 1], True, True, 1, id="rnn_tanh-packed-reverse"),
+    pytest.param("rnn_relu", 7, 5, 33, 33, None, False, False, 1, id="rnn_relu-T7-H33-nobias"),
+    pytest.param("rnn_relu", 5, 5, 16, 16, [5, 5, 3, 2, 1], False, True, 1, id="rnn_relu-packed"),
+    # large enough (common.PARALLEL_MIN_MACS) that with 2 threads a step is split into blocks of hidden units
+    pytest.param("lstm", 3, 16, 260, 130, [16, 9, 4], True, True, 2, id="lstm-proj-blocked-packed-reverse"),
+    pytest.param("gru", 3, 16, 300, 300, [16, 9, 4], False, True, 2, id="gru-blocked-packed"),
+    pytest.param("rnn_tanh", 3, 16, 520, 520, None, False, True, 2, id="rnn_tanh-blocked"),
 ]
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("cell,T,B,H,P,bs,reverse,bias", CASES)
-def test_contract_matches_reference(cell, T, B, H, P, bs, reverse, bias, dtype):
+@pytest.mark.parametrize("cell,T,B,H,P,bs,reverse,bias,threads", CASES)
+def test_contract_matches_reference(cell, T, B, H, P, bs, reverse, bias, threads, dtype, monkeypatch):
+    monkeypatch.setenv(THREADS_VAR, str(threads))
     gx, h0, c0, w_hh, b_hh, w_hr = _inputs(cell, T, B, H, P, dtype, bias)
     batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
     args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, True)

@@ -26,6 +26,7 @@ from fastrnn.cells import prev_rows
 # A step is split over threads only when its GEMM has at least this many multiply-adds: below it, waking the
 # thread pool (tens of microseconds) costs more than the step.
 PARALLEL_MIN_MACS = 1 << 20
+THREADS_VAR = "FASTRNN_NUMBA_THREADS"
 PARFOR_OFF = dict(comprehension=False, reduction=False, inplace_binop=False, setitem=False, numpy=False,
                   stencil=False, fusion=False, prange=False)
 
@@ -52,11 +53,20 @@ def jit(parallel: bool = False) -> Callable[[Callable], Callable]:
     return deco
 
 
+def threads() -> int:
+    """Threads a step may be split over: FASTRNN_NUMBA_THREADS, else as many as torch uses (torch's OpenMP
+    pool and numba's are separate; giving numba more than torch's share makes the two fight over the cores),
+    at most numba's pool size."""
+    env = os.environ.get(THREADS_VAR, "").strip()
+    n = int(env) if env else torch.get_num_threads()
+    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+
+
 def n_blocks(macs_per_step: int, width: int) -> int:
     """How many column blocks (one thread each) a step's GEMM and fused pass are split into."""
     if macs_per_step < PARALLEL_MIN_MACS:
         return 1
-    return max(1, min(numba.get_num_threads(), width // 16))
+    return max(1, min(threads(), width // 16))
 
 
 def block_rows(w: Tensor, G: int, nblk: int) -> Tensor:

@@ -69,6 +69,15 @@ def _sigmoid_impl(x):
 
 
 @jit()
+def _matmul_t(a, b, out):
+    # out [n, N] = a [n, K] @ b [N, K]^T through BLAS; one row is a matrix-vector product (gemv beats a 1-row gemm)
+    if a.shape[0] == 1:
+        np.dot(b, a[0], out[0])
+    else:
+        np.dot(a, b.T, out)
+
+
+@jit()
 def _lstm_fwd_block(k, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, proj, need_saved):
     # hidden units j0..j1 of step t: gh = h_{t-1} @ W_k^T into ghb[k] [n, 4*hb], then per row short loops over
     # one or two arrays each (bias, activations, cell update, saving) that LLVM vectorizes; the row stays in L1
@@ -77,7 +86,7 @@ def _lstm_fwd_block(k, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, pro
     j0 = k * hb
     w = min(H, j0 + hb) - j0
     gh = ghb[k, :n]
-    np.dot(h[:n], wb[k].T, gh)
+    _matmul_t(h[:n], wb[k], gh)
     bk = bb[k]
     for r in range(n):
         a = gh[r]  # [4hb] pre-activations, then activations (i, f, g, o)
@@ -122,7 +131,7 @@ def lstm_fwd_kernel(gx, h, c, wb, bb, w_hr, bs, reverse, out, hbar, ghb, gates, 
             for k in prange(nblk):
                 _lstm_fwd_block(k, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, proj, need_saved)
         if proj:
-            np.dot(hbar[:n], w_hr.T, out[t, :n])
+            _matmul_t(hbar[:n], w_hr, out[t, :n])
         for r in range(n):
             for p in range(P):
                 h[r, p] = out[t, r, p]
@@ -194,7 +203,7 @@ def lstm_bwd_kernel(
             for r in range(n):
                 for p in range(P):
                     dhfull[t, r, p] = dh[r, p]
-            np.dot(dh[:n], w_hr, dhbar[:n])
+            _matmul_t(dh[:n], w_hr.T, dhbar[:n])
             dhb = dhbar
         if nblk == 1:
             _lstm_bwd_block(0, nblk, t, n, kp, src, dhb, dc, c0, gates, extra, dg, hbar_all, proj)
@@ -205,10 +214,10 @@ def lstm_bwd_kernel(
             for m in range(G4):
                 dg[t, r, m] = 0.0
         if nblkp == 1:
-            np.dot(dg[t, :n], wtb[0].T, dh[:n])
+            _matmul_t(dg[t, :n], wtb[0], dh[:n])
         else:
             for k in prange(nblkp):
-                np.dot(dg[t, :n], wtb[k].T, dhblk[k, :n])
+                _matmul_t(dg[t, :n], wtb[k], dhblk[k, :n])
             for r in range(n):
                 for p in range(P):
                     dh[r, p] = dhblk[p // pb, r, p % pb]
@@ -223,7 +232,7 @@ def _gru_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, gates, extra, need_saved):
     j0 = k * hb
     w = min(H, j0 + hb) - j0
     gh = ghb[k, :n]
-    np.dot(h[:n], wb[k].T, gh)
+    _matmul_t(h[:n], wb[k], gh)
     bk = bb[k]
     for r in range(n):
         a = gh[r]  # [3hb]: r, z pre-activations then activations; W_hn h + b_hn; then n
@@ -334,10 +343,10 @@ def gru_bwd_kernel(d_out, dh, h0, wtb, bs, kprev, reverse, out, gates, extra, dg
                 dgh[t, r, m] = 0.0
         # d_h_{t-1} = d_gh @ W_hh + d_h_t * z
         if nblkp == 1:
-            np.dot(dgh[t, :n], wtb[0].T, dhblk[0, :n])
+            _matmul_t(dgh[t, :n], wtb[0], dhblk[0, :n])
         else:
             for k in prange(nblkp):
-                np.dot(dgh[t, :n], wtb[k].T, dhblk[k, :n])
+                _matmul_t(dgh[t, :n], wtb[k], dhblk[k, :n])
         for r in range(n):
             for p in range(H):
                 dh[r, p] = dhblk[p // pb, r, p % pb] + dh[r, p] * gates[t, r, H + p]
@@ -350,7 +359,7 @@ def _rnn_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, relu):
     j0 = k * hb
     j1 = min(H, j0 + hb)
     gh = ghb[k, :n]
-    np.dot(h[:n], wb[k].T, gh)
+    _matmul_t(h[:n], wb[k], gh)
     bk = bb[k]
     for r in range(n):
         for j in range(j0, j1):
@@ -404,10 +413,10 @@ def rnn_bwd_kernel(d_out, dh, wtb, bs, reverse, out, dg, dhblk, relu):
             for j in range(H):
                 dg[t, r, j] = 0.0
         if nblkp == 1:
-            np.dot(dg[t, :n], wtb[0].T, dh[:n])
+            _matmul_t(dg[t, :n], wtb[0], dh[:n])
         else:
             for k in prange(nblkp):
-                np.dot(dg[t, :n], wtb[k].T, dhblk[k, :n])
+                _matmul_t(dg[t, :n], wtb[k], dhblk[k, :n])
             for r in range(n):
                 for p in range(H):
                     dh[r, p] = dhblk[p // pb, r, p % pb]
