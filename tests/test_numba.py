@@ -136,3 +136,14 @@ def test_gradcheck_modules(make, lstm, packed):
         return (out, *hx) if lstm else (out, hx)
 
     assert torch.autograd.gradcheck(f, (x, *params), atol=1e-7, rtol=1e-5)
+
+
+def test_jit_runs_uncached_where_no_cache_dir_is_writable(monkeypatch):
+    from numba.core.caching import CacheImpl
+
+    from fastrnn.backends.numba.common import jit
+
+    monkeypatch.setattr(CacheImpl, "_locator_classes", [])  # no writable location anywhere
+    with pytest.warns(RuntimeWarning, match="NUMBA_CACHE_DIR"):
+        twice = jit()(lambda x: 2 * x)
+    assert twice(21) == 42
