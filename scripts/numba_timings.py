@@ -1,7 +1,7 @@
 """Quick numbers for the numba backend (#5): first-call time of each cell, and sanity timings against torch.nn.
 
     python scripts/numba_timings.py first-call   # cold (empty NUMBA_CACHE_DIR) and warm first forward+backward
-    python scripts/numba_timings.py speed        # median of 5, torch.set_num_threads(2): torch.nn, numba, cpp
+    python scripts/numba_timings.py speed [N]    # median of 5 with N threads (default 2): torch.nn, numba, cpp
 
 Only the benchmark suite (fastrnn-bench) claims speed; these are sanity checks while developing.
 """
@@ -52,26 +52,25 @@ def first_call() -> None:
         print(f"{cell:10} {runs[0]:8.2f} {runs[1]:8.2f}")
 
 
-def _median(f, reps: int = 5) -> float:
+def _time(f) -> float:
+    t0 = time.perf_counter()
     f()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return time.perf_counter() - t0
 
 
-def speed() -> None:
+def speed(threads: int) -> None:
+    """Backends interleaved repetition by repetition, so load from other processes hits them alike."""
     import torch
 
     import fastrnn
-    from fastrnn import backends
+    from fastrnn.backends import is_available
 
-    torch.set_num_threads(2)
-    names = ["torch", "numba"] + (["cpp"] if backends.is_available("cpp")[0] else [])
+    torch.set_num_threads(threads)
+    os.environ["FASTRNN_NUMBA_THREADS"] = str(threads)
+    names = ["torch", "numba"] + (["cpp"] if is_available("cpp")[0] else [])
     shapes = [(32, 1, 64), (32, 16, 256), (128, 16, 256), (32, 64, 512), (32, 1, 1024), (32, 64, 1024)]
-    print(f"{'cell':9} {'T':>4} {'B':>3} {'H':>5} {'mode':6} " + " ".join(f"{n + ' ms':>9}" for n in names)
+    print(f"threads={threads}; median (min) of 5 in ms")
+    print(f"{'cell':9} {'T':>4} {'B':>3} {'H':>5} {'mode':6} " + " ".join(f"{n:>17}" for n in names)
           + "  numba/torch" + ("  numba/cpp" if "cpp" in names else ""))
     for cell, (cls, kw) in CELLS.items():
         for T, B, H in shapes:
@@ -82,7 +81,7 @@ def speed() -> None:
                 mods[n] = getattr(fastrnn, cls)(H, H, backend=n, **kw)
                 mods[n].load_state_dict(ref.state_dict())
             for mode in ("fwd", "train"):
-                res = {}
+                fns = {}
                 for n, m in mods.items():
                     if mode == "fwd":
                         def f(m=m):
@@ -94,11 +93,18 @@ def speed() -> None:
                         def f(m=m, xg=xg):
                             out, _ = m(xg)
                             out.sum().backward()
-                    res[n] = _median(f) * 1e3
-                line = f"{cell:9} {T:4} {B:3} {H:5} {mode:6} " + " ".join(f"{res[n]:9.2f}" for n in names)
-                line += f"  {res['numba'] / res['torch']:11.2f}"
-                if "cpp" in res:
-                    line += f"  {res['numba'] / res['cpp']:9.2f}"
+                    f()
+                    fns[n] = f
+                ts = {n: [] for n in names}
+                for _ in range(5):
+                    for n in names:
+                        ts[n].append(_time(fns[n]) * 1e3)
+                med = {n: statistics.median(v) for n, v in ts.items()}
+                line = f"{cell:9} {T:4} {B:3} {H:5} {mode:6} "
+                line += " ".join(f"{med[n]:9.2f} ({min(ts[n]):5.2f})" for n in names)
+                line += f"  {med['numba'] / med['torch']:11.2f}"
+                if "cpp" in med:
+                    line += f"  {med['numba'] / med['cpp']:9.2f}"
                 print(line, flush=True)
 
 
@@ -109,6 +115,6 @@ if __name__ == "__main__":
     elif what == "first-call":
         first_call()
     elif what == "speed":
-        speed()
+        speed(int(sys.argv[2]) if len(sys.argv) > 2 else 2)
     else:
         sys.exit(__doc__)
