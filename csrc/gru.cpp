@@ -22,7 +22,7 @@ void gru_fwd_rows(int64_t r0, int64_t r1, int64_t H, const T* gx, const T* gh, c
       Vec<T> r = vsigmoid(vload(x + j, n) + vload(g + j, n) + vload(bias + j, n));
       Vec<T> z = vsigmoid(vload(x + H + j, n) + vload(g + H + j, n) + vload(bias + H + j, n));
       Vec<T> hh = vload(g + 2 * H + j, n) + vload(bias + 2 * H + j, n);
-      Vec<T> nn = (vload(x + 2 * H + j, n) + r * hh).tanh();
+      Vec<T> nn = vtanh(vload(x + 2 * H + j, n) + r * hh);
       Vec<T> p = vload(hp + j, n);
       vstore(nn + z * (p - nn), hr + j, n);
       if (sg) {

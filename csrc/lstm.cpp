@@ -21,10 +21,10 @@ void lstm_fwd_rows(int64_t r0, int64_t r1, int64_t H, const T* gx, const T* gh, 
     T* se = extra ? extra + r * H : nullptr;
     vec_loop<T>(H, [&](int64_t j, int64_t n) {
       auto pre = [&](int64_t q) { return vload(x + q * H + j, n) + vload(g + q * H + j, n) + vload(bias + q * H + j, n); };
-      Vec<T> i = vsigmoid(pre(0)), f = vsigmoid(pre(1)), gg = pre(2).tanh(), o = vsigmoid(pre(3));
+      Vec<T> i = vsigmoid(pre(0)), f = vsigmoid(pre(1)), gg = vtanh(pre(2)), o = vsigmoid(pre(3));
       Vec<T> cn = f * vload(cr + j, n) + i * gg;
       vstore(cn, cr + j, n);
-      vstore(o * cn.tanh(), hr + j, n);
+      vstore(o * vtanh(cn), hr + j, n);
       if (sg) {
         vstore(i, sg + j, n);
         vstore(f, sg + H + j, n);
@@ -54,7 +54,7 @@ void lstm_bwd_rows(int64_t r0, int64_t r1, int64_t H, const T* dh, const T* d_ou
     vec_loop<T>(H, [&](int64_t j, int64_t n) {
       Vec<T> dht = dhbar ? vload(dhbar + r * H + j, n) : vload(dh + r * H + j, n) + vload(d_out + r * H + j, n);
       Vec<T> i = vload(sg + j, n), f = vload(sg + H + j, n), g = vload(sg + 2 * H + j, n), o = vload(sg + 3 * H + j, n);
-      Vec<T> tc = vload(ct + j, n).tanh();
+      Vec<T> tc = vtanh(vload(ct + j, n));
       Vec<T> dct = vload(dcr + j, n) + dht * o * (one - tc * tc);
       vstore(dct * g * i * (one - i), dg + j, n);
       vstore(dct * vload(cp + j, n) * f * (one - f), dg + H + j, n);

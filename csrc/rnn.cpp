@@ -15,7 +15,7 @@ void rnn_fwd_rows(int64_t r0, int64_t r1, int64_t H, const T* gx, const T* bias,
     vec_loop<T>(H, [&](int64_t j, int64_t n) {
       Vec<T> pre = vload(hr + j, n) + vload(x + j, n) + vload(bias + j, n);
       // relu keeps NaN (torch.relu does): select 0 only where pre < 0
-      vstore(kRelu ? Vec<T>::blendv(pre, zero, pre < zero) : pre.tanh(), hr + j, n);
+      vstore(kRelu ? Vec<T>::blendv(pre, zero, pre < zero) : vtanh(pre), hr + j, n);
     });
   }
 }
