@@ -214,9 +214,31 @@ inline Vec<T> vexp(const Vec<T>& x) {
     return x.exp();
   }
 }
+// 1/x. float32: the hardware estimate refined by one Newton step (~1 ulp), several times the throughput of a
+// vector division, which the five sigmoid/tanh of an LSTM cell would otherwise queue on.
+template <typename T>
+inline Vec<T> vrecip(const Vec<T>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m512 v = x, r = _mm512_rcp14_ps(v);
+    return _mm512_mul_ps(r, _mm512_fnmadd_ps(v, r, _mm512_set1_ps(2.f)));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 v = x, r = _mm256_rcp_ps(v);
+    return _mm256_mul_ps(r, _mm256_fnmadd_ps(v, r, _mm256_set1_ps(2.f)));
+  }
+#endif
+  return x.reciprocal();
+}
 template <typename T>
 inline Vec<T> vsigmoid(const Vec<T>& x) {
-  return (Vec<T>(T(1)) + vexp(x.neg())).reciprocal();
+  if constexpr (std::is_same_v<T, float>) {
+    // keep 1 + exp(-x) finite for vrecip (sigmoid(-87) is below float's smallest normal anyway); NaN passes
+    return vrecip(Vec<T>(T(1)) + vexp(at::vec::clamp_min(x, Vec<T>(T(-87))).neg()));
+  } else {
+    return (Vec<T>(T(1)) + x.neg().exp()).reciprocal();
+  }
 }
 // tanh(x) = 2 sigmoid(2x) - 1 in float32 (absolute error ~1 ulp of 1, which is what the tolerances measure);
 // float64 keeps Sleef's tanh.

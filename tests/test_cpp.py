@@ -117,6 +117,18 @@ def test_degenerate_sizes(cell, T, B, bs):
             assert_close(a, e, F64, 1, name)
 
 
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_float32_activations_at_extremes(cell):
+    """The float32 gates use a fast exp and reciprocal: saturate like torch at +-inf and huge inputs, keep NaN."""
+    gx, h0, c0, w_hh, b_hh, _ = _inputs(cell, 3, 4, 40, 40, F32, True)
+    gx = gx * 60
+    gx[0, 0, :8] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e30, 88.8, -88.8, 1e-8])
+    args = (cell, gx, h0, c0, w_hh, b_hh, None, None, False, True)
+    for name, a, e in zip(("out", "h_n", "c_n", "gates", "extra"), cpp.forward(*args), ref.forward(*args)):
+        if e.numel():
+            assert_close(a, e, name=name, rtol=1e-5, atol=1e-6)
+
+
 def test_relu_nan_propagates_like_torch():
     gx, h0, _, w_hh, b_hh, _ = _inputs("rnn_relu", 3, 2, 8, 8, F64, True)
     gx[1, 0, 3] = float("nan")
