@@ -15,6 +15,10 @@ void sgemm_(const char* transa, const char* transb, const int* m, const int* n, 
 void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
             const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
             const int* ldc) __attribute__((weak));
+void sgemv_(const char* trans, const int* m, const int* n, const float* alpha, const float* a, const int* lda,
+            const float* x, const int* incx, const float* beta, float* y, const int* incy) __attribute__((weak));
+void dgemv_(const char* trans, const int* m, const int* n, const double* alpha, const double* a, const int* lda,
+            const double* x, const int* incx, const double* beta, double* y, const int* incy) __attribute__((weak));
 // MKL's packed GEMM (CBLAS enums passed as int: RowMajor 101, NoTrans 111, Trans 112, Packed 151, BMatrix 162).
 size_t cblas_sgemm_pack_get_size(int identifier, int m, int n, int k) __attribute__((weak));
 void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k, float alpha, const float* src, int ld,
@@ -161,6 +165,18 @@ void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, i
                           packed_.data_ptr<float>(), int(trans_ ? K_ : N_), beta, c, int(ldc));
       return;
     }
+  }
+  auto* gemv = [] {
+    if constexpr (std::is_same_v<T, float>) return sgemv_;
+    else return dgemv_;
+  }();
+  if (m == 1 && gemv != nullptr) {
+    // one row: c = op(W) a as a matrix-vector product (column-major W^T when W is [N, K] row-major)
+    const char tr = trans_ ? 'T' : 'N';
+    const int M = int(trans_ ? K_ : N_), N = int(trans_ ? N_ : K_), one = 1;
+    const T alpha = T(1);
+    gemv(&tr, &M, &N, &alpha, w_, &M, a, &one, &beta, c, &one);
+    return;
   }
   gemm(false, trans_, m, N_, K_, T(1), a, lda, w_, trans_ ? K_ : N_, beta, c, ldc);
 }
