@@ -54,11 +54,14 @@ def jit(parallel: bool = False) -> Callable[[Callable], Callable]:
 
 
 def threads() -> int:
-    """Threads a step may be split over: FASTRNN_NUMBA_THREADS, else as many as torch uses (torch's OpenMP
-    pool and numba's are separate; giving numba more than torch's share makes the two fight over the cores),
-    at most numba's pool size."""
+    """Threads a step may be split over: FASTRNN_NUMBA_THREADS (default 1), at most NUMBA_NUM_THREADS.
+
+    One by default: the first parallel kernel starts numba's thread pool, whose OpenMP layer is a second
+    libgomp beside torch's; its idle threads spin, and every torch operation in the process then runs many
+    times slower (measured on 2 cores: a 1024x256 pad 0.06 ms -> 4 ms). With more threads, set
+    OMP_WAIT_POLICY=passive (before start) or NUMBA_THREADING_LAYER=workqueue."""
     env = os.environ.get(THREADS_VAR, "").strip()
-    n = int(env) if env else torch.get_num_threads()
+    n = int(env) if env else 1
     return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 from torch import Tensor
 
 from fastrnn.backends import new_output
+from fastrnn.backends.numba import kernels
 from fastrnn.backends.numba.common import (
     arr,
     block_bias,
@@ -23,7 +24,6 @@ from fastrnn.backends.numba.common import (
     prev_counts,
     weight_grads,
 )
-from fastrnn.backends.numba.kernels import gru_bwd_kernel, gru_fwd_kernel
 
 
 def gru_fwd(
@@ -39,7 +39,8 @@ def gru_fwd(
     h = h0.clone()
     gates = new_output((T, B, G3), gx) if need_saved else gx.new_empty(0)
     extra = new_output((T, B, H), gx) if need_saved else gx.new_empty(0)
-    gru_fwd_kernel(
+    kernel = kernels.gru_fwd_kernel_par if nblk > 1 else kernels.gru_fwd_kernel
+    kernel(
         arr(gx), arr(h), arr(wb), arr(bb), np.asarray(bs, dtype=np.int64), reverse, arr(out),
         arr(gx.new_empty(nblk, B, wb.shape[1])), arr(gates) if need_saved else dummy(3, gx),
         arr(extra) if need_saved else dummy(3, gx), need_saved,
@@ -60,7 +61,8 @@ def gru_bwd(
     dg = new_output((T, B, G3), out)
     dgh = out.new_empty(T, B, G3)
     dh = d_h_n.clone()
-    gru_bwd_kernel(
+    kernel = kernels.gru_bwd_kernel_par if max(nblk, nblkp) > 1 else kernels.gru_bwd_kernel
+    kernel(
         arr(d_out), arr(dh), arr(h0), arr(wtb), np.asarray(bs, dtype=np.int64), prev_counts(bs, T, reverse),
         reverse, arr(out), arr(gates), arr(extra), arr(dg), arr(dgh), arr(out.new_empty(nblkp, B, wtb.shape[1])),
         nblk,

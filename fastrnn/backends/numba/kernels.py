@@ -13,6 +13,8 @@ forming d(pre-activations), then one GEMM d_gates @ W_hh split over blocks of ou
 from __future__ import annotations
 
 import math
+import types as types_
+from collections.abc import Callable
 
 import numpy as np
 from numba import prange, types
@@ -38,6 +40,15 @@ def _tanh(x):
 
 def _sigmoid(x):
     return 1.0 / (1.0 + math.exp(-x))
+
+
+def _serial_and_parallel(fn: Callable) -> tuple[Callable, Callable]:
+    """fn compiled twice: serially (prange runs as range) and with prange on numba's threads. The parallel one
+    is compiled, and numba's thread pool started, only when a call asks for threads (common.threads). A copy
+    under its own name keeps the two apart in numba's cache, which is indexed by qualified name."""
+    par = types_.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_par", fn.__defaults__, fn.__closure__)
+    par.__qualname__ = fn.__qualname__ + "_par"
+    return jit()(fn), jit(parallel=True)(par)
 
 
 @overload(_tanh)
@@ -94,11 +105,16 @@ def _lstm_fwd_block(k, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, pro
         for g in range(4):
             for q in range(w):
                 a[g * hb + q] += x[g * H + j0 + q] + bk[g * hb + q]
-        for q in range(w):
-            a[q] = _sigmoid(a[q])
-            a[hb + q] = _sigmoid(a[hb + q])
-            a[2 * hb + q] = _tanh(a[2 * hb + q])
-            a[3 * hb + q] = _sigmoid(a[3 * hb + q])
+        # one in-place loop per activation: a single stream per loop is what LLVM vectorizes
+        sif = a[:2 * hb]
+        for q in range(2 * hb):
+            sif[q] = _sigmoid(sif[q])
+        sg_ = a[2 * hb:3 * hb]
+        for q in range(hb):
+            sg_[q] = _tanh(sg_[q])
+        so = a[3 * hb:]
+        for q in range(hb):
+            so[q] = _sigmoid(so[q])
         cr = c[r, j0:j0 + w]
         hr = hbar[r, j0:j0 + w] if proj else out[t, r, j0:j0 + w]
         for q in range(w):
@@ -115,8 +131,7 @@ def _lstm_fwd_block(k, t, n, gx, h, c, wb, bb, out, hbar, ghb, gates, extra, pro
                 se[j0 + q] = cr[q]
 
 
-@jit(parallel=True)
-def lstm_fwd_kernel(gx, h, c, wb, bb, w_hr, bs, reverse, out, hbar, ghb, gates, extra, proj, need_saved):
+def _lstm_fwd(gx, h, c, wb, bb, w_hr, bs, reverse, out, hbar, ghb, gates, extra, proj, need_saved):
     # gx [T,B,4H]  h [B,P] in: h0, out: h_n   c [B,H] in: c0, out: c_n   wb [nblk,4hb,P]  bb [nblk,4hb]
     # w_hr [P,H] | empty   bs [T]   out [T,B,P]   hbar [B,H] | empty   ghb [nblk,B,4hb]
     # gates [T,B,4H], extra [T,B,H] (empty unless need_saved)
@@ -143,6 +158,9 @@ def lstm_fwd_kernel(gx, h, c, wb, bb, w_hr, bs, reverse, out, hbar, ghb, gates, 
                     gates[t, r, m] = 0.0
                 for m in range(extra.shape[2]):
                     extra[t, r, m] = 0.0
+
+
+lstm_fwd_kernel, lstm_fwd_kernel_par = _serial_and_parallel(_lstm_fwd)
 
 
 @jit()
@@ -178,8 +196,7 @@ def _lstm_bwd_block(k, nblk, t, n, kp, src, dhb, dc, c0, gates, extra, dg, hbar_
                 hr[j] = sg[3 * H + j] * _tanh(ct[j])
 
 
-@jit(parallel=True)
-def lstm_bwd_kernel(
+def _lstm_bwd(
     d_out, dh, dc, c0, wtb, w_hr, bs, kprev, reverse, gates, extra, dg, dhfull, hbar_all, dhbar, dhblk, proj, nblk
 ):
     # d_out [T,B,P]  dh [B,P] in: d_h_n, out: d_h0   dc [B,H] in: d_c_n, out: d_c0   c0 [B,H]
@@ -223,6 +240,9 @@ def lstm_bwd_kernel(
                     dh[r, p] = dhblk[p // pb, r, p % pb]
 
 
+lstm_bwd_kernel, lstm_bwd_kernel_par = _serial_and_parallel(_lstm_bwd)
+
+
 @jit()
 def _gru_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, gates, extra, need_saved):
     # hidden units j0..j1 of step t: gh = h_{t-1} @ W_k^T into ghb[k] [n, 3*hb], then per row short loops that
@@ -244,10 +264,17 @@ def _gru_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, gates, extra, need_saved):
             se = extra[t, r]
             for q in range(w):
                 se[j0 + q] = a[2 * hb + q]
+        # one loop per gate: few streams per loop is what LLVM vectorizes
+        for g in range(2):
+            ag = a[g * hb:g * hb + w]
+            xg = x[g * H + j0:g * H + j0 + w]
+            for q in range(w):
+                ag[q] = _sigmoid(ag[q] + xg[q])
+        ar = a[:w]
+        an = a[2 * hb:2 * hb + w]
+        xn = x[2 * H + j0:2 * H + j0 + w]
         for q in range(w):
-            a[q] = _sigmoid(a[q] + x[j0 + q])
-            a[hb + q] = _sigmoid(a[hb + q] + x[H + j0 + q])
-            a[2 * hb + q] = _tanh(x[2 * H + j0 + q] + a[q] * a[2 * hb + q])
+            an[q] = _tanh(xn[q] + ar[q] * an[q])
         hp = h[r, j0:j0 + w]
         hr = out[t, r, j0:j0 + w]
         for q in range(w):
@@ -260,8 +287,7 @@ def _gru_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, gates, extra, need_saved):
                     sg[g * H + j0 + q] = a[g * hb + q]
 
 
-@jit(parallel=True)
-def gru_fwd_kernel(gx, h, wb, bb, bs, reverse, out, ghb, gates, extra, need_saved):
+def _gru_fwd(gx, h, wb, bb, bs, reverse, out, ghb, gates, extra, need_saved):
     # gx [T,B,3H]  h [B,H] in: h0, out: h_n   wb [nblk,3hb,H]  bb [nblk,3hb]  bs [T]  out [T,B,H]
     # ghb [nblk,B,3hb]   gates [T,B,3H], extra [T,B,H] (empty unless need_saved)
     T, B, H = out.shape
@@ -285,6 +311,9 @@ def gru_fwd_kernel(gx, h, wb, bb, bs, reverse, out, ghb, gates, extra, need_save
                     gates[t, r, m] = 0.0
                 for m in range(extra.shape[2]):
                     extra[t, r, m] = 0.0
+
+
+gru_fwd_kernel, gru_fwd_kernel_par = _serial_and_parallel(_gru_fwd)
 
 
 @jit()
@@ -315,8 +344,7 @@ def _gru_bwd_block(k, nblk, t, n, kp, src, dh, h0, out, gates, extra, dg, dgh):
             e[2 * H + j] = d[2 * H + j] * sg[j]
 
 
-@jit(parallel=True)
-def gru_bwd_kernel(d_out, dh, h0, wtb, bs, kprev, reverse, out, gates, extra, dg, dgh, dhblk, nblk):
+def _gru_bwd(d_out, dh, h0, wtb, bs, kprev, reverse, out, gates, extra, dg, dgh, dhblk, nblk):
     # d_out [T,B,H]  dh [B,H] in: d_h_n, out: d_h0   h0 [B,H]   wtb [nblkp,pb,3H] W_hh^T in row blocks
     # bs, kprev [T]   out, gates, extra: forward's   dg [T,B,3H] out: d_gx   dgh [T,B,3H] out: d(W_hh h + b_hh)
     # (both zero on inactive rows)   dhblk [nblkp,B,pb] scratch
@@ -352,6 +380,9 @@ def gru_bwd_kernel(d_out, dh, h0, wtb, bs, kprev, reverse, out, gates, extra, dg
                 dh[r, p] = dhblk[p // pb, r, p % pb] + dh[r, p] * gates[t, r, H + p]
 
 
+gru_bwd_kernel, gru_bwd_kernel_par = _serial_and_parallel(_gru_bwd)
+
+
 @jit()
 def _rnn_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, relu):
     H = h.shape[1]
@@ -370,8 +401,7 @@ def _rnn_fwd_block(k, t, n, gx, h, wb, bb, out, ghb, relu):
                 out[t, r, j] = _tanh(x)
 
 
-@jit(parallel=True)
-def rnn_fwd_kernel(gx, h, wb, bb, bs, reverse, out, ghb, relu):
+def _rnn_fwd(gx, h, wb, bb, bs, reverse, out, ghb, relu):
     # gx [T,B,H]  h [B,H] in: h0, out: h_n   wb [nblk,hb,H]  bb [nblk,hb]  bs [T]  out [T,B,H]  ghb [nblk,B,hb]
     T, B, H = out.shape
     nblk = wb.shape[0]
@@ -391,8 +421,10 @@ def rnn_fwd_kernel(gx, h, wb, bb, bs, reverse, out, ghb, relu):
                 out[t, r, p] = 0.0
 
 
-@jit(parallel=True)
-def rnn_bwd_kernel(d_out, dh, wtb, bs, reverse, out, dg, dhblk, relu):
+rnn_fwd_kernel, rnn_fwd_kernel_par = _serial_and_parallel(_rnn_fwd)
+
+
+def _rnn_bwd(d_out, dh, wtb, bs, reverse, out, dg, dhblk, relu):
     # d_out [T,B,H]  dh [B,H] in: d_h_n, out: d_h0   wtb [nblkp,pb,H] W_hh^T in row blocks   bs [T]
     # out [T,B,H] forward's   dg [T,B,H] out: d_gx (zero on inactive rows)   dhblk [nblkp,B,pb] scratch
     T, B, H = d_out.shape
@@ -420,3 +452,6 @@ def rnn_bwd_kernel(d_out, dh, wtb, bs, reverse, out, dg, dhblk, relu):
             for r in range(n):
                 for p in range(H):
                     dh[r, p] = dhblk[p // pb, r, p % pb]
+
+
+rnn_bwd_kernel, rnn_bwd_kernel_par = _serial_and_parallel(_rnn_bwd)

@@ -13,6 +13,7 @@ import numpy as np
 from torch import Tensor
 
 from fastrnn.backends import new_output
+from fastrnn.backends.numba import kernels
 from fastrnn.backends.numba.common import (
     arr,
     block_bias,
@@ -23,7 +24,6 @@ from fastrnn.backends.numba.common import (
     prev_counts,
     weight_grads,
 )
-from fastrnn.backends.numba.kernels import lstm_bwd_kernel, lstm_fwd_kernel
 
 
 def lstm_fwd(
@@ -41,7 +41,8 @@ def lstm_fwd(
     gates = new_output((T, B, G4), gx) if need_saved else gx.new_empty(0)
     extra = new_output((T, B, H), gx) if need_saved else gx.new_empty(0)
     proj = w_hr is not None
-    lstm_fwd_kernel(
+    kernel = kernels.lstm_fwd_kernel_par if nblk > 1 else kernels.lstm_fwd_kernel
+    kernel(
         arr(gx), arr(h), arr(c), arr(wb), arr(bb), arr(w_hr) if proj else dummy(2, gx),
         np.asarray(bs, dtype=np.int64), reverse, arr(out), arr(gx.new_empty(B, H)) if proj else dummy(2, gx),
         arr(gx.new_empty(nblk, B, wb.shape[1])), arr(gates) if need_saved else dummy(3, gx),
@@ -66,7 +67,8 @@ def lstm_bwd(
     proj = w_hr is not None
     dhfull = out.new_zeros(T, B, P) if proj else out.new_empty(0, 0, 0)
     hbar_all = out.new_zeros(T, B, H) if proj else out.new_empty(0, 0, 0)
-    lstm_bwd_kernel(
+    kernel = kernels.lstm_bwd_kernel_par if max(nblk, nblkp) > 1 else kernels.lstm_bwd_kernel
+    kernel(
         arr(d_out), arr(dh), arr(dc), arr(c0), arr(wtb), arr(w_hr) if proj else dummy(2, out),
         np.asarray(bs, dtype=np.int64), prev_counts(bs, T, reverse), reverse, arr(gates), arr(extra), arr(dg),
         arr(dhfull), arr(hbar_all), arr(out.new_empty(B, H)) if proj else dummy(2, out),

@@ -12,8 +12,8 @@ import numpy as np
 from torch import Tensor
 
 from fastrnn.backends import new_output
+from fastrnn.backends.numba import kernels
 from fastrnn.backends.numba.common import arr, block_bias, block_cols, block_rows, n_blocks, weight_grads
-from fastrnn.backends.numba.kernels import rnn_bwd_kernel, rnn_fwd_kernel
 
 
 def rnn_fwd(
@@ -26,7 +26,8 @@ def rnn_fwd(
     bb = block_bias(b_hh, 1, H, nblk, gx)
     out = new_output((T, B, H), gx)
     h = h0.clone()
-    rnn_fwd_kernel(
+    kernel = kernels.rnn_fwd_kernel_par if nblk > 1 else kernels.rnn_fwd_kernel
+    kernel(
         arr(gx), arr(h), arr(wb), arr(bb), np.asarray(bs, dtype=np.int64), reverse, arr(out),
         arr(gx.new_empty(nblk, B, wb.shape[1])), relu,
     )
@@ -43,7 +44,8 @@ def rnn_bwd(
     wtb = block_cols(w_hh, nblkp)
     dg = new_output((T, B, H), out)
     dh = d_h_n.clone()
-    rnn_bwd_kernel(
+    kernel = kernels.rnn_bwd_kernel_par if nblkp > 1 else kernels.rnn_bwd_kernel
+    kernel(
         arr(d_out), arr(dh), arr(wtb), np.asarray(bs, dtype=np.int64), reverse, arr(out), arr(dg),
         arr(out.new_empty(nblkp, B, wtb.shape[1])), relu,
     )
