@@ -107,12 +107,13 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
           const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
-// True when gemm goes straight to the BLAS linked into torch (sgemm_/dgemm_), false on the at::addmm_out path.
+// True when gemm goes straight to the BLAS linked into torch (sgemm_/dgemm_), false on the at::addmm_ fallback.
 bool has_direct_blas();
 
 // C[m, N] = A[m, K] @ op(W) + beta C for one weight W that every step multiplies: W is [N, K] (trans, op = W^T) or
 // [K, N], row-major. With MKL (float32, 3+ rows) W is packed once here, so a step's GEMM does not repack W;
-// otherwise each call is a plain gemm. FASTRNN_CPP_PACKED=0 turns packing off (read when the object is built).
+// otherwise a one-row step is a gemv and any other a plain gemm. FASTRNN_CPP_PACKED=0 turns packing off (read
+// when the object is built).
 template <typename T>
 class StepGemm {
  public:
