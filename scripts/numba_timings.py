@@ -1,7 +1,7 @@
 """Quick numbers for the numba backend (#5): first-call time of each cell, and sanity timings against torch.nn.
 
     python scripts/numba_timings.py first-call   # cold (empty NUMBA_CACHE_DIR) and warm first forward+backward
-    python scripts/numba_timings.py speed [N]    # median of 5 with N threads (default 2): torch.nn, numba, cpp
+    python scripts/numba_timings.py speed [N]    # median of 5, torch.set_num_threads(N) (default 2), vs torch.nn, cpp
 
 Only the benchmark suite (fastrnn-bench) claims speed; these are sanity checks while developing.
 """
@@ -66,10 +66,10 @@ def speed(threads: int) -> None:
     from fastrnn.backends import is_available
 
     torch.set_num_threads(threads)
-    os.environ["FASTRNN_NUMBA_THREADS"] = str(threads)
     names = ["torch", "numba"] + (["cpp"] if is_available("cpp")[0] else [])
     shapes = [(32, 1, 64), (32, 16, 256), (128, 16, 256), (32, 64, 512), (32, 1, 1024), (32, 64, 1024)]
-    print(f"threads={threads}; median (min) of 5 in ms")
+    numba_threads = os.environ.get("FASTRNN_NUMBA_THREADS", "1 (default)")
+    print(f"torch threads={threads}, FASTRNN_NUMBA_THREADS={numba_threads}; median (min) of 5 in ms")
     print(f"{'cell':9} {'T':>4} {'B':>3} {'H':>5} {'mode':6} " + " ".join(f"{n:>17}" for n in names)
           + "  numba/torch" + ("  numba/cpp" if "cpp" in names else ""))
     for cell, (cls, kw) in CELLS.items():
