@@ -111,7 +111,8 @@ def rnn(
         output = x.reshape(T * B, -1).index_select(0, idx)
     else:
         output = x.transpose(0, 1) if batch_first else x
-    return output, torch.stack(h_n), (torch.stack(c_n) if cell == "lstm" else None)
+    stack = (lambda xs: xs[0].unsqueeze(0)) if len(h_n) == 1 else torch.stack  # one layer: a view, no copy
+    return output, stack(h_n), (stack(c_n) if cell == "lstm" else None)
 
 
 def cell_step(

@@ -60,6 +60,16 @@ class _RNNBaseMixin(_FastMixin):
     def _layer_weights(self) -> list[functional.LayerWeights]:
         out = []
         D = 2 if self.bidirectional else 1
+        if hasattr(self, "_update_flat_weights"):
+            # torch keeps _flat_weights current (assignment, functional_call, .to()); it holds each layer and
+            # direction's weights in the order w_ih, w_hh, [b_ih, b_hh], [w_hr]. Reading it costs a fraction of
+            # a getattr per weight, which shows at small shapes.
+            ws, bias, proj = self._flat_weights, self.bias, self.proj_size > 0
+            n = 2 + 2 * bias + proj
+            for k in range(self.num_layers * D):
+                g = ws[k * n : (k + 1) * n]
+                out.append((g[0], g[1], g[2] if bias else None, g[3] if bias else None, g[-1] if proj else None))
+            return out
         for layer in range(self.num_layers):
             for d in range(D):
                 sfx = f"_l{layer}{'_reverse' if d else ''}"

@@ -104,12 +104,17 @@ def test_compile_inductor_inference():
     assert_close(got[1], want[1], torch.float32, 5, "inductor h_n")
 
 
-def test_double_backward_raises_clearly():
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_double_backward_raises_clearly(compiled):
+    """A second derivative must fail loudly, never come back missing the recurrence's part."""
     m = fastrnn.GRU(3, 4, backend="reference").double()
+    if compiled:
+        torch._dynamo.reset()
+        m = torch.compile(m, backend="aot_eager")
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
-        g.sum().backward()
+        (g * g).sum().backward()
 
 
 def test_torch_lstm_still_compiles_beside_fastrnn():
