@@ -68,7 +68,7 @@ def speed(threads: int) -> None:
     torch.set_num_threads(threads)
     names = ["torch", "numba"] + (["cpp"] if is_available("cpp")[0] else [])
     shapes = [(32, 1, 64), (32, 16, 256), (128, 16, 256), (32, 64, 512), (32, 1, 1024), (32, 64, 1024)]
-    numba_threads = os.environ.get("FASTRNN_NUMBA_THREADS", "1 (default)")
+    numba_threads = os.environ.get("FASTRNN_NUMBA_THREADS", "unset (as torch)")
     print(f"torch threads={threads}, FASTRNN_NUMBA_THREADS={numba_threads}; median (min) of 5 in ms")
     print(f"{'cell':9} {'T':>4} {'B':>3} {'H':>5} {'mode':6} " + " ".join(f"{n:>17}" for n in names)
           + "  numba/torch" + ("  numba/cpp" if "cpp" in names else ""))

@@ -4,15 +4,17 @@ The whole time loop of a layer runs inside one compiled function. Per step, forw
 W_hh^T with BLAS (np.dot into preallocated buffers) and fuses the gate activations, the state update and
 saving what backward needs (cells.py's layout); backward runs one fused pass and one GEMM per step, keeps
 d_gates of every step and forms d_w_hh, d_b_hh, d_w_hr as single large GEMMs at the end (torch.mm). With
-FASTRNN_NUMBA_THREADS=N (default 1, see common.threads) a step whose GEMM is large enough is split into N
-blocks of hidden units run on numba's threads (prange), each calling single-threaded BLAS on its block.
+N threads (FASTRNN_NUMBA_THREADS, else torch.get_num_threads(); see common.threads) a step whose GEMM is
+large enough is split into N blocks of hidden units run on numba's threads (prange), each calling
+single-threaded BLAS on its block.
 
 This package shares its name with the numba library: every import of the library here is absolute, and the
 kernel modules are imported only once `numba` is known to be importable.
 
 Compiled kernels are cached on disk (numba's cache=True): in __pycache__ next to these sources, or, where
 that is not writable (a read-only install), in numba's user cache directory; NUMBA_CACHE_DIR overrides both.
-Threads: FASTRNN_NUMBA_THREADS (default 1; at most NUMBA_NUM_THREADS).
+Threads: FASTRNN_NUMBA_THREADS (default torch.get_num_threads(); at most NUMBA_NUM_THREADS); OMP_WAIT_POLICY
+defaults to PASSIVE for numba's OpenMP pool (see common.threads).
 """
 
 from __future__ import annotations

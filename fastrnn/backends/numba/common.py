@@ -54,15 +54,18 @@ def jit(parallel: bool = False) -> Callable[[Callable], Callable]:
 
 
 def threads() -> int:
-    """Threads a step may be split over: FASTRNN_NUMBA_THREADS (default 1), at most NUMBA_NUM_THREADS.
+    """Threads a step may be split over: FASTRNN_NUMBA_THREADS, else as many as torch uses, at most
+    NUMBA_NUM_THREADS.
 
-    One by default: the first parallel kernel starts numba's thread pool, whose OpenMP layer is a second
-    libgomp beside torch's; its idle threads spin, and every torch operation in the process then runs many
-    times slower (measured on 2 cores: a 1024x256 pad 0.06 ms -> 4 ms). With more threads, set
-    OMP_WAIT_POLICY=passive (before start) or NUMBA_THREADING_LAYER=workqueue."""
+    numba's OpenMP threading layer is a second libgomp beside torch's, and by default its idle threads spin:
+    once its pool has started, every torch operation in the process runs many times slower (measured on 2
+    cores: a 1024x256 pad 0.06 ms -> 4 ms). So before numba's pool starts, its libgomp is asked to let idle
+    threads sleep (OMP_WAIT_POLICY=PASSIVE unless the user set it; torch's libgomp has read it already)."""
     env = os.environ.get(THREADS_VAR, "").strip()
-    n = int(env) if env else 1
-    return max(1, min(n, numba.config.NUMBA_NUM_THREADS))
+    n = max(1, min(int(env) if env else torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if n > 1:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    return n
 
 
 def n_blocks(macs_per_step: int, width: int) -> int:
