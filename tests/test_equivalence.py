@@ -40,6 +40,13 @@ def make_hx(kind: str, kw: dict, B: int | None, dtype, device):
     return h
 
 
+def fresh_leaves(state):
+    """New leaf copies of a state (a tensor, or LSTM's (h, c)), so each module sees its own grad leaves."""
+    if isinstance(state, tuple):
+        return tuple(fresh_leaves(s) for s in state)
+    return state.detach().clone().requires_grad_()
+
+
 def flat(x):
     if isinstance(x, torch.nn.utils.rnn.PackedSequence):  # a namedtuple: test before tuple
         return [x.data]
@@ -103,15 +110,7 @@ def test_layer(backend, kind, extra, config, with_hx, dtype):
     hx = make_hx(kind, kw, B, dtype, device) if with_hx else None
 
     def inputs():
-        xi = x.clone().requires_grad_()
-        if hx is None:
-            return (xi,)
-        return (
-            xi,
-            tuple(h.detach().clone().requires_grad_() for h in hx)
-            if kind == "LSTM"
-            else hx.detach().clone().requires_grad_(),
-        )
+        return (x.clone().requires_grad_(),) + (() if hx is None else (fresh_leaves(hx),))
 
     compare_modules(ref, fast, inputs, dtype, T)
 
@@ -134,11 +133,7 @@ def test_packed(backend, kind, extra, dtype, enforce_sorted):
     def inputs():
         xi = x.clone().requires_grad_()
         p = pack_padded_sequence(xi, lengths, enforce_sorted=enforce_sorted)
-        h = (
-            tuple(t.detach().clone().requires_grad_() for t in hx)
-            if kind == "LSTM"
-            else hx.detach().clone().requires_grad_()
-        )
+        h = fresh_leaves(hx)
         return p, h
 
     compare_modules(ref, fast, inputs, dtype, T)
@@ -161,15 +156,7 @@ def test_unbatched(backend, kind, extra, with_hx):
     hx = make_hx(kind, kw, None, F32, device) if with_hx else None
 
     def inputs():
-        xi = x.clone().requires_grad_()
-        if hx is None:
-            return (xi,)
-        return (
-            xi,
-            tuple(h.detach().clone().requires_grad_() for h in hx)
-            if kind == "LSTM"
-            else hx.detach().clone().requires_grad_(),
-        )
+        return (x.clone().requires_grad_(),) + (() if hx is None else (fresh_leaves(hx),))
 
     compare_modules(ref, fast, inputs, F32, 4)
 
