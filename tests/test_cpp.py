@@ -11,7 +11,6 @@ import torch
 
 pytest.importorskip("fastrnn._C", reason="the C++ extension fastrnn._C is not built")
 
-import fastrnn  # noqa: E402
 from fastrnn import _C  # noqa: E402
 from fastrnn.backends import get  # noqa: E402
 from fastrnn.cells import GATES, batch_sizes_list  # noqa: E402
@@ -324,43 +323,3 @@ def test_rnn_backward_rejects_bad_arguments():
         _C.rnn_backward(**{**b, "out": out[:, :-1]})
     with pytest.raises(RuntimeError, match="d_out"):
         _C.rnn_backward(**{**b, "d_out": _wide(b["d_out"])})
-
-
-# ---- gradcheck through the drop-in modules in float64 ----
-
-MODULES = [
-    pytest.param(lambda: fastrnn.LSTM(3, 5, num_layers=2, bidirectional=True, backend="cpp"), True, id="lstm-bidir"),
-    pytest.param(lambda: fastrnn.LSTM(3, 5, proj_size=2, backend="cpp"), True, id="lstm-proj"),
-    pytest.param(lambda: fastrnn.GRU(3, 5, bidirectional=True, backend="cpp"), False, id="gru-bidir"),
-    pytest.param(lambda: fastrnn.RNN(3, 5, nonlinearity="tanh", backend="cpp"), False, id="rnn_tanh"),
-    pytest.param(lambda: fastrnn.RNN(3, 5, nonlinearity="relu", bias=False, backend="cpp"), False, id="rnn_relu"),
-    pytest.param(lambda: fastrnn.LSTMCell(3, 5, backend="cpp"), True, id="lstmcell"),
-    pytest.param(lambda: fastrnn.GRUCell(3, 5, backend="cpp"), False, id="grucell"),
-]
-
-
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("make,lstm", MODULES)
-def test_gradcheck_modules(make, lstm, packed):
-    m = make().double()
-    cellmod = isinstance(m, torch.nn.RNNCellBase)
-    if cellmod and packed:
-        pytest.skip("cells take no PackedSequence")
-    x = torch.randn(3, 4, 3, dtype=F64, requires_grad=True)
-    names = [n for n, _ in m.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for _, p in m.named_parameters()]
-
-    def f(x, *ps):
-        def call(*a):
-            return torch.func.functional_call(m, dict(zip(names, ps, strict=True)), a)
-
-        if cellmod:
-            res = call(x[0])
-            return res if isinstance(res, tuple) else (res,)
-        if packed:
-            out, _ = call(torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 3, 2, 1])))
-            return out.data
-        out, hx = call(x)
-        return (out, *hx) if lstm else (out, hx)
-
-    assert torch.autograd.gradcheck(f, (x, *params), atol=1e-7, rtol=1e-5)

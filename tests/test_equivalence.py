@@ -208,10 +208,12 @@ def test_cell(backend, kind, extra, cell, dtype, shape, bias):
     compare_modules(ref, fast, inputs, dtype, 1)
 
 
+@pytest.mark.parametrize("packed", [True, False], ids=["packed-bidir", "padded-2layer"])
 @pytest.mark.parametrize("kind,extra", LAYER_CASES)
-def test_gradcheck_f64(backend, kind, extra):
-    """Finite differences in float64 through the whole module, bidirectional and packed."""
-    kw = dict(input_size=3, hidden_size=4, bidirectional=True, **extra)
+def test_gradcheck_f64(backend, kind, extra, packed):
+    """Finite differences in float64 through the whole module, input, hx and every parameter."""
+    layout = {"bidirectional": True} if packed else {"num_layers": 2}
+    kw = dict(input_size=3, hidden_size=4, **layout, **extra)
     device = skip_unless_supported(backend, cell_name(kind, kw), F64)
     torch.manual_seed(6)
     m = getattr(fastrnn, kind)(**kw, backend=backend).to(device=device, dtype=F64)
@@ -224,11 +226,29 @@ def test_gradcheck_f64(backend, kind, extra):
     def f(x, *rest):
         hs, ps = rest[: len(hx_leaves)], rest[len(hx_leaves) :]
         state = tuple(hs) if kind == "LSTM" else hs[0]
-        out, h = torch.func.functional_call(m, dict(zip(names, ps)), (pack_padded_sequence(x, lengths), state))
-        return (out.data, *flat(h))
+        inp = pack_padded_sequence(x, lengths) if packed else x
+        out, h = torch.func.functional_call(m, dict(zip(names, ps)), (inp, state))
+        return (*flat(out), *flat(h))
 
     params = [p.detach().clone().requires_grad_() for p in m.parameters()]
     assert torch.autograd.gradcheck(f, (x, *hx_leaves, *params), atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,extra,cell", CELL_CASES)
+def test_gradcheck_cell_f64(backend, kind, extra, cell):
+    device = skip_unless_supported(backend, cell, F64)
+    torch.manual_seed(11)
+    m = getattr(fastrnn, kind)(3, 5, **extra, backend=backend).to(device=device, dtype=F64)
+    names = [n for n, _ in m.named_parameters()]
+    x = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
+    hs = [torch.randn(4, 5, dtype=F64, device=device, requires_grad=True) for _ in range(2 if cell == "lstm" else 1)]
+
+    def f(x, *rest):
+        state = tuple(rest[: len(hs)]) if cell == "lstm" else rest[0]
+        return tuple(flat(torch.func.functional_call(m, dict(zip(names, rest[len(hs) :])), (x, state))))
+
+    params = [p.detach().clone().requires_grad_() for p in m.parameters()]
+    assert torch.autograd.gradcheck(f, (x, *hs, *params), atol=1e-7, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind,extra", LAYER_CASES)

@@ -10,7 +10,6 @@ import torch
 
 pytest.importorskip("numba")
 
-import fastrnn  # noqa: E402
 from fastrnn.backends import get  # noqa: E402
 from fastrnn.backends.numba.common import THREADS_VAR  # noqa: E402
 from fastrnn.cells import GATES, batch_sizes_list  # noqa: E402
@@ -102,40 +101,6 @@ def test_no_saved_when_not_needed():
     assert gates.numel() == 0 and extra.numel() == 0
     exp = ref.forward("lstm", gx, h0, c0, w_hh, b_hh, None, None, False, False)
     assert_close(out, exp[0], torch.float64, 3, "out")
-
-
-MODULES = [
-    pytest.param(lambda: fastrnn.LSTM(3, 5, num_layers=2, bidirectional=True, backend="numba"), True, id="lstm-bidir"),
-    pytest.param(lambda: fastrnn.LSTM(3, 5, proj_size=2, backend="numba"), True, id="lstm-proj"),
-    pytest.param(lambda: fastrnn.GRU(3, 5, bidirectional=True, backend="numba"), False, id="gru-bidir"),
-    pytest.param(lambda: fastrnn.RNN(3, 5, nonlinearity="tanh", backend="numba"), False, id="rnn_tanh"),
-    pytest.param(lambda: fastrnn.RNN(3, 5, nonlinearity="relu", bias=False, backend="numba"), False, id="rnn_relu"),
-    pytest.param(lambda: fastrnn.GRUCell(3, 5, backend="numba"), False, id="grucell"),
-]
-
-
-@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-@pytest.mark.parametrize("make,lstm", MODULES)
-def test_gradcheck_modules(make, lstm, packed):
-    m = make().double()
-    cellmod = isinstance(m, torch.nn.RNNCellBase)
-    if cellmod and packed:
-        pytest.skip("cells take no PackedSequence")
-    x = torch.randn(3, 4, 3, dtype=torch.float64, requires_grad=True)
-    names = [n for n, _ in m.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for _, p in m.named_parameters()]
-
-    def f(x, *ps):
-        call = lambda *a: torch.func.functional_call(m, dict(zip(names, ps, strict=True)), a)
-        if cellmod:
-            return call(x[0])
-        if packed:
-            out, _ = call(torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([3, 3, 2, 1])))
-            return out.data
-        out, hx = call(x)
-        return (out, *hx) if lstm else (out, hx)
-
-    assert torch.autograd.gradcheck(f, (x, *params), atol=1e-7, rtol=1e-5)
 
 
 def test_jit_runs_uncached_where_no_cache_dir_is_writable(monkeypatch):
