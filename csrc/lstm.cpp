@@ -74,14 +74,22 @@ void lstm_forward_kernel(const Walk& w, int64_t H, int64_t P, const T* gx, const
   for (int64_t i = 0; i < w.T; ++i) {
     const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
     T* gh = gates ? gates + t * B * GH : gh_buf;
-    gemm_prev(whh, k > 0 ? out + w.src(t) * B * P : nullptr, h0, k, n, P, gh, GH);
+    const T* hsrc = k > 0 ? out + w.src(t) * B * P : nullptr;
     T* ot = out + t * B * P;
     T* hdst = w_hr ? hbar : ot;
     T* st = gates ? gates + t * B * GH : nullptr;
     T* et = extra ? extra + t * B * H : nullptr;
-    at::parallel_for(0, n, row_grain(GH), [&](int64_t r0, int64_t r1) {
-      lstm_fwd_rows(r0, r1, H, gx + t * B * GH, gh, bias, c, hdst, st, et);
-    });
+    if (row_blocks(n, P, GH)) {
+      at::parallel_for(0, n, fused_grain(P, GH), [&](int64_t r0, int64_t r1) {
+        gemm_prev_rows(whh, hsrc, h0, k, r0, r1, P, gh, GH);
+        lstm_fwd_rows(r0, r1, H, gx + t * B * GH, gh, bias, c, hdst, st, et);
+      });
+    } else {
+      gemm_prev(whh, hsrc, h0, k, n, P, gh, GH);
+      at::parallel_for(0, n, row_grain(GH), [&](int64_t r0, int64_t r1) {
+        lstm_fwd_rows(r0, r1, H, gx + t * B * GH, gh, bias, c, hdst, st, et);
+      });
+    }
     if (w_hr) whr(n, hbar, H, T(0), ot, P);
     zero_rows(ot, n, B, P);
     if (st) zero_rows(st, n, B, GH);
@@ -110,12 +118,14 @@ void lstm_backward_kernel(const Walk& w, int64_t H, int64_t P, const T* d_out, T
     const T* ext = extra + t * B * H;
     const T* cprev_src = k > 0 ? extra + w.src(t) * B * H : nullptr;
     auto cprev = [&](int64_t r) { return r < k ? cprev_src + r * H : c0 + r * H; };
-    at::parallel_for(0, n, row_grain(GH), [&](int64_t r0, int64_t r1) {
+    const bool blocks = row_blocks(n, GH, P);
+    at::parallel_for(0, n, blocks ? fused_grain(GH, P) : row_grain(GH), [&](int64_t r0, int64_t r1) {
       lstm_bwd_rows(r0, r1, H, dh, dot, w_hr ? dhbar : nullptr, gates + t * B * GH, ext, cprev, dc, dgt, hbt);
+      if (blocks) whh(r1 - r0, dgt + r0 * GH, GH, T(0), dh + r0 * P, P);  // d h_{t-1} of these rows
     });
+    if (!blocks) whh(n, dgt, GH, T(0), dh, P);
     zero_rows(dgt, n, B, GH);
     if (hbt) zero_rows(hbt, n, B, H);
-    whh(n, dgt, GH, T(0), dh, P);
   }
   weight_grad(w, d_gx, GH, out, h0, GH, P, dg0, d_w_hh);
   if (w_hr) gemm(true, false, P, H, w.T * B, T(1), dhfull, P, hbar, H, T(0), d_w_hr, H);

@@ -54,6 +54,11 @@ CASES = [
     pytest.param("rnn_relu", 5, 5, 16, 16, PACKED, True, True, id="rnn_relu-packed-reverse"),
     # enough rows x hidden that a step's pointwise pass is split over threads
     pytest.param("lstm", 3, 16, 260, 130, [16, 9, 4], True, True, id="lstm-proj-parallel-packed-reverse"),
+    # small hidden, many rows: each thread runs the GEMM and pointwise pass of its own block of rows
+    pytest.param("lstm", 4, 40, 64, 64, [40, 27, 11, 3], True, True, id="lstm-row-blocks-packed-reverse"),
+    pytest.param("lstm", 3, 40, 64, 64, None, False, False, id="lstm-row-blocks-nobias"),
+    # a step past 2^24 flops: one GEMM threaded by BLAS, then the parallel pointwise pass
+    pytest.param("lstm", 2, 16, 512, 512, [16, 7], True, True, id="lstm-large-step-packed-reverse"),
     pytest.param("gru", 3, 16, 300, 300, [16, 9, 4], False, True, id="gru-parallel-packed"),
     pytest.param("rnn_tanh", 3, 40, 520, 520, None, False, True, id="rnn_tanh-parallel"),
 ]
