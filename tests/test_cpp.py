@@ -4,8 +4,6 @@ the raw extension functions refusing bad arguments with RuntimeError; float64 gr
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -13,23 +11,10 @@ pytest.importorskip("fastrnn._C", reason="the C++ extension fastrnn._C is not bu
 
 from fastrnn import _C  # noqa: E402
 from fastrnn.backends import get  # noqa: E402
-from fastrnn.cells import GATES, batch_sizes_list  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import assert_close, assert_contract_matches_reference, contract_inputs  # noqa: E402
 
 cpp, ref = get("cpp"), get("reference")
 F32, F64 = torch.float32, torch.float64
-
-
-def _inputs(cell: str, T: int, B: int, H: int, P: int, dtype: torch.dtype, bias: bool):
-    G = GATES[cell]
-    s = 1 / math.sqrt(H)
-    gx = torch.randn(T, B, G * H, dtype=dtype)
-    h0 = torch.randn(B, P, dtype=dtype)
-    c0 = torch.randn(B, H, dtype=dtype) if cell == "lstm" else None
-    w_hh = torch.empty(G * H, P, dtype=dtype).uniform_(-s, s)
-    b_hh = torch.empty(G * H, dtype=dtype).uniform_(-s, s) if bias else None
-    w_hr = torch.empty(P, H, dtype=dtype).uniform_(-s, s) if P != H else None
-    return gx, h0, c0, w_hh, b_hh, w_hr
 
 
 PACKED = [5, 5, 3, 2, 1]
@@ -67,37 +52,12 @@ CASES = [
 @pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
 @pytest.mark.parametrize("cell,T,B,H,P,bs,reverse,bias", CASES)
 def test_contract_matches_reference(cell, T, B, H, P, bs, reverse, bias, dtype):
-    gx, h0, c0, w_hh, b_hh, w_hr = _inputs(cell, T, B, H, P, dtype, bias)
-    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
-    args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, True)
-    got, exp = cpp.forward(*args), ref.forward(*args)
-    for name, a, e in zip(("out", "h_n", "c_n"), got[:3], exp[:3], strict=True):
-        assert_close(a, e, dtype, T, f"forward {name}")
-    active = torch.arange(B)[None, :] < torch.tensor(batch_sizes_list(batch_sizes, T, B))[:, None]  # [T, B]
-    for name, a, e in zip(("gates", "extra"), got[3:], exp[3:], strict=True):
-        assert a.shape == e.shape and a.dtype == e.dtype, f"{name}: {a.shape} {a.dtype} != {e.shape} {e.dtype}"
-        if e.numel():
-            assert_close(a[active], e[active], dtype, T, f"saved {name} (active rows)")
-            assert (a[~active] == 0).all(), f"saved {name}: rows a step skips must be zero"
-
-    out = exp[0]
-    d_out, d_h_n = torch.randn_like(out), torch.randn_like(h0)
-    d_c_n = torch.randn_like(c0) if c0 is not None else None
-    bargs = (cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, *exp[3:])
-    g_got, g_exp = cpp.backward(*bargs), ref.backward(*bargs)
-    names = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr")
-    for name, a, e in zip(names, g_got, g_exp, strict=True):
-        if e is None:
-            assert a is None, f"{name}: expected None for an absent input"
-        else:
-            # weight gradients sum over all T*B rows: allow for that in float32
-            n = T * B if name in ("d_w_hh", "d_b_hh", "d_w_hr") else T
-            assert_close(a, e, dtype, n, name)
+    assert_contract_matches_reference(cpp, cell, T, B, H, P, bs, reverse, bias, dtype)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_inference_saves_nothing(cell):
-    gx, h0, c0, w_hh, b_hh, _ = _inputs(cell, 4, 3, 8, 8, F64, True)
+    gx, h0, c0, w_hh, b_hh, _ = contract_inputs(cell, 4, 3, 8, 8, F64, True)
     out, h_n, c_n, gates, extra = cpp.forward(cell, gx, h0, c0, w_hh, b_hh, None, None, False, False)
     assert gates.numel() == 0 and extra.numel() == 0
     exp = ref.forward(cell, gx, h0, c0, w_hh, b_hh, None, None, False, False)
@@ -108,7 +68,7 @@ def test_inference_saves_nothing(cell):
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 @pytest.mark.parametrize("T,B,bs", [(0, 3, None), (3, 0, None), (2, 3, [3, 0])], ids=["T0", "B0", "empty-step"])
 def test_degenerate_sizes(cell, T, B, bs):
-    gx, h0, c0, w_hh, b_hh, _ = _inputs(cell, T, B, 4, 4, F64, True)
+    gx, h0, c0, w_hh, b_hh, _ = contract_inputs(cell, T, B, 4, 4, F64, True)
     batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
     args = (cell, gx, h0, c0, w_hh, b_hh, None, batch_sizes, False, True)
     got, exp = cpp.forward(*args), ref.forward(*args)
@@ -124,7 +84,7 @@ def test_degenerate_sizes(cell, T, B, bs):
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_float32_activations_at_extremes(cell):
     """The float32 gates use a fast exp and reciprocal: saturate like torch at +-inf and huge inputs, keep NaN."""
-    gx, h0, c0, w_hh, b_hh, _ = _inputs(cell, 3, 4, 40, 40, F32, True)
+    gx, h0, c0, w_hh, b_hh, _ = contract_inputs(cell, 3, 4, 40, 40, F32, True)
     gx = gx * 60
     gx[0, 0, :8] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e30, 88.8, -88.8, 1e-8])
     args = (cell, gx, h0, c0, w_hh, b_hh, None, None, False, True)
@@ -134,7 +94,7 @@ def test_float32_activations_at_extremes(cell):
 
 
 def test_relu_nan_propagates_like_torch():
-    gx, h0, _, w_hh, b_hh, _ = _inputs("rnn_relu", 3, 2, 8, 8, F64, True)
+    gx, h0, _, w_hh, b_hh, _ = contract_inputs("rnn_relu", 3, 2, 8, 8, F64, True)
     gx[1, 0, 3] = float("nan")
     got = cpp.forward("rnn_relu", gx, h0, None, w_hh, b_hh, None, None, False, True)
     exp = ref.forward("rnn_relu", gx, h0, None, w_hh, b_hh, None, None, False, True)
@@ -155,7 +115,8 @@ HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 )
 def test_half_precision_matches_reference(cell, P, bs, reverse, dtype):
     """Half types run the float32 kernels on widened inputs: the reference's recipe, so nearly the same bits."""
-    gx, h0, c0, w_hh, b_hh, w_hr = (None if t is None else t.to(dtype) for t in _inputs(cell, 5, 5, 16, P, F32, True))
+    inputs = contract_inputs(cell, 5, 5, 16, P, F32, True)
+    gx, h0, c0, w_hh, b_hh, w_hr = (None if t is None else t.to(dtype) for t in inputs)
     batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
     args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, True)
     got, exp = cpp.forward(*args), ref.forward(*args)
@@ -190,17 +151,17 @@ def test_supports_and_available():
 
 
 def _lstm_args(T=4, B=3, H=5, P=5, dtype=F32):
-    gx, h0, c0, w_hh, b_hh, w_hr = _inputs("lstm", T, B, H, P, dtype, True)
+    gx, h0, c0, w_hh, b_hh, w_hr = contract_inputs("lstm", T, B, H, P, dtype, True)
     return dict(gx=gx, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr, batch_sizes=None, reverse=False, need_saved=True)
 
 
 def _gru_args(T=4, B=3, H=5, dtype=F32):
-    gx, h0, _, w_hh, b_hh, _ = _inputs("gru", T, B, H, H, dtype, True)
+    gx, h0, _, w_hh, b_hh, _ = contract_inputs("gru", T, B, H, H, dtype, True)
     return dict(gx=gx, h0=h0, w_hh=w_hh, b_hh=b_hh, batch_sizes=None, reverse=False, need_saved=True)
 
 
 def _rnn_args(T=4, B=3, H=5, dtype=F32):
-    gx, h0, _, w_hh, b_hh, _ = _inputs("rnn_tanh", T, B, H, H, dtype, True)
+    gx, h0, _, w_hh, b_hh, _ = contract_inputs("rnn_tanh", T, B, H, H, dtype, True)
     return dict(gx=gx, h0=h0, w_hh=w_hh, b_hh=b_hh, batch_sizes=None, reverse=False, relu=False)
 
 

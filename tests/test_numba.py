@@ -3,8 +3,6 @@ rows a step touches, every backward gradient), and float64 gradcheck through the
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -12,25 +10,12 @@ pytest.importorskip("numba")
 
 from fastrnn.backends import get  # noqa: E402
 from fastrnn.backends.numba.common import THREADS_VAR  # noqa: E402
-from fastrnn.cells import GATES, batch_sizes_list  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import assert_close, assert_contract_matches_reference, contract_inputs  # noqa: E402
 
 if not get("numba").available()[0]:
     pytest.skip(get("numba").available()[1], allow_module_level=True)
 
 numba_be, ref = get("numba"), get("reference")
-
-
-def _inputs(cell: str, T: int, B: int, H: int, P: int, dtype: torch.dtype, bias: bool):
-    G = GATES[cell]
-    s = 1 / math.sqrt(H)
-    gx = torch.randn(T, B, G * H, dtype=dtype)
-    h0 = torch.randn(B, P, dtype=dtype)
-    c0 = torch.randn(B, H, dtype=dtype) if cell == "lstm" else None
-    w_hh = torch.empty(G * H, P, dtype=dtype).uniform_(-s, s)
-    b_hh = torch.empty(G * H, dtype=dtype).uniform_(-s, s) if bias else None
-    w_hr = torch.empty(P, H, dtype=dtype).uniform_(-s, s) if P != H else None
-    return gx, h0, c0, w_hh, b_hh, w_hr
 
 
 CASES = [
@@ -59,31 +44,7 @@ CASES = [
 @pytest.mark.parametrize("cell,T,B,H,P,bs,reverse,bias,threads", CASES)
 def test_contract_matches_reference(cell, T, B, H, P, bs, reverse, bias, threads, dtype, monkeypatch):
     monkeypatch.setenv(THREADS_VAR, str(threads))
-    gx, h0, c0, w_hh, b_hh, w_hr = _inputs(cell, T, B, H, P, dtype, bias)
-    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
-    args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, True)
-    got, exp = numba_be.forward(*args), ref.forward(*args)
-    for name, a, e in zip(("out", "h_n", "c_n"), got[:3], exp[:3], strict=True):
-        assert_close(a, e, dtype, T, f"forward {name}")
-    active = torch.arange(B)[None, :] < torch.tensor(batch_sizes_list(batch_sizes, T, B))[:, None]  # [T, B]
-    for name, a, e in zip(("gates", "extra"), got[3:], exp[3:], strict=True):
-        assert a.shape == e.shape, f"{name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
-        if e.numel():
-            assert_close(a[active], e[active], dtype, T, f"saved {name} (active rows)")
-
-    out = exp[0]
-    d_out, d_h_n = torch.randn_like(out), torch.randn_like(h0)
-    d_c_n = torch.randn_like(c0) if c0 is not None else None
-    bargs = (cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, *exp[3:])
-    g_got, g_exp = numba_be.backward(*bargs), ref.backward(*bargs)
-    names = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr")
-    for name, a, e in zip(names, g_got, g_exp, strict=True):
-        if e is None:
-            assert a is None, f"{name}: expected None for an absent input"
-        else:
-            # weight gradients sum over all T*B rows: allow for that in float32
-            n = T * B if name in ("d_w_hh", "d_b_hh", "d_w_hr") else T
-            assert_close(a, e, dtype, n, name)
+    assert_contract_matches_reference(numba_be, cell, T, B, H, P, bs, reverse, bias, dtype)
 
 
 def test_supports():
@@ -96,7 +57,7 @@ def test_supports():
 
 
 def test_no_saved_when_not_needed():
-    gx, h0, c0, w_hh, b_hh, _ = _inputs("lstm", 3, 2, 8, 8, torch.float64, True)
+    gx, h0, c0, w_hh, b_hh, _ = contract_inputs("lstm", 3, 2, 8, 8, torch.float64, True)
     out, h_n, c_n, gates, extra = numba_be.forward("lstm", gx, h0, c0, w_hh, b_hh, None, None, False, False)
     assert gates.numel() == 0 and extra.numel() == 0
     exp = ref.forward("lstm", gx, h0, c0, w_hh, b_hh, None, None, False, False)
