@@ -1,4 +1,7 @@
-"""The cell table: gate counts, torch's gate order, and the saved-for-backward layout every backend shares.
+"""The cell table and the kernel contract's types: every property of a cell that other code needs.
+
+Nothing outside this file (and the per-cell step files of each backend) tests a cell's name: code asks the
+table (`spec(cell).has_cell_state`, `.gates`, `.saved_shapes(...)`, ...) instead.
 
 Cells and their gates, in torch.nn's order (rows of weight_ih / weight_hh):
     lstm      G=4  (i, f, g, o)   c' = f*c + i*g ;  h' = o*tanh(c')  [ ; h' = h' @ w_hr^T  with proj_size ]
@@ -14,25 +17,127 @@ custom op knows its shapes):
 Rows a step does not touch (row >= batch_sizes[t], packed input only) are zero in out, gates and extra, so
 every output of the op is deterministic (torch.library.opcheck compares them all); backward never reads
 them. The state before step t (h_{t-1}) is read back from `out` and h0 (see `prev_rows`).
+
+The contract's arguments travel as the named tuples below (State, Weights, Saved, Grads); ops.py flattens
+them for the custom op, and nothing else spells out positional lists.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import NamedTuple
+
 import torch
+from torch import Tensor
 
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
-CELLS = tuple(GATES)
 
-# torch.nn's `mode` strings (RNNBase.mode) to our cell names.
-MODE_TO_CELL = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
+@dataclass(frozen=True)
+class Cell:
+    """One recurrent cell: everything about it that the op layer, the modules, the bench and the tests need."""
+
+    name: str
+    gates: tuple[str, ...]  # gate names in torch's row order of weight_ih / weight_hh
+    torch_mode: str  # torch.nn.RNNBase.mode
+    layer: str  # the torch.nn layer class that runs this cell ("LSTM", "GRU", "RNN")
+    cell_class: str  # the torch.nn Cell class ("LSTMCell", ...)
+    nonlinearity: str | None = None  # RNN's `nonlinearity` argument
+    has_cell_state: bool = False  # an LSTM-style second state c [B, H]
+    projection: bool = False  # proj_size (w_hr [P, H]) is supported
+    # saved for backward, in multiples of H per row: (gates, extra); 0 means an empty tensor
+    saved_widths: tuple[int, int] = (0, 0)
+    # Under CPU autocast torch.nn returns float32 for these (only its GEMMs are lowered): fastrnn computes
+    # them wholly in float32, the same dtype, closer to exact.
+    autocast_cpu_fp32_layer: bool = False
+    autocast_cpu_fp32_cell: bool = False
+    kernel_id: int = 0  # the cell's number in the compiled kernels (csrc, triton constexpr)
+
+    @property
+    def G(self) -> int:
+        return len(self.gates)
+
+    @property
+    def states(self) -> tuple[str, ...]:
+        return ("h", "c") if self.has_cell_state else ("h",)
+
+    def saved_shapes(self, T: int, B: int, H: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of (gates, extra) saved for backward; (0,) means empty."""
+        return tuple((T, B, w * H) if w else (0,) for w in self.saved_widths)  # type: ignore[return-value]
+
+    def param_names(self, bias: bool = True, proj: bool = False) -> tuple[str, ...]:
+        """Parameters of one layer and direction, in torch.nn's registration order (suffix `_l{k}[_reverse]`)."""
+        names = ("weight_ih", "weight_hh") + (("bias_ih", "bias_hh") if bias else ())
+        return names + (("weight_hr",) if proj and self.projection else ())
+
+    def autocast_fp32(self, layer: bool) -> bool:
+        return self.autocast_cpu_fp32_layer if layer else self.autocast_cpu_fp32_cell
+
+
+TABLE: dict[str, Cell] = {
+    c.name: c
+    for c in (
+        Cell(
+            "lstm", ("i", "f", "g", "o"), "LSTM", "LSTM", "LSTMCell", has_cell_state=True, projection=True,
+            saved_widths=(4, 1), autocast_cpu_fp32_cell=True, kernel_id=0,
+        ),
+        Cell(
+            "gru", ("r", "z", "n"), "GRU", "GRU", "GRUCell", saved_widths=(3, 1), autocast_cpu_fp32_layer=True,
+            autocast_cpu_fp32_cell=True, kernel_id=1,
+        ),
+        Cell("rnn_tanh", ("h",), "RNN_TANH", "RNN", "RNNCell", nonlinearity="tanh", kernel_id=2),
+        Cell("rnn_relu", ("h",), "RNN_RELU", "RNN", "RNNCell", nonlinearity="relu", kernel_id=3),
+    )
+}  # fmt: skip
+CELLS = tuple(TABLE)
+GATES = {name: c.G for name, c in TABLE.items()}
+
+# torch.nn's `mode` strings (RNNBase.mode) and (layer class, nonlinearity) to our cell names.
+MODE_TO_CELL = {c.torch_mode: c.name for c in TABLE.values()}
+
+
+def spec(cell: str) -> Cell:
+    """The table entry of `cell`; ValueError naming the known cells otherwise."""
+    try:
+        return TABLE[cell]
+    except KeyError:
+        raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)}") from None
 
 
 def check_cell(cell: str) -> int:
     """Number of gates of `cell`; ValueError naming the known cells otherwise."""
-    try:
-        return GATES[cell]
-    except KeyError:
-        raise ValueError(f"unknown cell {cell!r}; expected one of {', '.join(CELLS)}") from None
+    return spec(cell).G
+
+
+def cell_for(layer: str, nonlinearity: str | None = None) -> Cell:
+    """The cell a torch.nn layer or Cell class name runs ("LSTM", "GRUCell", "RNN" + nonlinearity)."""
+    for c in TABLE.values():
+        if layer in (c.layer, c.cell_class) and (c.nonlinearity is None or c.nonlinearity == nonlinearity):
+            return c
+    raise ValueError(f"no fastrnn cell for {layer}" + (f" with nonlinearity {nonlinearity!r}" if nonlinearity else ""))
+
+
+# ---- the kernel contract's types (shapes: T steps, B rows, H hidden, P = proj_size or H, G gates) ----
+
+
+class State(NamedTuple):
+    h: Tensor  # [B, P]
+    c: Tensor | None = None  # [B, H] for cells with a cell state, else None
+
+
+class Weights(NamedTuple):
+    w_hh: Tensor  # [G*H, P]
+    b_hh: Tensor | None = None  # [G*H]
+    w_hr: Tensor | None = None  # [P, H], projection (lstm with proj_size)
+
+
+class Saved(NamedTuple):
+    gates: Tensor  # layout: Cell.saved_shapes
+    extra: Tensor
+
+
+class Grads(NamedTuple):
+    d_gx: Tensor  # [T, B, G*H]
+    d_state0: State  # d_h0 [B, P], d_c0 [B, H] | None (None where c0 was None)
+    d_weights: Weights  # None where the weight was None
 
 
 def saved_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -42,10 +147,10 @@ def saved_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def saved_shapes(cell: str, T: int, B: int, H: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Shapes of (gates, extra) saved for backward; (0,) means empty."""
-    G = check_cell(cell)
-    if cell in ("lstm", "gru"):
-        return (T, B, G * H), (T, B, H)
-    return (0,), (0,)
+    return spec(cell).saved_shapes(T, B, H)
+
+
+# ---- the time walk every backend follows ----
 
 
 def steps(T: int, reverse: bool) -> range:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastrnn import backends, ops
+from fastrnn.cells import spec
 
 # (w_ih [G*H, I], w_hh [G*H, P], b_ih [G*H] | None, b_hh [G*H] | None, w_hr [P, H] | None)
 LayerWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
@@ -29,7 +30,7 @@ def _autocast_dtype(cell: str, input: Tensor, layer: bool) -> torch.dtype | None
     dev = input.device.type
     if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
         return None
-    if dev == "cuda" or not (cell == "gru" or (cell == "lstm" and not layer)):
+    if dev == "cuda" or not spec(cell).autocast_fp32(layer):
         return torch.get_autocast_dtype(dev)
     return input.dtype
 
@@ -63,6 +64,11 @@ def rnn(
     input: [T, B, I] ([B, T, I] if batch_first) or packed data [N, I] with batch_sizes [T] (int64, CPU)
     hx [L*D, B, P], cx [L*D, B, H] (lstm)  ->  output like input with P*D features, h_n, c_n (lstm)
     """
+    name = backends.select(cell, input.dtype, input.device, backend)
+    if name == "torch":  # torch.nn's own kernels, called as torch.nn calls them (autocast included)
+        return backends.get(name).rnn(
+            spec(cell), input, hx, cx, weights, num_layers, bidirectional, dropout, training, batch_first, batch_sizes
+        )
     dt = _autocast_dtype(cell, input, True)
     if dt is not None:  # run as torch.nn does under autocast: every operand in one dtype, autocast off inside
         with torch.autocast(input.device.type, enabled=False):
@@ -83,7 +89,6 @@ def rnn(
     _check_state("hx", hx, input)
     if cx is not None:
         _check_state("cx", cx, input)
-    name = backends.select(cell, input.dtype, input.device, backend)
     D = 2 if bidirectional else 1
     if batch_sizes is not None:
         T, B = batch_sizes.numel(), int(batch_sizes[0])
@@ -112,7 +117,7 @@ def rnn(
     else:
         output = x.transpose(0, 1) if batch_first else x
     stack = (lambda xs: xs[0].unsqueeze(0)) if len(h_n) == 1 else torch.stack  # one layer: a view, no copy
-    return output, stack(h_n), (stack(c_n) if cell == "lstm" else None)
+    return output, stack(h_n), (stack(c_n) if spec(cell).has_cell_state else None)
 
 
 def cell_step(
@@ -127,6 +132,9 @@ def cell_step(
     backend: str | None = None,
 ) -> tuple[Tensor, Tensor | None]:
     """torch's _VF.*_cell: one step for input [B, I], hx [B, H] (cx [B, H]) -> h' (and c')."""
+    name = backends.select(cell, input.dtype, input.device, backend)
+    if name == "torch":
+        return backends.get(name).cell(spec(cell), input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     dt = _autocast_dtype(cell, input, False)
     if dt is not None:
         with torch.autocast(input.device.type, enabled=False):
@@ -152,7 +160,6 @@ def cell_step(
         if s.shape[1] != H:
             raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected {H}")
         _check_state(f"hidden{i}", s, input)
-    name = backends.select(cell, input.dtype, input.device, backend)
     gx = F.linear(input, w_ih, b_ih).unsqueeze(0)  # [1, B, G*H]
     _, h, c = ops.recurrence(name, cell, gx, hx, cx, w_hh, b_hh, None, None, False)
     return h, c

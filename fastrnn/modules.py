@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import backends, functional
-from fastrnn.cells import MODE_TO_CELL
+from fastrnn.cells import MODE_TO_CELL, cell_for, spec
 
 
 def _check_backend_arg(backend: str | None) -> str | None:
@@ -80,7 +80,8 @@ class _RNNBaseMixin(_FastMixin):
     def forward(self, input, hx=None):
         if hasattr(self, "_update_flat_weights"):
             self._update_flat_weights()
-        lstm = self.mode == "LSTM"
+        cell = MODE_TO_CELL[self.mode]
+        lstm = spec(cell).has_cell_state  # hx is an (h, c) pair
         D = 2 if self.bidirectional else 1
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
         orig_input = input
@@ -94,8 +95,8 @@ class _RNNBaseMixin(_FastMixin):
         else:
             batch_sizes = sorted_indices = unsorted_indices = None
             if input.dim() not in (2, 3):
-                kind = "LSTM" if lstm else ("GRU" if self.mode == "GRU" else "RNN")
-                tail = " tensor instead" if kind == "RNN" else " instead"
+                kind = self._torch_class.__name__
+                tail = " tensor instead" if self._torch_class is nn.RNN else " instead"
                 raise ValueError(f"{kind}: Expected input to be 2D or 3D, got {input.dim()}D{tail}")
             is_batched = input.dim() == 3
             if not is_batched:
@@ -134,7 +135,7 @@ class _RNNBaseMixin(_FastMixin):
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = hx if lstm else (hx, None)
         output, h_n, c_n = functional.rnn(
-            MODE_TO_CELL[self.mode],
+            cell,
             input,
             h0,
             c0,
@@ -194,13 +195,12 @@ class RNN(_RNNBaseMixin, nn.RNN):
 class _CellMixin(_FastMixin):
     """torch.nn.*Cell.forward input handling, ending in fastrnn.functional.cell_step."""
 
-    _name: str
-
     def _cell(self) -> str:
-        return self._name
+        return cell_for(self._torch_class.__name__).name
 
     def forward(self, input: Tensor, hx=None):
-        lstm = self._name == "lstm"
+        cell = self._cell()
+        lstm = spec(cell).has_cell_state  # hx is an (h, c) pair
         kind = type(self)._torch_class.__name__
         if input.dim() not in (1, 2):
             raise ValueError(f"{kind}: Expected input to be 1D or 2D, got {input.dim()}D instead")
@@ -226,7 +226,7 @@ class _CellMixin(_FastMixin):
                 h0 = h0.unsqueeze(0)
                 c0 = None if c0 is None else c0.unsqueeze(0)
         h, c = functional.cell_step(
-            self._cell(), input, h0, c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend
+            cell, input, h0, c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend
         )
         if not is_batched:
             h = h.squeeze(0)
@@ -237,7 +237,6 @@ class _CellMixin(_FastMixin):
 class LSTMCell(_CellMixin, nn.LSTMCell):
     __doc__ = "fastrnn's drop-in torch.nn.LSTMCell (extra keyword: backend=None).\n\n" + (nn.LSTMCell.__doc__ or "")
     _torch_class = nn.LSTMCell
-    _name = "lstm"
 
     def __init__(self, *args, backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -247,7 +246,6 @@ class LSTMCell(_CellMixin, nn.LSTMCell):
 class GRUCell(_CellMixin, nn.GRUCell):
     __doc__ = "fastrnn's drop-in torch.nn.GRUCell (extra keyword: backend=None).\n\n" + (nn.GRUCell.__doc__ or "")
     _torch_class = nn.GRUCell
-    _name = "gru"
 
     def __init__(self, *args, backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -257,7 +255,6 @@ class GRUCell(_CellMixin, nn.GRUCell):
 class RNNCell(_CellMixin, nn.RNNCell):
     __doc__ = "fastrnn's drop-in torch.nn.RNNCell (extra keyword: backend=None).\n\n" + (nn.RNNCell.__doc__ or "")
     _torch_class = nn.RNNCell
-    _name = "rnn"
 
     def __init__(self, *args, backend: str | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -266,7 +263,7 @@ class RNNCell(_CellMixin, nn.RNNCell):
     def _cell(self) -> str:
         if self.nonlinearity not in ("tanh", "relu"):
             raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        return f"rnn_{self.nonlinearity}"
+        return cell_for("RNNCell", self.nonlinearity).name
 
 
 # torch.nn class -> fastrnn class, for convert(); exact types only, so user subclasses with their own

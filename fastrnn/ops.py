@@ -19,8 +19,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastrnn import backends
-from fastrnn.cells import check_cell, saved_dtype, saved_shapes
+from fastrnn import backends, cells
 
 
 def _c(t: Tensor | None) -> Tensor | None:
@@ -32,24 +31,36 @@ def _opt(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _forward_impl(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved):
+    spec = cells.spec(cell)
     if gx.shape[1] == 0:  # an empty batch (torch.nn accepts one): nothing to run, so no kernel has to handle it
         backend = "reference"
-    out, h_n, c_n, gates, extra = backends.get(backend).forward(
-        cell, gx.contiguous(), h0.contiguous(), _c(c0), w_hh.contiguous(), _c(b_hh), _c(w_hr), batch_sizes,
-        reverse, need_saved,
-    )  # fmt: skip
-    return out, h_n, _opt(c_n if cell == "lstm" else None, gx), gates, extra
+    if spec.has_cell_state and c0 is None:
+        c0 = gx.new_zeros(gx.shape[1], w_hh.shape[0] // spec.G)
+    state0 = cells.State(h0.contiguous(), _c(c0))
+    weights = cells.Weights(w_hh.contiguous(), _c(b_hh), _c(w_hr))
+    out, state_n, saved = backends.get(backend).forward(
+        spec, gx.contiguous(), state0, weights, batch_sizes, reverse, need_saved
+    )
+    return out, state_n.h, _opt(state_n.c, gx), saved.gates, saved.extra
 
 
 def _backward_impl(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates,
                    extra):  # fmt: skip
+    spec = cells.spec(cell)
     if out.shape[1] == 0:
         backend = "reference"
-    grads = backends.get(backend).backward(
-        cell, d_out.contiguous(), d_h_n.contiguous(), _c(d_c_n), h0.contiguous(), _c(c0), w_hh.contiguous(),
-        _c(b_hh), _c(w_hr), batch_sizes, reverse, out.contiguous(), gates.contiguous(), extra.contiguous(),
+    c0_given = c0 is not None
+    if spec.has_cell_state:
+        H = w_hh.shape[0] // spec.G
+        c0 = out.new_zeros(out.shape[1], H) if c0 is None else c0.contiguous()
+        d_c_n = out.new_zeros(out.shape[1], H) if d_c_n is None else d_c_n.contiguous()
+    g = backends.get(backend).backward(
+        spec, d_out.contiguous(), cells.State(d_h_n.contiguous(), d_c_n), cells.State(h0.contiguous(), c0),
+        cells.Weights(w_hh.contiguous(), _c(b_hh), _c(w_hr)), batch_sizes, reverse, out.contiguous(),
+        cells.Saved(gates.contiguous(), extra.contiguous()),
     )  # fmt: skip
-    return tuple(_opt(g, out) for g in grads)
+    d_c0 = g.d_state0.c if c0_given else None
+    return tuple(_opt(t, out) for t in (g.d_gx, g.d_state0.h, d_c0, *g.d_weights))
 
 
 @torch.library.custom_op("fastrnn::recurrence_fwd", mutates_args=())
@@ -71,13 +82,13 @@ def recurrence_fwd(
 
 @recurrence_fwd.register_fake
 def _(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved):
-    G = check_cell(cell)
+    spec = cells.spec(cell)
     T, B = gx.shape[0], gx.shape[1]
-    H = w_hh.shape[0] // G
+    H = w_hh.shape[0] // spec.G
     P = h0.shape[1]
-    acc = saved_dtype(gx.dtype)
-    gs, es = saved_shapes(cell, T, B, H) if need_saved else ((0,), (0,))
-    c_n = gx.new_empty(B, H) if cell == "lstm" else gx.new_empty(0)
+    acc = cells.saved_dtype(gx.dtype)
+    gs, es = spec.saved_shapes(T, B, H) if need_saved else ((0,), (0,))
+    c_n = gx.new_empty(B, H) if spec.has_cell_state else gx.new_empty(0)
     return (gx.new_empty(T, B, P), gx.new_empty(B, P), c_n, gx.new_empty(gs, dtype=acc), gx.new_empty(es, dtype=acc))
 
 
@@ -106,13 +117,13 @@ def recurrence_bwd(
 
 @recurrence_bwd.register_fake
 def _(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates, extra):
-    check_cell(cell)
+    spec = cells.spec(cell)
     T, B = out.shape[0], out.shape[1]
     e = out.new_empty(0)
     return (
         out.new_empty(T, B, w_hh.shape[0]),
         torch.empty_like(h0),
-        torch.empty_like(c0) if c0 is not None and cell == "lstm" else e.clone(),
+        torch.empty_like(c0) if c0 is not None and spec.has_cell_state else e.clone(),
         torch.empty_like(w_hh),
         torch.empty_like(b_hh) if b_hh is not None else e.clone(),
         torch.empty_like(w_hr) if w_hr is not None else e.clone(),
@@ -134,7 +145,7 @@ def _grads(ctx, d_out, d_h_n, d_c_n, bwd):
             "fastrnn: backward through a recurrence that was run with need_saved=False "
             "(the forward ran without grad mode but its inputs require grad)"
         )
-    d_c_n = d_c_n if ctx.cell == "lstm" else None
+    d_c_n = d_c_n if cells.spec(ctx.cell).has_cell_state else None
     d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = bwd(
         ctx.backend, ctx.cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, ctx.reverse, out,
         gates, extra,
@@ -190,4 +201,4 @@ def recurrence(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse
         out, h_n, c_n, _, _ = _EagerRecurrence.apply(*args)
     else:
         out, h_n, c_n, _, _ = _forward_impl(*args)
-    return out, h_n, (c_n if cell == "lstm" else None)
+    return out, h_n, (c_n if cells.spec(cell).has_cell_state else None)

@@ -37,6 +37,8 @@ def interpreted(name: str) -> bool:
 
 
 BACKENDS_UNDER_TEST = [n for n in backends.BACKENDS if backends.is_available(n)[0]]
+# the backends that implement the per-direction kernel contract (all but torch.nn's own whole-call kernels)
+KERNEL_BACKENDS = [n for n in BACKENDS_UNDER_TEST if n in backends.KERNEL_BACKENDS]
 
 
 def skip_unless_supported(name: str, cell: str, dtype: torch.dtype) -> torch.device:
@@ -49,4 +51,9 @@ def skip_unless_supported(name: str, cell: str, dtype: torch.dtype) -> torch.dev
 
 @pytest.fixture(params=BACKENDS_UNDER_TEST)
 def backend(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=KERNEL_BACKENDS)
+def kernel_backend(request) -> str:
     return request.param

@@ -49,48 +49,50 @@ def assert_close(
 
 
 def contract_inputs(cell: str, T: int, B: int, H: int, P: int, dtype: torch.dtype, bias: bool):
-    """Random arguments of the kernel contract: gx [T,B,G*H], h0 [B,P], c0 [B,H] (lstm), w_hh [G*H,P],
-    b_hh [G*H], w_hr [P,H] (when P != H), weights in torch.nn's init range."""
-    from fastrnn.cells import GATES
+    """Random arguments of the kernel contract: gx [T,B,G*H], State(h0 [B,P], c0 [B,H] for cells with a cell
+    state), Weights(w_hh [G*H,P], b_hh [G*H], w_hr [P,H] when P != H), weights in torch.nn's init range."""
+    from fastrnn.cells import State, Weights, spec
 
-    G = GATES[cell]
+    c = spec(cell)
     s = 1 / math.sqrt(H)
-    gx = torch.randn(T, B, G * H, dtype=dtype)
+    gx = torch.randn(T, B, c.G * H, dtype=dtype)
     h0 = torch.randn(B, P, dtype=dtype)
-    c0 = torch.randn(B, H, dtype=dtype) if cell == "lstm" else None
-    w_hh = torch.empty(G * H, P, dtype=dtype).uniform_(-s, s)
-    b_hh = torch.empty(G * H, dtype=dtype).uniform_(-s, s) if bias else None
+    c0 = torch.randn(B, H, dtype=dtype) if c.has_cell_state else None
+    w_hh = torch.empty(c.G * H, P, dtype=dtype).uniform_(-s, s)
+    b_hh = torch.empty(c.G * H, dtype=dtype).uniform_(-s, s) if bias else None
     w_hr = torch.empty(P, H, dtype=dtype).uniform_(-s, s) if P != H else None
-    return gx, h0, c0, w_hh, b_hh, w_hr
+    return gx, State(h0, c0), Weights(w_hh, b_hh, w_hr)
 
 
 def assert_contract_matches_reference(be, cell, T, B, H, P, bs, reverse, bias, dtype):
     """Backend module `be` against the reference backend on one call of the contract: forward outputs, the
     saved tensors (active rows equal, skipped rows zero) and every backward gradient."""
     from fastrnn.backends import get
-    from fastrnn.cells import batch_sizes_list
+    from fastrnn.cells import State, batch_sizes_list, spec
 
     ref = get("reference")
-    gx, h0, c0, w_hh, b_hh, w_hr = contract_inputs(cell, T, B, H, P, dtype, bias)
+    c = spec(cell)
+    gx, state0, weights = contract_inputs(cell, T, B, H, P, dtype, bias)
     batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
-    args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, True)
-    got, exp = be.forward(*args), ref.forward(*args)
-    for name, a, e in zip(("out", "h_n", "c_n"), got[:3], exp[:3], strict=True):
-        assert_close(a, e, dtype, T, f"forward {name}")
+    args = (c, gx, state0, weights, batch_sizes, reverse, True)
+    (out_g, st_g, sv_g), (out_e, st_e, sv_e) = be.forward(*args), ref.forward(*args)
+    assert_close(out_g, out_e, dtype, T, "forward out")
+    for name, a, e in zip(c.states, st_g, st_e):
+        assert_close(a, e, dtype, T, f"forward {name}_n")
     active = torch.arange(B)[None, :] < torch.tensor(batch_sizes_list(batch_sizes, T, B))[:, None]  # [T, B]
-    for name, a, e in zip(("gates", "extra"), got[3:], exp[3:], strict=True):
+    for name, a, e in zip(sv_g._fields, sv_g, sv_e, strict=True):
         assert a.shape == e.shape and a.dtype == e.dtype, f"{name}: {a.shape} {a.dtype} != {e.shape} {e.dtype}"
         if e.numel():
             assert_close(a[active], e[active], dtype, T, f"saved {name} (active rows)")
             assert (a[~active] == 0).all(), f"saved {name}: rows a step skips must be zero"
 
-    out = exp[0]
-    d_out, d_h_n = torch.randn_like(out), torch.randn_like(h0)
-    d_c_n = torch.randn_like(c0) if c0 is not None else None
-    bargs = (cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, *exp[3:])
+    d_out, d_h_n = torch.randn_like(out_e), torch.randn_like(state0.h)
+    d_state_n = State(d_h_n, torch.randn_like(state0.c) if c.has_cell_state else None)
+    bargs = (c, d_out, d_state_n, state0, weights, batch_sizes, reverse, out_e, sv_e)
     g_got, g_exp = be.backward(*bargs), ref.backward(*bargs)
+    flat = lambda g: (g.d_gx, *g.d_state0, *g.d_weights)  # noqa: E731 - local shorthand
     names = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr")
-    for name, a, e in zip(names, g_got, g_exp, strict=True):
+    for name, a, e in zip(names, flat(g_got), flat(g_exp), strict=True):
         if e is None:
             assert a is None, f"{name}: expected None for an absent input"
         else:

@@ -7,7 +7,7 @@ import torch
 
 import fastrnn
 from fastrnn import ops
-from tests.conftest import BACKENDS_UNDER_TEST, interpreted, skip_unless_supported
+from tests.conftest import KERNEL_BACKENDS, interpreted, skip_unless_supported
 from tests.helpers import assert_close
 
 
@@ -40,7 +40,8 @@ OPCHECK_CASES = [
 
 
 @pytest.mark.parametrize("cell,packed,reverse,proj", OPCHECK_CASES)
-def test_opcheck(backend, cell, packed, reverse, proj):
+def test_opcheck(kernel_backend, cell, packed, reverse, proj):
+    backend = kernel_backend
     if interpreted(backend):
         pytest.skip("triton interpreter: opcheck replays the op many times; covered on CUDA")
     dtype = torch.float64 if backend != "triton" else torch.float32
@@ -66,7 +67,7 @@ class Model(torch.nn.Module):
         return self.cell(y[-1], h[0][:, :3] * 0 + 1).sum() + y.sum()
 
 
-@pytest.mark.parametrize("backend", [b for b in BACKENDS_UNDER_TEST if b != "triton"])
+@pytest.mark.parametrize("backend", [b for b in KERNEL_BACKENDS if b != "triton"])
 def test_compile_fullgraph_matches_eager(backend):
     """fullgraph=True fails on any graph break, so this proves dynamo traces fastrnn end to end."""
     torch.manual_seed(0)

@@ -3,12 +3,16 @@
 A backend is a module `fastrnn.backends.<name>` exposing
     NAME: str
     available() -> (ok, reason)             can it run on this machine at all (reason says how to get it)
-    supports(cell, dtype, device) -> (ok, reason)
-    forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved)
-        -> out, h_n, c_n, gates, extra
-    backward(cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates, extra)
-        -> d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr        (None where the input was None)
-(shapes and the saved layout: fastrnn/cells.py and DESIGN.md). Only ops.py calls forward/backward.
+    supports(cell: Cell, dtype, device) -> (ok, reason)
+    forward(cell: Cell, gx, state0: State, weights: Weights, batch_sizes, reverse, need_saved)
+        -> out, state_n: State, saved: Saved
+    backward(cell: Cell, d_out, d_state_n: State, state0: State, weights: Weights, batch_sizes, reverse, out,
+             saved: Saved) -> Grads                     (None where the input was None)
+(the types, shapes and the saved layout: fastrnn/cells.py and DESIGN.md). Only ops.py calls forward/backward.
+For cells with a cell state, state0.c and d_state_n.c are always tensors (ops.py fills zeros).
+
+The `torch` backend is different: it runs torch.nn's own whole-layer kernels (cuDNN, oneDNN, native) and so
+has no per-direction contract; functional.py hands it the whole call (`torch_nn.rnn`, `torch_nn.cell`).
 
 How a call's backend is chosen, first match wins:
     1. the module's `backend=` argument          (explicit)
@@ -30,7 +34,12 @@ from types import ModuleType
 
 import torch
 
-BACKENDS = ("reference", "cpp", "numba", "triton")
+from fastrnn.cells import spec
+
+BACKENDS = ("reference", "cpp", "numba", "triton", "torch")
+KERNEL_BACKENDS = ("reference", "cpp", "numba", "triton")  # implement the per-direction contract (not torch)
+# backend name -> module under fastrnn.backends (`torch` would shadow the torch package inside this one)
+_MODULE_NAMES = {"torch": "torch_nn"}
 _AUTO = {"cuda": ("triton", "reference"), "cpu": ("cpp", "numba", "reference")}
 ENV_VAR = "FASTRNN_BACKEND"
 
@@ -55,7 +64,7 @@ def get(name: str) -> ModuleType:
     _check_name(name)
     mod = _modules.get(name)
     if mod is None:
-        mod = importlib.import_module(f"fastrnn.backends.{name}")
+        mod = importlib.import_module(f"fastrnn.backends.{_MODULE_NAMES.get(name, name)}")
         _modules[name] = mod
     return mod
 
@@ -102,13 +111,14 @@ def requested(explicit: str | None = None) -> str | None:
 def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | None = None) -> str:
     """The backend that runs this call (see the module docstring for the rules). Under torch.compile it is
     evaluated once while tracing and its answer baked into the graph."""
+    cell = spec(cell)
     name = requested(explicit)
     if name is not None:
         ok, why = is_available(name)
         if ok:
             ok, why = get(name).supports(cell, dtype, device)
         if not ok:
-            raise BackendUnavailableError(f"fastrnn backend {name!r} cannot run {cell} ({dtype}, {device.type}): {why}")
+            raise BackendUnavailableError(f"fastrnn backend {name!r} cannot run {cell.name} ({dtype}, {device.type}): {why}")
         return name
     reasons = []
     for cand in _AUTO.get(device.type, ("reference",)):
@@ -122,7 +132,7 @@ def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | 
                 _warn_slow_cpu(cand, reasons)
             return cand
         reasons.append(f"{cand}: {why}")
-    raise BackendUnavailableError(f"no fastrnn backend can run {cell} ({dtype}, {device.type}): " + "; ".join(reasons))
+    raise BackendUnavailableError(f"no fastrnn backend can run {cell.name} ({dtype}, {device.type}): " + "; ".join(reasons))
 
 
 def _warn_slow_cpu(chosen: str, reasons: list[str]) -> None:

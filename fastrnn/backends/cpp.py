@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from fastrnn.backends import optional_import
-from fastrnn.cells import check_cell
+from fastrnn.cells import Cell, Grads, Saved, State, Weights, check_cell
 
 NAME = "cpp"
 KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -47,8 +47,7 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def supports(cell: str, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    check_cell(cell)
+def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
     if torch.device(device).type != "cpu":
         return False, f"the cpp backend runs on CPU tensors only, got device {device}"
     if dtype not in KERNEL_DTYPES + WIDENED_DTYPES:
@@ -56,7 +55,7 @@ def supports(cell: str, dtype: torch.dtype, device: torch.device) -> tuple[bool,
     return True, ""
 
 
-def forward(
+def _forward(
     cell: str,
     gx: Tensor,
     h0: Tensor,
@@ -71,7 +70,7 @@ def forward(
     """gx [T,B,G*H], h0 [B,P], c0 [B,H]|None -> out [T,B,P], h_n [B,P], c_n, gates, extra (cells.py layout)."""
     if gx.dtype in WIDENED_DTYPES:
         args = (_f32(gx), _f32(h0), _f32(c0), _f32(w_hh), _f32(b_hh), _f32(w_hr), batch_sizes, reverse, need_saved)
-        out, h_n, c_n, gates, extra = forward(cell, *args)
+        out, h_n, c_n, gates, extra = _forward(cell, *args)
         return out.to(gx.dtype), h_n.to(gx.dtype), c_n.to(gx.dtype), gates, extra
     C = _ext()
     check_cell(cell)
@@ -87,7 +86,7 @@ def forward(
     return out, h_n, gx.new_empty(0), gx.new_empty(0), gx.new_empty(0)
 
 
-def backward(
+def _backward(
     cell: str,
     d_out: Tensor,
     d_h_n: Tensor,
@@ -107,7 +106,7 @@ def backward(
     dt = out.dtype
     if dt in WIDENED_DTYPES:
         wide = (_f32(d_out), _f32(d_h_n), _f32(d_c_n), _f32(h0), _f32(c0), _f32(w_hh), _f32(b_hh), _f32(w_hr))
-        grads = backward(cell, *wide, batch_sizes, reverse, _f32(out), gates, extra)
+        grads = _backward(cell, *wide, batch_sizes, reverse, _f32(out), gates, extra)
         return tuple(_to(g, dt) for g in grads)  # type: ignore[return-value]
     C = _ext()
     check_cell(cell)
@@ -128,3 +127,17 @@ def backward(
             d_out, d_h_n, h0, w_hh, b_hh, batch_sizes, reverse, out, cell == "rnn_relu"
         )
     return d_gx, d_h0, None, d_w_hh, d_b_hh, None
+
+
+def forward(cell, gx, state0, weights, batch_sizes, reverse, need_saved):
+    out, h_n, c_n, gates, extra = _forward(
+        cell.name, gx, state0.h, state0.c, *weights, batch_sizes, reverse, need_saved
+    )
+    return out, State(h_n, c_n if cell.has_cell_state else None), Saved(gates, extra)
+
+
+def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved):
+    g = _backward(
+        cell.name, d_out, d_state_n.h, d_state_n.c, state0.h, state0.c, *weights, batch_sizes, reverse, out, *saved
+    )
+    return Grads(g[0], State(g[1], g[2]), Weights(*g[3:]))

@@ -1,15 +1,19 @@
 """The reference backend: the kernel contract in plain torch ops with backpropagation through time written out.
 
 It is the oracle the fast backends are read against (besides torch.nn itself): short and obviously right,
-not fast. Every tensor argument is contiguous and of one dtype and device (ops.py sees to that).
+not fast. The time walk is written once (`forward`, `backward`); each cell contributes a pointwise forward and
+backward step (`_STEPS`). Every tensor argument is contiguous and of one dtype and device (ops.py sees to that).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import NamedTuple
+
 import torch
 from torch import Tensor
 
-from fastrnn.cells import batch_sizes_list, check_cell, prev_rows, saved_dtype, saved_shapes, steps
+from fastrnn.cells import Cell, Grads, Saved, State, Weights, batch_sizes_list, prev_rows, saved_dtype, steps
 
 NAME = "reference"
 
@@ -18,10 +22,91 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def supports(cell: str, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
+def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
     if not dtype.is_floating_point:
         return False, f"reference backend needs a floating-point dtype, got {dtype}"
     return True, ""
+
+
+# ---- per-cell pointwise steps ----
+# forward(x, gh, hp, cp) -> hbar, c_t | None, saved gates row | None, saved extra row | None
+#   x = gx[t] [n, G*H] (incl. b_ih), gh = h_{t-1} W_hh^T + b_hh [n, G*H], hp = h_{t-1} [n, P], cp = c_{t-1};
+#   hbar [n, H] is the new h before any projection.
+# backward(dh, dc, hp, cp, h, gates, extra) -> d_x, d_gh, dh_direct | None, dc_prev | None
+#   dh = d hbar [n, H], dc = d c_t; h = hbar of this step; d_x, d_gh: gradients of x and gh (they differ for
+#   GRU's n gate); dh_direct: the part of d h_{t-1} not through W_hh.
+
+
+def _lstm_fwd(x, gh, hp, cp):
+    i, f, g, o = (x + gh).chunk(4, 1)
+    i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
+    c = f * cp + i * g
+    return o * c.tanh(), c, torch.cat([i, f, g, o], 1), c
+
+
+def _lstm_bwd(dh, dc, hp, cp, h, gates, extra):
+    i, f, g, o = gates.chunk(4, 1)
+    tc = extra.tanh()
+    dct = dc + dh * o * (1 - tc * tc)
+    d = torch.cat([dct * g * i * (1 - i), dct * cp * f * (1 - f), dct * i * (1 - g * g), dh * tc * o * (1 - o)], 1)
+    return d, d, None, dct * f
+
+
+def _gru_fwd(x, gh, hp, cp):
+    xr, xz, xn = x.chunk(3, 1)
+    hr, hz, hn = gh.chunk(3, 1)
+    r = (xr + hr).sigmoid()
+    z = (xz + hz).sigmoid()
+    n = (xn + r * hn).tanh()
+    return (1 - z) * n + z * hp, None, torch.cat([r, z, n], 1), hn
+
+
+def _gru_bwd(dh, dc, hp, cp, h, gates, extra):
+    r, z, n = gates.chunk(3, 1)
+    dn = dh * (1 - z) * (1 - n * n)
+    dr = dn * extra * r * (1 - r)
+    dz = dh * (hp - n) * z * (1 - z)
+    return torch.cat([dr, dz, dn], 1), torch.cat([dr, dz, dn * r], 1), dh * z, None
+
+
+def _tanh_fwd(x, gh, hp, cp):
+    return (x + gh).tanh(), None, None, None
+
+
+def _tanh_bwd(dh, dc, hp, cp, h, gates, extra):
+    d = dh * (1 - h * h)
+    return d, d, None, None
+
+
+def _relu_fwd(x, gh, hp, cp):
+    return (x + gh).relu(), None, None, None
+
+
+def _relu_bwd(dh, dc, hp, cp, h, gates, extra):
+    d = torch.where(h <= 0, torch.zeros_like(dh), dh)  # torch's threshold_backward: zero where h <= 0, NaN passes
+    return d, d, None, None
+
+
+def _lstm_hbar(gates, extra):
+    """o * tanh(c_t), the LSTM's output before the projection, from its saved row."""
+    return gates.chunk(4, 1)[3] * extra.tanh()
+
+
+class _Step(NamedTuple):
+    forward: Callable
+    backward: Callable
+    hbar: Callable | None = None  # the pre-projection output from the saved rows (cells with a projection)
+
+
+_STEPS: dict[str, _Step] = {
+    "lstm": _Step(_lstm_fwd, _lstm_bwd, _lstm_hbar),
+    "gru": _Step(_gru_fwd, _gru_bwd),
+    "rnn_tanh": _Step(_tanh_fwd, _tanh_bwd),
+    "rnn_relu": _Step(_relu_fwd, _relu_bwd),
+}
+
+
+# ---- the walk, once ----
 
 
 def _prev(out: Tensor, h0: Tensor, t: int, n: int, T: int, bs: list[int], reverse: bool) -> Tensor:
@@ -35,132 +120,103 @@ def _prev(out: Tensor, h0: Tensor, t: int, n: int, T: int, bs: list[int], revers
     return torch.cat([out[src, :k], h0[k:n]])
 
 
-def forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved):
-    """gx [T,B,G*H], h0 [B,P], c0 [B,H]|None, w_hh [G*H,P], b_hh [G*H]|None, w_hr [P,H]|None
-    -> out [T,B,P], h_n [B,P], c_n [B,H] (empty unless lstm), gates, extra (see cells.py)."""
-    G = check_cell(cell)
+def forward(
+    cell: Cell, gx: Tensor, state0: State, weights: Weights, batch_sizes: Tensor | None, reverse: bool, need_saved: bool
+) -> tuple[Tensor, State, Saved]:
+    """gx [T,B,G*H], state0 h [B,P] (c [B,H]), weights w_hh [G*H,P], b_hh [G*H]?, w_hr [P,H]?
+    -> out [T,B,P], state_n, saved (cells.py layout)."""
+    step = _STEPS[cell.name]
     T, B, _ = gx.shape
-    H = gx.shape[2] // G
-    P = h0.shape[1]
+    H = gx.shape[2] // cell.G
+    P = state0.h.shape[1]
     bs = batch_sizes_list(batch_sizes, T, B)
     acc = saved_dtype(gx.dtype)
     out = gx.new_zeros(T, B, P)
-    h = h0.to(acc).clone()  # [B, P]
-    c = c0.to(acc).clone() if cell == "lstm" else None  # [B, H]
-    gshape, eshape = saved_shapes(cell, T, B, H) if need_saved else ((0,), (0,))
+    h = state0.h.to(acc).clone()  # [B, P]
+    c = state0.c.to(acc).clone() if cell.has_cell_state else None  # [B, H]
+    gshape, eshape = cell.saved_shapes(T, B, H) if need_saved else ((0,), (0,))
     gates = gx.new_zeros(gshape, dtype=acc)
     extra = gx.new_zeros(eshape, dtype=acc)
-    w = w_hh.to(acc)
-    b = None if b_hh is None else b_hh.to(acc)
+    w = weights.w_hh.to(acc)
+    b = None if weights.b_hh is None else weights.b_hh.to(acc)
+    wr = None if weights.w_hr is None else weights.w_hr.to(acc)
     for t in steps(T, reverse):
         n = bs[t]
         hp = h[:n]
         gh = hp @ w.t()  # [n, G*H]
         if b is not None:
             gh = gh + b
-        x = gx[t, :n].to(acc)
-        if cell == "lstm":
-            i, f, g, o = (x + gh).chunk(4, 1)
-            i, f, g, o = i.sigmoid(), f.sigmoid(), g.tanh(), o.sigmoid()
-            cn = f * c[:n] + i * g
-            hn = o * cn.tanh()
-            if w_hr is not None:
-                hn = hn @ w_hr.to(acc).t()
+        hn, cn, g_row, e_row = step.forward(gx[t, :n].to(acc), gh, hp, None if c is None else c[:n])
+        if wr is not None:
+            hn = hn @ wr.t()
+        if cn is not None:
             c[:n] = cn
-            if need_saved:
-                gates[t, :n] = torch.cat([i, f, g, o], 1)
-                extra[t, :n] = cn
-        elif cell == "gru":
-            xr, xz, xn = x.chunk(3, 1)
-            hr, hz, hh = gh.chunk(3, 1)
-            r = (xr + hr).sigmoid()
-            z = (xz + hz).sigmoid()
-            nn_ = (xn + r * hh).tanh()
-            hn = (1 - z) * nn_ + z * hp
-            if need_saved:
-                gates[t, :n] = torch.cat([r, z, nn_], 1)
-                extra[t, :n] = hh
-        elif cell == "rnn_tanh":
-            hn = (x + gh).tanh()
-        else:
-            hn = (x + gh).relu()
+        if need_saved and g_row is not None:
+            gates[t, :n] = g_row
+            extra[t, :n] = e_row
         h[:n] = hn
         out[t, :n] = hn.to(out.dtype)
-    c_n = c.to(gx.dtype) if c is not None else gx.new_empty(0)
-    return out, h.to(gx.dtype), c_n, gates, extra
+    c_n = c.to(gx.dtype) if c is not None else None
+    return out, State(h.to(gx.dtype), c_n), Saved(gates, extra)
 
 
-def backward(cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates, extra):
+def backward(
+    cell: Cell,
+    d_out: Tensor,
+    d_state_n: State,
+    state0: State,
+    weights: Weights,
+    batch_sizes: Tensor | None,
+    reverse: bool,
+    out: Tensor,
+    saved: Saved,
+) -> Grads:
     """Walks the steps in the opposite order of forward. Keeps d(pre-activation) of every step and forms
-    the weight gradients as single GEMMs at the end.
-    -> d_gx [T,B,G*H], d_h0 [B,P], d_c0 [B,H]|None, d_w_hh, d_b_hh|None, d_w_hr|None."""
-    G = check_cell(cell)
+    the weight gradients as single GEMMs at the end."""
+    step = _STEPS[cell.name]
     T, B, P = out.shape
-    H = w_hh.shape[0] // G
+    H = weights.w_hh.shape[0] // cell.G
+    G = cell.G
     bs = batch_sizes_list(batch_sizes, T, B)
     acc = saved_dtype(out.dtype)
-    w = w_hh.to(acc)
-    wr = None if w_hr is None else w_hr.to(acc)
-    outa, h0a = out.to(acc), h0.to(acc)
+    w = weights.w_hh.to(acc)
+    wr = None if weights.w_hr is None else weights.w_hr.to(acc)
+    outa, h0a = out.to(acc), state0.h.to(acc)
     d_gx = out.new_zeros(T, B, G * H, dtype=acc)
-    d_gh = d_gx if cell != "gru" else torch.zeros_like(d_gx)  # only GRU's n gate differs (r * ...)
+    d_gh = torch.zeros_like(d_gx)
     h_prev = torch.zeros(T, B, P, dtype=acc, device=out.device)  # for d_w_hh as one GEMM
-    dh = d_h_n.to(acc).clone()  # [B, P] running gradient of the state
-    if cell == "lstm":
-        dc = d_c_n.to(acc).clone()
-        c0a = c0.to(acc)
-        d_hfull = torch.zeros(T, B, P, dtype=acc, device=out.device) if wr is not None else None
-        hbar = torch.zeros(T, B, H, dtype=acc, device=out.device) if wr is not None else None
+    dh = d_state_n.h.to(acc).clone()  # [B, P] running gradient of the state
+    dc = d_state_n.c.to(acc).clone() if cell.has_cell_state else None
+    c0a = state0.c.to(acc) if cell.has_cell_state else None
+    if wr is not None:
+        d_hfull = torch.zeros(T, B, P, dtype=acc, device=out.device)
+        hbar = torch.zeros(T, B, H, dtype=acc, device=out.device)
     for t in reversed(steps(T, reverse)):
         n = bs[t]
         hp = _prev(outa, h0a, t, n, T, bs, reverse)
+        cp = None if c0a is None else _prev(saved.extra, c0a, t, n, T, bs, reverse)
         h_prev[t, :n] = hp
         dht = dh[:n] + d_out[t, :n].to(acc)
-        if cell == "lstm":
-            i, f, g, o = gates[t, :n].chunk(4, 1)
-            ct = extra[t, :n]
-            cp = _prev(extra, c0a, t, n, T, bs, reverse)
-            tc = ct.tanh()
-            if wr is not None:
-                d_hfull[t, :n] = dht
-                hbar[t, :n] = o * tc
-                dht = dht @ wr  # gradient w.r.t. o*tanh(c), [n, H]
-            dct = dc[:n] + dht * o * (1 - tc * tc)
-            dg_pre = torch.cat(
-                [dct * g * i * (1 - i), dct * cp * f * (1 - f), dct * i * (1 - g * g), dht * tc * o * (1 - o)], 1
-            )
-            d_gx[t, :n] = dg_pre
-            dc[:n] = dct * f
-            dh[:n] = dg_pre @ w
-        elif cell == "gru":
-            r, z, nn_ = gates[t, :n].chunk(3, 1)
-            hh = extra[t, :n]
-            dn = dht * (1 - z) * (1 - nn_ * nn_)
-            dr = dn * hh * r * (1 - r)
-            dz = dht * (hp - nn_) * z * (1 - z)
-            d_gx[t, :n] = torch.cat([dr, dz, dn], 1)
-            d_gh[t, :n] = torch.cat([dr, dz, dn * r], 1)
-            dh[:n] = d_gh[t, :n] @ w + dht * z
-        else:
-            ht = outa[t, :n]
-            if cell == "rnn_tanh":
-                dpre = dht * (1 - ht * ht)
-            else:  # relu'(x) as torch's threshold_backward: zero where the output is <= 0 (NaN passes)
-                dpre = torch.where(ht <= 0, torch.zeros_like(dht), dht)
-            d_gx[t, :n] = dpre
-            dh[:n] = dpre @ w
+        gates = saved.gates[t, :n] if saved.gates.numel() else None
+        extra = saved.extra[t, :n] if saved.extra.numel() else None
+        ht = outa[t, :n]
+        if wr is not None:
+            d_hfull[t, :n] = dht
+            ht = hbar[t, :n] = step.hbar(gates, extra)
+            dht = dht @ wr  # gradient w.r.t. the pre-projection output, [n, H]
+        dx, dg, direct, dcp = step.backward(dht, None if dc is None else dc[:n], hp, cp, ht, gates, extra)
+        d_gx[t, :n] = dx
+        d_gh[t, :n] = dg
+        dh[:n] = dg @ w if direct is None else dg @ w + direct
+        if dcp is not None:
+            dc[:n] = dcp
     flat = d_gh.reshape(T * B, G * H)
     d_w_hh = flat.t() @ h_prev.reshape(T * B, P)
-    d_b_hh = flat.sum(0) if b_hh is not None else None
-    d_w_hr = None
-    if cell == "lstm" and wr is not None:
-        d_w_hr = d_hfull.reshape(T * B, P).t() @ hbar.reshape(T * B, H)
+    d_b_hh = flat.sum(0) if weights.b_hh is not None else None
+    d_w_hr = d_hfull.reshape(T * B, P).t() @ hbar.reshape(T * B, H) if wr is not None else None
     dt = out.dtype
-    return (
-        d_gx.to(dt),
-        dh.to(dt),
-        dc.to(dt) if cell == "lstm" else None,
-        d_w_hh.to(dt),
-        None if d_b_hh is None else d_b_hh.to(dt),
-        None if d_w_hr is None else d_w_hr.to(dt),
-    )
+
+    def cast(x):
+        return None if x is None else x.to(dt)
+
+    return Grads(cast(d_gx), State(cast(dh), cast(dc)), Weights(cast(d_w_hh), cast(d_b_hh), cast(d_w_hr)))

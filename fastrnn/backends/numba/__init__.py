@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from fastrnn.backends import optional_import
-from fastrnn.cells import batch_sizes_list, check_cell
+from fastrnn.cells import Cell, Grads, Saved, State, Weights, batch_sizes_list, check_cell
 
 NAME = "numba"
 DTYPES = (torch.float32, torch.float64)
@@ -40,8 +40,7 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
-def supports(cell: str, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    check_cell(cell)
+def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
     if device.type != "cpu":
         return False, f"numba backend runs on CPU tensors, not {device.type}"
     if dtype not in DTYPES:
@@ -49,7 +48,7 @@ def supports(cell: str, dtype: torch.dtype, device: torch.device) -> tuple[bool,
     return True, ""
 
 
-def forward(
+def _forward(
     cell: str, gx: Tensor, h0: Tensor, c0: Tensor | None, w_hh: Tensor, b_hh: Tensor | None, w_hr: Tensor | None,
     batch_sizes: Tensor | None, reverse: bool, need_saved: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -77,7 +76,7 @@ def forward(
     return out, h_n, gx.new_empty(0), gates, extra
 
 
-def backward(
+def _backward(
     cell: str, d_out: Tensor, d_h_n: Tensor, d_c_n: Tensor | None, h0: Tensor, c0: Tensor | None, w_hh: Tensor,
     b_hh: Tensor | None, w_hr: Tensor | None, batch_sizes: Tensor | None, reverse: bool, out: Tensor, gates: Tensor,
     extra: Tensor,
@@ -102,3 +101,17 @@ def backward(
 
             d_gx, d_h0, d_w_hh, d_b_hh = rnn_bwd(d_out, d_h_n, h0, w_hh, b_hh, bs, reverse, out, cell == "rnn_relu")
     return d_gx, d_h0, None, d_w_hh, d_b_hh, None
+
+
+def forward(cell, gx, state0, weights, batch_sizes, reverse, need_saved):
+    out, h_n, c_n, gates, extra = _forward(
+        cell.name, gx, state0.h, state0.c, *weights, batch_sizes, reverse, need_saved
+    )
+    return out, State(h_n, c_n if cell.has_cell_state else None), Saved(gates, extra)
+
+
+def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved):
+    g = _backward(
+        cell.name, d_out, d_state_n.h, d_state_n.c, state0.h, state0.c, *weights, batch_sizes, reverse, out, *saved
+    )
+    return Grads(g[0], State(g[1], g[2]), Weights(*g[3:]))
