@@ -22,6 +22,7 @@ os.environ.pop("FASTRNN_BACKEND", None)  # the suite chooses backends itself
 import pytest  # noqa: E402
 
 from fastrnn import backends  # noqa: E402
+from fastrnn.cells import spec  # noqa: E402
 
 
 def backend_device(name: str) -> torch.device:
@@ -43,7 +44,7 @@ KERNEL_BACKENDS = [n for n in BACKENDS_UNDER_TEST if n in backends.KERNEL_BACKEN
 
 def skip_unless_supported(name: str, cell: str, dtype: torch.dtype) -> torch.device:
     device = backend_device(name)
-    ok, why = backends.get(name).supports(cell, dtype, device)
+    ok, why = backends.get(name).supports(spec(cell), dtype, device)
     if not ok:
         pytest.skip(f"{name}: {why}")
     return device

@@ -11,15 +11,20 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import fastrnn
+from fastrnn.cells import cell_for, spec
 from tests.conftest import BACKENDS_UNDER_TEST, interpreted, skip_unless_supported
 from tests.helpers import assert_close
 
 F32, F64 = torch.float32, torch.float64
-CELL_OF = {"LSTM": "lstm", "GRU": "gru", "RNN": "rnn_tanh"}
 
 
 def cell_name(kind: str, kw: dict) -> str:
-    return "rnn_relu" if kw.get("nonlinearity") == "relu" else CELL_OF[kind]
+    return cell_for(kind, kw.get("nonlinearity", "tanh")).name
+
+
+def has_c(kind: str) -> bool:
+    """Whether the module's state is an (h, c) pair."""
+    return cell_for(kind, "tanh").has_cell_state
 
 
 def make_pair(kind: str, kw: dict, backend: str, dtype, device):
@@ -35,7 +40,7 @@ def make_hx(kind: str, kw: dict, B: int | None, dtype, device):
     P = kw.get("proj_size") or H
     shape = (L, B) if B is not None else (L,)
     h = torch.randn(*shape, P, dtype=dtype, device=device, requires_grad=True)
-    if kind == "LSTM":
+    if has_c(kind):
         return (h, torch.randn(*shape, H, dtype=dtype, device=device, requires_grad=True))
     return h
 
@@ -196,14 +201,14 @@ def test_cell(backend, kind, extra, cell, dtype, shape, bias):
     fast.load_state_dict(ref.state_dict())
     lead = () if shape == "unbatched" else (3,)
     x = torch.randn(*lead, 4, dtype=dtype, device=device)
-    hs = [torch.randn(*lead, 6, dtype=dtype, device=device) for _ in range(2 if cell == "lstm" else 1)]
+    hs = [torch.randn(*lead, 6, dtype=dtype, device=device) for _ in range(len(spec(cell).states))]
 
     def inputs():
         xi = x.clone().requires_grad_()
         if shape == "nohx":
             return (xi,)
         h = [t.clone().requires_grad_() for t in hs]
-        return (xi, tuple(h) if cell == "lstm" else h[0])
+        return (xi, tuple(h) if spec(cell).has_cell_state else h[0])
 
     compare_modules(ref, fast, inputs, dtype, 1)
 
@@ -221,11 +226,11 @@ def test_gradcheck_f64(backend, kind, extra, packed):
     lengths = torch.tensor([4, 2, 1])
     x = torch.randn(4, 3, 3, dtype=F64, device=device, requires_grad=True)
     hx = make_hx(kind, kw, 3, F64, device)
-    hx_leaves = list(hx) if kind == "LSTM" else [hx]
+    hx_leaves = list(hx) if has_c(kind) else [hx]
 
     def f(x, *rest):
         hs, ps = rest[: len(hx_leaves)], rest[len(hx_leaves) :]
-        state = tuple(hs) if kind == "LSTM" else hs[0]
+        state = tuple(hs) if has_c(kind) else hs[0]
         inp = pack_padded_sequence(x, lengths) if packed else x
         out, h = torch.func.functional_call(m, dict(zip(names, ps)), (inp, state))
         return (*flat(out), *flat(h))
@@ -241,10 +246,10 @@ def test_gradcheck_cell_f64(backend, kind, extra, cell):
     m = getattr(fastrnn, kind)(3, 5, **extra, backend=backend).to(device=device, dtype=F64)
     names = [n for n, _ in m.named_parameters()]
     x = torch.randn(4, 3, dtype=F64, device=device, requires_grad=True)
-    hs = [torch.randn(4, 5, dtype=F64, device=device, requires_grad=True) for _ in range(2 if cell == "lstm" else 1)]
+    hs = [torch.randn(4, 5, dtype=F64, device=device, requires_grad=True) for _ in range(len(spec(cell).states))]
 
     def f(x, *rest):
-        state = tuple(rest[: len(hs)]) if cell == "lstm" else rest[0]
+        state = tuple(rest[: len(hs)]) if spec(cell).has_cell_state else rest[0]
         return tuple(flat(torch.func.functional_call(m, dict(zip(names, rest[len(hs) :])), (x, state))))
 
     params = [p.detach().clone().requires_grad_() for p in m.parameters()]
@@ -296,9 +301,9 @@ def test_non_contiguous(backend, kind, extra):
     x = wide[:, :, 1:7:2]  # [4, 3, 3], strided
     assert not x.is_contiguous()
     hx = make_hx(kind, kw, 6, F32, device)
-    hx = tuple(h.detach()[:, ::2] for h in hx) if kind == "LSTM" else hx.detach()[:, ::2]
+    hx = tuple(h.detach()[:, ::2] for h in hx) if has_c(kind) else hx.detach()[:, ::2]
     got = flat(m(x, hx))
-    want = flat(m(x.contiguous(), tuple(h.contiguous() for h in hx) if kind == "LSTM" else hx.contiguous()))
+    want = flat(m(x.contiguous(), tuple(h.contiguous() for h in hx) if has_c(kind) else hx.contiguous()))
     for a, e in zip(got, want):
         assert_close(a, e, F32, 4, "non-contiguous", rtol=0, atol=0)
 

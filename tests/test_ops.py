@@ -7,12 +7,14 @@ import torch
 
 import fastrnn
 from fastrnn import ops
+from fastrnn.cells import spec
 from tests.conftest import KERNEL_BACKENDS, interpreted, skip_unless_supported
 from tests.helpers import assert_close
 
 
 def _args(cell, backend, device, packed, reverse, proj, T=4, B=3, H=5, dtype=torch.float64):
-    G = {"lstm": 4, "gru": 3}.get(cell, 1)
+    c = spec(cell)
+    G = c.G
     P = 3 if proj else H
     r = lambda *s: torch.randn(*s, dtype=dtype, device=device, requires_grad=True)  # noqa: E731
     return (
@@ -20,7 +22,7 @@ def _args(cell, backend, device, packed, reverse, proj, T=4, B=3, H=5, dtype=tor
         cell,
         r(T, B, G * H),
         r(B, P),
-        r(B, H) if cell == "lstm" else None,
+        r(B, H) if c.has_cell_state else None,
         r(G * H, P),
         r(G * H),
         r(P, H) if proj else None,

@@ -118,7 +118,9 @@ def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | 
         if ok:
             ok, why = get(name).supports(cell, dtype, device)
         if not ok:
-            raise BackendUnavailableError(f"fastrnn backend {name!r} cannot run {cell.name} ({dtype}, {device.type}): {why}")
+            raise BackendUnavailableError(
+                f"fastrnn backend {name!r} cannot run {cell.name} ({dtype}, {device.type}): {why}"
+            )
         return name
     reasons = []
     for cand in _AUTO.get(device.type, ("reference",)):
@@ -132,7 +134,9 @@ def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | 
                 _warn_slow_cpu(cand, reasons)
             return cand
         reasons.append(f"{cand}: {why}")
-    raise BackendUnavailableError(f"no fastrnn backend can run {cell.name} ({dtype}, {device.type}): " + "; ".join(reasons))
+    raise BackendUnavailableError(
+        f"no fastrnn backend can run {cell.name} ({dtype}, {device.type}): " + "; ".join(reasons)
+    )
 
 
 def _warn_slow_cpu(chosen: str, reasons: list[str]) -> None:

@@ -10,7 +10,7 @@ backend is not measured faster, and what deployment paths (scripting, tracing, e
 from __future__ import annotations
 
 import torch
-from torch import Tensor, _VF
+from torch import _VF, Tensor
 
 from fastrnn.cells import Cell
 
