@@ -1,5 +1,6 @@
-"""The triton backend against the reference backend (every output, saved tensor and gradient of the kernel
-contract) and, through the drop-in modules, against torch.nn.
+"""The triton backend against the reference backend (the contract itself: outputs, final states, the saved
+tensors with the rows a step skips zero, every gradient, with d_out random on skipped rows too) and, through
+the drop-in modules, against torch.nn.
 
 Without CUDA the kernels run under TRITON_INTERPRET=1 (tests/conftest.py sets it before fastrnn is imported)
 on tiny shapes; with CUDA the same tests run on the GPU with larger shapes, plus float16 / bfloat16 checked
@@ -17,142 +18,115 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastrnn
 from fastrnn import backends
-from fastrnn.backends import reference
-from fastrnn.cells import GATES
-from tests.helpers import assert_close
+from fastrnn.cells import spec
+from tests.helpers import assert_close, assert_contract_matches_reference, contract_inputs
 
 if not backends.is_available("triton")[0]:
     pytest.skip(f"triton backend unavailable: {backends.is_available('triton')[1]}", allow_module_level=True)
 
-from fastrnn.backends import triton as tb  # noqa: E402
+tb, ref = backends.get("triton"), backends.get("reference")
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
-if not tb.supports("lstm", torch.float32, DEVICE)[0]:
-    pytest.skip(tb.supports("lstm", torch.float32, DEVICE)[1], allow_module_level=True)
+if not tb.supports(spec("lstm"), torch.float32, DEVICE)[0]:
+    pytest.skip(tb.supports(spec("lstm"), torch.float32, DEVICE)[1], allow_module_level=True)
 
 F32 = torch.float32
-# (T, B, H): tiny under the interpreter, odd and round sizes on the GPU
-SHAPES = [(4, 3, 5), (1, 2, 8)] if not CUDA else [(9, 5, 33), (16, 64, 128), (1, 1, 40)]
-# several row and column tiles and K loops (slow under the interpreter: a subset of cases)
-MULTI_TILE = (2, 18, 70)
 
 
-def lengths_to_batch_sizes(lengths: list[int]) -> torch.Tensor:
-    """lengths sorted descending -> batch_sizes [T] (rows active per step), int64 on the CPU."""
-    return torch.tensor([sum(1 for n in lengths if n > t) for t in range(max(lengths))], dtype=torch.int64)
+def _to(x, device):
+    """Floating tensors (inside the contract's named tuples too) moved to `device`; batch_sizes stays put."""
+    if isinstance(x, torch.Tensor):
+        return x.to(device) if x.is_floating_point() else x
+    if isinstance(x, tuple):
+        vals = [_to(v, device) for v in x]
+        return type(x)(*vals) if hasattr(x, "_fields") else tuple(vals)
+    return x
 
 
-def make_args(cell: str, T: int, B: int, H: int, P: int | None, bias: bool, packed: bool, dtype=F32):
-    G = GATES[cell]
-    P = P or H
-    g = torch.Generator().manual_seed(T * 1000 + B * 100 + H + P + int(bias) + 7 * int(packed))
-    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).to(DEVICE, dtype)  # noqa: E731
-    gx = r(T, B, G * H)
-    h0 = r(B, P)
-    c0 = r(B, H) if cell == "lstm" else None
-    w_hh = r(G * H, P) / P**0.5
-    b_hh = r(G * H) if bias else None
-    w_hr = r(P, H) / H**0.5 if cell == "lstm" and P != H else None
-    bsz = None
-    if packed:
-        lengths = sorted([T] + [int(torch.randint(1, T + 1, (), generator=g)) for _ in range(B - 1)], reverse=True)
-        bsz = lengths_to_batch_sizes(lengths)
-    return gx, h0, c0, w_hh, b_hh, w_hr, bsz
+class _OnDevice:
+    """The backend on DEVICE for the helpers' CPU tensors: arguments moved there, results moved back."""
+
+    def __init__(self, be):
+        self.be = be
+
+    def forward(self, *args):
+        return _to(self.be.forward(*_to(args, DEVICE)), "cpu")
+
+    def backward(self, *args):
+        return _to(self.be.backward(*_to(args, DEVICE)), "cpu")
 
 
-def active_rows(bsz: torch.Tensor | None, T: int, B: int) -> torch.Tensor:
-    """[T, B, 1] bool: the rows each step touches (saved tensors are unspecified elsewhere)."""
-    if bsz is None:
-        return torch.ones(T, B, 1, dtype=torch.bool, device=DEVICE)
-    return (torch.arange(B)[None, :] < bsz[:, None])[:, :, None].to(DEVICE)
+BE = _OnDevice(tb) if CUDA else tb
 
-
+# (cell, T, B, H, P, batch_sizes, reverse, bias): tiny under the interpreter, which is slow
 CASES = [
-    pytest.param({}, id="plain"),
-    pytest.param({"reverse": True}, id="reverse"),
-    pytest.param({"packed": True}, id="packed"),
-    pytest.param({"packed": True, "reverse": True}, id="packed-reverse"),
-    pytest.param({"bias": False}, id="nobias"),
+    pytest.param("lstm", 4, 3, 5, 5, None, False, True, id="lstm"),
+    pytest.param("lstm", 4, 3, 5, 3, None, True, True, id="lstm-proj-reverse"),
+    pytest.param("lstm", 4, 3, 5, 5, [3, 2, 2, 1], False, True, id="lstm-packed"),
+    pytest.param("lstm", 4, 3, 5, 3, [3, 2, 2, 1], True, False, id="lstm-proj-packed-reverse-nobias"),
+    pytest.param("lstm", 1, 1, 8, 8, None, False, True, id="lstm-T1-B1"),
+    pytest.param("gru", 4, 3, 5, 5, None, True, True, id="gru-reverse"),
+    pytest.param("gru", 4, 3, 5, 5, [3, 2, 2, 1], False, False, id="gru-packed-nobias"),
+    pytest.param("gru", 4, 3, 5, 5, [3, 2, 2, 1], True, True, id="gru-packed-reverse"),
+    pytest.param("rnn_tanh", 4, 3, 5, 5, None, False, False, id="rnn_tanh-nobias"),
+    pytest.param("rnn_tanh", 4, 3, 5, 5, [3, 2, 2, 1], True, True, id="rnn_tanh-packed-reverse"),
+    pytest.param("rnn_relu", 4, 3, 5, 5, [3, 2, 2, 1], False, True, id="rnn_relu-packed"),
+    pytest.param("rnn_relu", 1, 2, 8, 8, None, True, True, id="rnn_relu-T1-reverse"),
+    # several row and column tiles, K loops of more than one block, a tile's rows split between continuing and
+    # starting from h0 (reverse packed)
+    pytest.param("lstm", 2, 18, 70, 70, [18, 9], True, True, id="lstm-tiles-packed-reverse"),
+    pytest.param("lstm", 2, 18, 70, 33, [18, 17], False, True, id="lstm-proj-tiles-packed"),
+    pytest.param("gru", 2, 18, 70, 70, [18, 9], True, True, id="gru-tiles-packed-reverse"),
+    pytest.param("rnn_tanh", 2, 18, 70, 70, None, False, True, id="rnn_tanh-tiles"),
 ]
+if CUDA:
+    CASES += [
+        pytest.param("lstm", 16, 64, 128, 128, None, False, True, id="lstm-T16-B64-H128"),
+        pytest.param("lstm", 9, 5, 33, 17, [5, 4, 4, 3, 3, 2, 1, 1, 1], True, True, id="lstm-proj-T9-H33-packed"),
+        pytest.param("gru", 16, 64, 128, 128, None, True, False, id="gru-T16-B64-H128-reverse"),
+        pytest.param("rnn_relu", 9, 5, 33, 33, [5, 5, 4, 4, 3, 2, 2, 1, 1], False, True, id="rnn_relu-T9-H33-packed"),
+    ]
 
 
-SHAPE_CASES = [
-    pytest.param(shape, case.values[0], id="T{}-B{}-H{}-{}".format(*shape, case.id))
-    for shape in SHAPES
-    for case in CASES
-] + [pytest.param(MULTI_TILE, case.values[0], id="T{}-B{}-H{}-{}".format(*MULTI_TILE, case.id)) for case in CASES[::3]]
-
-
-@pytest.mark.parametrize("shape,case", SHAPE_CASES)
-@pytest.mark.parametrize(
-    "cell,proj",
-    [("lstm", None), ("lstm", 3), ("gru", None), ("rnn_tanh", None), ("rnn_relu", None)],
-    ids=["lstm", "lstm-proj", "gru", "rnn_tanh", "rnn_relu"],
-)
-def test_contract_vs_reference(cell, proj, shape, case):
-    T, B, H = shape
-    if proj is not None and proj >= H:
-        proj = H - 1
-    reverse, packed, bias = case.get("reverse", False), case.get("packed", False), case.get("bias", True)
-    if packed and B == 1:
-        pytest.skip("packing needs several rows")
-    gx, h0, c0, w_hh, b_hh, w_hr, bsz = make_args(cell, T, B, H, proj, bias, packed)
-    got = tb.forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, bsz, reverse, True)
-    exp = reference.forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, bsz, reverse, True)
-    act = active_rows(bsz, T, B)
-    for name, a, e in zip(("out", "h_n", "c_n", "gates", "extra"), got, exp, strict=True):
-        assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
-        if name in ("gates", "extra") and e.numel():
-            a, e = torch.where(act, a, 0.0), torch.where(act, e, 0.0)
-        assert_close(a, e, F32, T, name)
-
-    out, h_n, c_n, gates, extra = exp
-    g = torch.Generator().manual_seed(11)
-    d_out = torch.randn(out.shape, generator=g).to(DEVICE)
-    d_out = torch.where(active_rows(bsz, T, B), d_out, 0.0)
-    d_h_n = torch.randn(h_n.shape, generator=g).to(DEVICE)
-    d_c_n = torch.randn(c_n.shape, generator=g).to(DEVICE) if cell == "lstm" else None
-    args = (cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, bsz, reverse, out, gates, extra)
-    got_g = tb.backward(*args)
-    exp_g = reference.backward(*args)
-    for name, a, e in zip(("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr"), got_g, exp_g, strict=True):
-        if e is None:
-            assert a is None, f"{name}: expected None"
-            continue
-        assert_close(a, e, F32, T * B, name)
+@pytest.mark.parametrize("cell,T,B,H,P,bs,reverse,bias", CASES)
+def test_contract_matches_reference(cell, T, B, H, P, bs, reverse, bias):
+    assert_contract_matches_reference(BE, cell, T, B, H, P, bs, reverse, bias, F32)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_no_saved_when_not_needed(cell):
-    T, B, H = SHAPES[0]
-    gx, h0, c0, w_hh, b_hh, w_hr, bsz = make_args(cell, T, B, H, None, True, False)
-    out, h_n, c_n, gates, extra = tb.forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, bsz, False, False)
-    assert gates.numel() == 0 and extra.numel() == 0
-    exp = reference.forward(cell, gx, h0, c0, w_hh, b_hh, w_hr, bsz, False, False)
-    assert_close(out, exp[0], F32, T, "out")
-    assert_close(h_n, exp[1], F32, T, "h_n")
+    T, B, H = 4, 3, 5
+    c = spec(cell)
+    gx, state0, weights = contract_inputs(cell, T, B, H, H, F32, True)
+    out, st, saved = BE.forward(c, gx, state0, weights, None, False, False)
+    assert saved.gates.numel() == 0 and saved.extra.numel() == 0
+    e_out, e_st, _ = ref.forward(c, gx, state0, weights, None, False, False)
+    assert_close(out, e_out, F32, T, "out")
+    for name, a, e in zip(c.states, st, e_st):  # State(h, c): c is None for cells without a cell state
+        assert_close(a, e, F32, T, f"{name}_n")
+    assert (st.c is None) == (not c.has_cell_state)
 
 
 def test_tf32_opt_in(monkeypatch):
     """FASTRNN_TRITON_TF32=1 still computes the same recurrence (to TF32 accuracy on GPUs)."""
     monkeypatch.setenv("FASTRNN_TRITON_TF32", "1")
-    T, B, H = SHAPES[0]
-    gx, h0, c0, w_hh, b_hh, w_hr, bsz = make_args("gru", T, B, H, None, True, False)
-    got = tb.forward("gru", gx, h0, c0, w_hh, b_hh, w_hr, bsz, False, False)
-    exp = reference.forward("gru", gx, h0, c0, w_hh, b_hh, w_hr, bsz, False, False)
+    c = spec("gru")
+    gx, state0, weights = contract_inputs("gru", 4, 3, 5, 5, F32, True)
+    got = BE.forward(c, gx, state0, weights, None, False, False)
+    exp = ref.forward(c, gx, state0, weights, None, False, False)
     assert_close(got[0], exp[0], rtol=5e-3, atol=5e-3, name="out (tf32)")
 
 
 def test_supports():
-    assert tb.supports("gru", torch.float64, DEVICE) == (
+    assert tb.supports(spec("gru"), torch.float64, DEVICE) == (
         False,
         "triton backend supports float32, float16 and bfloat16, not torch.float64 (use the reference backend)",
     )
     for dt in (torch.float32, torch.float16, torch.bfloat16):
-        assert tb.supports("lstm", dt, DEVICE)[0]
+        assert tb.supports(spec("lstm"), dt, DEVICE)[0]
     if os.environ.get("TRITON_INTERPRET") != "1":
-        ok, why = tb.supports("lstm", F32, torch.device("cpu"))
+        ok, why = tb.supports(spec("lstm"), F32, torch.device("cpu"))
         assert not ok and "TRITON_INTERPRET=1" in why
 
 
@@ -227,18 +201,3 @@ def test_half_precision_error(kind, extra, dtype):
     for i, (f, t, r) in enumerate(zip(e_fast, e_torch, exact, strict=True)):
         ef, et = _rel_err(f, r), _rel_err(t, r)
         assert ef <= 2 * et + 1e-6, f"{kind} {dtype} result {i}: triton error {ef:.3g} > 2x torch.nn's {et:.3g}"
-
-
-@pytest.mark.skipif(CUDA, reason="on CUDA the script itself is the check")
-def test_gpu_check_script_runs(tmp_path):
-    """benchmarks/gpu_check's own logic (config loop, gate, rows, summary) on the interpreter, one tiny config."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check"
-    env = {**os.environ, "OUT": str(tmp_path)}
-    args = ["--cpu-smoke", "--skip-tests", "--cells", "GRU", "--dtypes", "fp32", "--reps", "1", "--warmup", "0"]
-    p = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=120, env=env)
-    assert p.returncode == 0, p.stdout + p.stderr
-    assert "geomean" in p.stdout and (tmp_path / "gpu_check.json").exists()

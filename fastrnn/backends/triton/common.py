@@ -1,6 +1,7 @@
-"""What the triton kernels share: jit helpers (accurate tanh, the tl.dot wrapper, the two-source load of the
-previous state, backward's carried gradient) and the host-side bookkeeping (tile sizes, which rows continue,
-final states, d_h0 and the weight gradients as large GEMMs at the end).
+"""What the walk and the cells' steps share: jit helpers (accurate tanh, the tl.dot wrapper, the two-source load of
+the previous state, backward's carried gradient), how a cell's backward step is wired into the walk (`Wiring`),
+and the host-side bookkeeping (tile sizes, which rows continue, final states, d_h0 and the weight gradients as
+large GEMMs at the end).
 
 Imported only once triton is known to be importable (fastrnn/backends/triton/__init__.py sees to that).
 """
@@ -8,6 +9,8 @@ Imported only once triton is known to be importable (fastrnn/backends/triton/__i
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import triton
@@ -18,6 +21,14 @@ from fastrnn.cells import prev_rows, steps
 
 TF32_VAR = "FASTRNN_TRITON_TF32"
 MIN_PROGRAMS = 128  # about one program per SM of an H100 (132)
+
+
+class Wiring(NamedTuple):
+    """How a cell's backward step joins the walk, beyond what the cell table says (each cell's file gives its own)."""
+
+    gh_same: int  # leading gates whose d(h W_hh^T + b_hh) equals their d(gx); the others' is kept apart
+    direct: bool  # h_{t-1} reaches h_t besides W_hh: the step returns that part of d h_{t-1}
+    hbar: Callable | None = None  # (gates, extra) -> the output before the projection (cells with a projection)
 
 
 @triton.jit
@@ -61,7 +72,7 @@ def carry(
     dg_ptr, ldg, w_ptr, rows, cols, kc, K, H, cmask,
     PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
-):
+):  # fmt: skip
     """[BLOCK_B, BLOCK_H] fp32 gradient a step passes back to the state before it (backward, read by the step
     processed next): d_gates [B, K] (row stride ldg) @ W_hh [K, H] with tl.dot, for rows < kc, else 0."""
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)

@@ -20,7 +20,7 @@ def _step_gemm(
     n, N, K, lda, sbk, sbn, ldc, ldo,
     ACCUMULATE: tl.constexpr, WRITE_OUT: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
+):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < n
@@ -44,7 +44,7 @@ def _step_gemm(
 def step_gemm(
     a: Tensor, b: Tensor, c: Tensor, n: int, precision: str, *, transpose_b: bool = False,
     accumulate: bool = False, out: Tensor | None = None,
-) -> None:
+) -> None:  # fmt: skip
     """c[:n] (+)= a[:n] @ (b^T if transpose_b else b); also out[:n] = c[:n] cast when out is given.
     a [B, K], b [K, N] (or [N, K] with transpose_b), c [B, N] fp32; all row-major contiguous rows."""
     if n == 0:
@@ -60,4 +60,4 @@ def step_gemm(
         n, N, K, a.stride(0), sbk, sbn, c.stride(0), c.stride(0) if out is None else out.stride(0),
         ACCUMULATE=accumulate, WRITE_OUT=out is not None, PRECISION=precision, DOT_F32=dot_f32(b.dtype),
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
-    )
+    )  # fmt: skip
