@@ -107,8 +107,9 @@ def check_cell(cell: str) -> int:
     return spec(cell).G
 
 
-def cell_for(layer: str, nonlinearity: str | None = None) -> Cell:
+def cell_for(layer: str, nonlinearity: str | None = "tanh") -> Cell:
     """The cell a torch.nn layer or Cell class name runs ("LSTM", "GRUCell", "RNN" + nonlinearity)."""
+    nonlinearity = nonlinearity or "tanh"
     for c in TABLE.values():
         if layer in (c.layer, c.cell_class) and (c.nonlinearity is None or c.nonlinearity == nonlinearity):
             return c

@@ -44,14 +44,31 @@ class _FastMixin:
             raise TypeError(
                 f"{cls.__name__}.from_torch expects a {cls._torch_class.__name__}, got {type(module).__name__}"
             )
-        new = cls.__new__(cls)
-        new.__dict__.update(module.__dict__)
-        for key in ("_parameters", "_buffers", "_modules"):
-            new.__dict__[key] = dict(module.__dict__[key])
+        new = _rebind(cls, module)
         new.backend = _check_backend_arg(backend)
-        if hasattr(new, "_init_flat_weights"):
-            new._init_flat_weights()
         return new
+
+    def to_torch(self) -> nn.Module:
+        """The torch.nn module this one stands in for, sharing its parameters (the same objects)."""
+        new = _rebind(self._torch_class, self)
+        new.__dict__.pop("backend", None)
+        return new
+
+    def __prepare_scriptable__(self) -> nn.Module:
+        # torch.jit.script asks every submodule for this first: scripting compiles torch.nn's own module
+        # (same parameters), so a scripted model is exactly torch.nn's and needs no fastrnn to run.
+        return self.to_torch()
+
+
+def _rebind(cls: type, module: nn.Module) -> nn.Module:
+    """A `cls` instance holding `module`'s state: its own dicts of the same parameters, buffers, hooks."""
+    new = cls.__new__(cls)
+    new.__dict__.update(module.__dict__)
+    for key in ("_parameters", "_buffers", "_modules"):
+        new.__dict__[key] = dict(module.__dict__[key])
+    if hasattr(new, "_init_flat_weights"):
+        new._init_flat_weights()
+    return new
 
 
 class _RNNBaseMixin(_FastMixin):

@@ -7,7 +7,8 @@
 
 Absent optional outputs are empty tensors (custom ops cannot return None). The backend name is an argument
 so torch.compile sees one opaque, traceable op whatever runs under it; fake implementations give shapes from
-the cell table. Double backward is not supported and raises.
+the cell table. Eager double backward reruns the reference maths under autograd (`_differentiable_grads`);
+under torch.compile a second derivative raises.
 
 Eager calls take a torch.autograd.Function with the same forward, backward and saved state instead of the
 dispatcher's custom-op path, which costs about 20 us a call: at small shapes that is a tenth of the whole
@@ -32,7 +33,7 @@ def _opt(t: Tensor | None, like: Tensor) -> Tensor:
 
 def _forward_impl(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved):
     spec = cells.spec(cell)
-    if gx.shape[1] == 0:  # an empty batch (torch.nn accepts one): nothing to run, so no kernel has to handle it
+    if gx.numel() == 0:  # no steps, rows or hidden units (torch.nn accepts each): nothing for a kernel to run
         backend = "reference"
     if spec.has_cell_state and c0 is None:
         c0 = gx.new_zeros(gx.shape[1], w_hh.shape[0] // spec.G)
@@ -47,7 +48,7 @@ def _forward_impl(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reve
 def _backward_impl(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates,
                    extra):  # fmt: skip
     spec = cells.spec(cell)
-    if out.shape[1] == 0:
+    if out.numel() == 0:
         backend = "reference"
     c0_given = c0 is not None
     if spec.has_cell_state:
@@ -130,16 +131,16 @@ def _(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes,
     )
 
 
-def _setup_context(ctx, inputs, output):
+def _setup_context(ctx, inputs, output, keep_gx=False):
     backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved = inputs
     out, _, _, gates, extra = output
     ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved = backend, cell, reverse, need_saved
-    ctx.save_for_backward(h0, c0, w_hh, b_hh, w_hr, batch_sizes, out, gates, extra)
+    ctx.save_for_backward(h0, c0, w_hh, b_hh, w_hr, batch_sizes, out, gates, extra, gx if keep_gx else None)
 
 
 def _grads(ctx, d_out, d_h_n, d_c_n, bwd):
     """Gradients of recurrence_fwd's inputs, in its argument order, by `bwd` (the custom op when traced)."""
-    h0, c0, w_hh, b_hh, w_hr, batch_sizes, out, gates, extra = ctx.saved_tensors
+    h0, c0, w_hh, b_hh, w_hr, batch_sizes, out, gates, extra, _ = ctx.saved_tensors
     if not ctx.need_saved:
         raise RuntimeError(
             "fastrnn: backward through a recurrence that was run with need_saved=False "
@@ -178,17 +179,39 @@ class _EagerRecurrence(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *inputs):
         output = _forward_impl(*inputs)
-        _setup_context(ctx, inputs, output)
+        _setup_context(ctx, inputs, output, keep_gx=True)  # gx: for double backward (see backward)
         ctx.mark_non_differentiable(output[3], output[4])
         return output
 
     @staticmethod
     def backward(ctx, d_out, d_h_n, d_c_n, _d_gates, _d_extra):
-        # Under create_graph the backward op itself goes through the dispatcher, which gives its results a
-        # node that raises if a second derivative is ever taken (as on the traced path), instead of results
-        # that silently miss the recurrence's contribution.
-        bwd = recurrence_bwd if torch.is_grad_enabled() else _backward_impl
-        return _grads(ctx, d_out, d_h_n, d_c_n, bwd)
+        if torch.is_grad_enabled():  # create_graph: the gradients must themselves be differentiable
+            return _differentiable_grads(ctx, d_out, d_h_n, d_c_n)
+        return _grads(ctx, d_out, d_h_n, d_c_n, _backward_impl)
+
+
+def _differentiable_grads(ctx, d_out, d_h_n, d_c_n):
+    """The gradients as a differentiable function of the inputs and cotangents, for double backward
+    (gradient penalties, gradgradcheck): the reference maths rerun under autograd on the saved inputs and
+    differentiated with create_graph. Slow, like every second derivative of a recurrence, but exact."""
+    h0, c0, w_hh, b_hh, w_hr, batch_sizes, _, _, _, gx = ctx.saved_tensors
+    spec = cells.spec(ctx.cell)
+    args = (gx, h0, c0, w_hh, b_hh, w_hr)
+    wrt = [i for i, t in enumerate(args) if t is not None and t.requires_grad]
+    c0_ = c0 if c0 is not None or not spec.has_cell_state else gx.new_zeros(gx.shape[1], w_hh.shape[0] // spec.G)
+    with torch.enable_grad():
+        out, state_n, _ = backends.get("reference").forward(
+            spec, gx, cells.State(h0, c0_), cells.Weights(w_hh, b_hh, w_hr), batch_sizes, ctx.reverse, False
+        )
+    outs, cots = [out, state_n.h], [d_out, d_h_n]
+    if spec.has_cell_state:
+        outs.append(state_n.c)
+        cots.append(d_c_n)
+    got = torch.autograd.grad(outs, [args[i] for i in wrt], cots, create_graph=True, allow_unused=True)
+    grads: list[Tensor | None] = [None] * len(args)
+    for i, g in zip(wrt, got):
+        grads[i] = torch.zeros_like(args[i]) if g is None else g
+    return (None, None, *grads, None, None, None)
 
 
 def recurrence(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):

@@ -15,5 +15,5 @@ if ! "$VPY" -c "import torch" >/dev/null 2>&1; then
   "$VPY" -m pip install --quiet --upgrade pip setuptools wheel
   "$VPY" -m pip install --quiet "${FASTRNN_TORCH_SPEC:-torch==2.13.0+cpu}"
 fi
-"$VPY" -m pip install --quiet --no-build-isolation -e ".[test,numba,triton,bench,dev]"
+"$VPY" -m pip install --quiet --no-build-isolation -e ".[test,numba,triton,bench,inspect,dev]"
 "$VPY" -c "import fastrnn; print('fastrnn backends available:', fastrnn.available_backends())"

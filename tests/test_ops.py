@@ -7,7 +7,7 @@ import torch
 
 import fastrnn
 from fastrnn import ops
-from fastrnn.cells import spec
+from fastrnn.cells import cell_for, spec
 from tests.conftest import KERNEL_BACKENDS, interpreted, skip_unless_supported
 from tests.helpers import assert_close
 
@@ -107,17 +107,51 @@ def test_compile_inductor_inference():
     assert_close(got[1], want[1], torch.float32, 5, "inductor h_n")
 
 
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_double_backward_raises_clearly(compiled):
-    """A second derivative must fail loudly, never come back missing the recurrence's part."""
+def test_double_backward_raises_clearly_under_compile():
+    """Under torch.compile a second derivative must fail loudly, never come back missing the recurrence's part."""
     m = fastrnn.GRU(3, 4, backend="reference").double()
-    if compiled:
-        torch._dynamo.reset()
-        m = torch.compile(m, backend="aot_eager")
+    torch._dynamo.reset()
+    m = torch.compile(m, backend="aot_eager")
     x = torch.randn(4, 2, 3, dtype=torch.float64, requires_grad=True)
     (g,) = torch.autograd.grad(m(x)[0].sum(), x, create_graph=True)
     with pytest.raises(RuntimeError):
         (g * g).sum().backward()
+
+
+DOUBLE_BACKWARD = [
+    pytest.param("LSTM", {"proj_size": 2}, id="lstm-proj"),
+    pytest.param("GRU", {}, id="gru"),
+    pytest.param("RNN", {"nonlinearity": "relu"}, id="rnn_relu"),
+    pytest.param("LSTMCell", {}, id="lstmcell"),
+]
+
+
+@pytest.mark.parametrize("kind,extra", DOUBLE_BACKWARD)
+def test_double_backward_matches_torch(kernel_backend, kind, extra):
+    """Gradient penalties: d/dtheta of |d loss / d x|^2 equals torch.nn's, and gradgradcheck passes."""
+    if interpreted(kernel_backend):
+        pytest.skip("triton interpreter: covered on CUDA")
+    device = skip_unless_supported(kernel_backend, cell_for(kind, extra.get("nonlinearity")).name, torch.float64)
+    torch.manual_seed(0)
+    layer = "Cell" not in kind
+    kw = dict(bidirectional=True) if layer else {}
+    ref = getattr(torch.nn, kind)(3, 4, **kw, **extra).double().to(device)
+    fast = getattr(fastrnn, kind)(3, 4, **kw, **extra, backend=kernel_backend).double().to(device)
+    fast.load_state_dict(ref.state_dict())
+    x = torch.randn(*((5, 2, 3) if layer else (2, 3)), dtype=torch.float64, device=device, requires_grad=True)
+
+    def penalty(m):
+        y = m(x)
+        y = y[0] if isinstance(y, tuple) else y
+        (g,) = torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
+        return torch.autograd.grad(g.pow(2).sum(), [x, *m.parameters()])
+
+    for a, e in zip(penalty(fast), penalty(ref), strict=True):
+        assert_close(a, e, torch.float64, name="second derivative")
+    if layer:
+        small = getattr(fastrnn, kind)(2, 3, **extra, backend=kernel_backend).double().to(device)
+        xs = torch.randn(3, 2, 2, dtype=torch.float64, device=device, requires_grad=True)
+        assert torch.autograd.gradgradcheck(lambda v: small(v)[0], (xs,))
 
 
 def test_torch_lstm_still_compiles_beside_fastrnn():

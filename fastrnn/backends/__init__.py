@@ -20,7 +20,8 @@ How a call's backend is chosen, first match wins:
     3. the environment variable FASTRNN_BACKEND   (explicit; read at every call)
     4. automatic: CUDA -> triton, reference; CPU -> cpp, numba, reference (first that is available and
        supports the call; on CPU without the C++ extension, warns once saying how to build it)
-An explicit backend that cannot run the call raises with the reason; it is never silently replaced.
+An explicit backend that cannot run the call raises with the reason; it is never silently replaced, except
+while tracing or exporting (`deploying()`), where every call runs torch.nn's kernels (the `torch` backend).
 """
 
 from __future__ import annotations
@@ -107,10 +108,20 @@ def requested(explicit: str | None = None) -> str | None:
     return None
 
 
+def deploying() -> bool:
+    """Tracing (torch.jit.trace, ONNX's TorchScript exporter) or exporting (torch.export, ONNX's dynamo
+    exporter): fastrnn runs torch.nn's own kernels there, whatever was asked, so the recorded graph holds
+    torch's recurrent ops (aten::lstm ...) that every consumer of those graphs knows, never a call it cannot
+    see into."""
+    return torch.jit.is_tracing() or torch.compiler.is_exporting()
+
+
 @torch.compiler.assume_constant_result
 def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | None = None) -> str:
     """The backend that runs this call (see the module docstring for the rules). Under torch.compile it is
     evaluated once while tracing and its answer baked into the graph."""
+    if deploying():
+        return "torch"
     cell = spec(cell)
     name = requested(explicit)
     if name is not None:

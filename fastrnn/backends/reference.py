@@ -124,23 +124,31 @@ def forward(
     cell: Cell, gx: Tensor, state0: State, weights: Weights, batch_sizes: Tensor | None, reverse: bool, need_saved: bool
 ) -> tuple[Tensor, State, Saved]:
     """gx [T,B,G*H], state0 h [B,P] (c [B,H]), weights w_hh [G*H,P], b_hh [G*H]?, w_hr [P,H]?
-    -> out [T,B,P], state_n, saved (cells.py layout)."""
+    -> out [T,B,P], state_n, saved (cells.py layout).
+
+    Written without in-place updates, so that autograd can differentiate it too: ops.py runs it under autograd
+    for double backward. Rows are sorted by length, so the n rows active at a step are the first n; the rows
+    past n keep their state (a finished row its last state, a row yet to join in reverse its h0)."""
     step = _STEPS[cell.name]
     T, B, _ = gx.shape
     H = gx.shape[2] // cell.G
     P = state0.h.shape[1]
     bs = batch_sizes_list(batch_sizes, T, B)
     acc = saved_dtype(gx.dtype)
-    out = gx.new_zeros(T, B, P)
-    h = state0.h.to(acc).clone()  # [B, P]
-    c = state0.c.to(acc).clone() if cell.has_cell_state else None  # [B, H]
-    gshape, eshape = cell.saved_shapes(T, B, H) if need_saved else ((0,), (0,))
-    gates = gx.new_zeros(gshape, dtype=acc)
-    extra = gx.new_zeros(eshape, dtype=acc)
+    h = state0.h.to(acc)  # [B, P]
+    c = state0.c.to(acc) if cell.has_cell_state else None  # [B, H]
     w = weights.w_hh.to(acc)
     b = None if weights.b_hh is None else weights.b_hh.to(acc)
     wr = None if weights.w_hr is None else weights.w_hr.to(acc)
-    for t in steps(T, reverse):
+    outs: list[Tensor] = [gx.new_zeros(B, P)] * T
+    saved_rows: list[tuple[Tensor, Tensor]] = []
+    save = need_saved and cell.saved_widths[0] > 0
+
+    def pad(rows: Tensor, n: int) -> Tensor:  # [n, W] -> [B, W], zero on the rows a step skips
+        return rows if n == B else torch.cat([rows, rows.new_zeros(B - n, rows.shape[1])])
+
+    order = list(steps(T, reverse))
+    for t in order:
         n = bs[t]
         hp = h[:n]
         gh = hp @ w.t()  # [n, G*H]
@@ -150,14 +158,21 @@ def forward(
         if wr is not None:
             hn = hn @ wr.t()
         if cn is not None:
-            c[:n] = cn
-        if need_saved and g_row is not None:
-            gates[t, :n] = g_row
-            extra[t, :n] = e_row
-        h[:n] = hn
-        out[t, :n] = hn.to(out.dtype)
+            c = cn if n == B else torch.cat([cn, c[n:]])
+        if save:
+            saved_rows.append((pad(g_row, n), pad(e_row, n)))
+        h = hn if n == B else torch.cat([hn, h[n:]])
+        outs[t] = pad(hn, n).to(gx.dtype)
+    out = torch.stack(outs) if T else gx.new_zeros(0, B, P)
+    if save:
+        by_t = dict(zip(order, saved_rows))
+        gates = torch.stack([by_t[t][0] for t in range(T)]) if T else gx.new_zeros(cell.saved_shapes(T, B, H)[0])
+        extra = torch.stack([by_t[t][1] for t in range(T)]) if T else gx.new_zeros(cell.saved_shapes(T, B, H)[1])
+    else:
+        gshape, eshape = cell.saved_shapes(T, B, H) if need_saved else ((0,), (0,))
+        gates, extra = gx.new_zeros(gshape, dtype=acc), gx.new_zeros(eshape, dtype=acc)
     c_n = c.to(gx.dtype) if c is not None else None
-    return out, State(h.to(gx.dtype), c_n), Saved(gates, extra)
+    return out, State(h.to(gx.dtype), c_n), Saved(gates.to(acc), extra.to(acc))
 
 
 def backward(
@@ -197,8 +212,8 @@ def backward(
         cp = None if c0a is None else _prev(saved.extra, c0a, t, n, T, bs, reverse)
         h_prev[t, :n] = hp
         dht = dh[:n] + d_out[t, :n].to(acc)
-        gates = saved.gates[t, :n] if saved.gates.numel() else None
-        extra = saved.extra[t, :n] if saved.extra.numel() else None
+        gates = saved.gates[t, :n] if cell.saved_widths[0] else None
+        extra = saved.extra[t, :n] if cell.saved_widths[1] else None
         ht = outa[t, :n]
         if wr is not None:
             d_hfull[t, :n] = dht
