@@ -2,11 +2,12 @@
 
     pytest benchmarks/ --benchmark-only                           quick preset, torch.nn + available backends
     pytest benchmarks/ --benchmark-only --bench-preset full       the kernel issues' CPU grid (long)
-    pytest benchmarks/ --benchmark-only --bench-backends torch,numba
+    pytest benchmarks/ --benchmark-only --bench-backends cpp,auto
 
-Each benchmark module names its cells in BENCH_CELLS; every test is parametrized over the preset's cases for
-those cells x backends, runs the correctness gate against torch.nn first (a wrong backend fails, it is not
-timed), and groups torch.nn and the backends of one case together in pytest-benchmark's table.
+Each benchmark module names the fastrnn layer class it measures in BENCH_LAYER; every test is parametrized over
+the preset's cases for that layer's cells (from fastrnn's cell table) x implementations (fastrnn.bench.workload,
+whose list of fastrnn backends is fastrnn.backends'), runs the correctness gate against torch.nn first (a wrong
+backend fails, it is not timed), and groups torch.nn and the backends of one case in pytest-benchmark's table.
 This directory is outside the project's testpaths, so the default `pytest` run never collects it.
 """
 
@@ -14,11 +15,9 @@ from __future__ import annotations
 
 import pytest
 
-from fastrnn import backends as fr_backends
-from fastrnn.bench import configs, measure
+from fastrnn.bench import configs, correctness, machine, workload
 from fastrnn.bench.configs import Case
-
-_FASTRNN = ("reference", "cpp", "numba", "triton")
+from fastrnn.bench.results import BenchError
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -32,16 +31,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption(
         "--bench-backends",
         default=None,
-        help="comma list of torch, compile, reference, cpp, numba, triton (default: torch.nn and every "
-        "available CPU backend)",
+        help=f"comma list of {', '.join(workload.IMPLEMENTATIONS)} (default: torch.nn and every fastrnn kernel "
+        "backend available on the CPU)",
     )
-
-
-def _backends(config: pytest.Config) -> tuple[list[str], bool]:
-    spec = config.getoption("--bench-backends")
-    if spec:
-        return [s.strip() for s in spec.split(",") if s.strip()], True
-    return ["torch", *[b for b in _FASTRNN if b != "triton" and fr_backends.is_available(b)[0]]], False
 
 
 def _case_id(c: Case) -> str:
@@ -51,13 +43,17 @@ def _case_id(c: Case) -> str:
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if not {"case", "backend"} <= set(metafunc.fixturenames):
         return
-    cells = getattr(metafunc.module, "BENCH_CELLS", configs.CELLS)
+    layer = getattr(metafunc.module, "BENCH_LAYER", None)
+    cells = configs.layer_cells(layer.__name__) if layer is not None else configs.CELLS
     p = configs.PRESETS[metafunc.config.getoption("--bench-preset")]
-    backends, explicit = _backends(metafunc.config)
+    try:
+        names, explicit = workload.resolve(metafunc.config.getoption("--bench-backends"), "cpu")
+    except BenchError as e:
+        raise pytest.UsageError(str(e)) from None
     params = [
         pytest.param(case, b, id=f"{case.cell}-{_case_id(case)}-{b}")
         for case in configs.grid(cells, p.modes, p.T, p.B, p.H, p.dtypes, p.threads)
-        for b in configs.backends_for(case, backends, explicit)
+        for b in workload.for_case(case, names, explicit)
     ]
     metafunc.parametrize(("case", "backend"), params)
 
@@ -70,15 +66,15 @@ def bench_rnn(benchmark):
 
 
 def _run(benchmark, case: Case, backend: str) -> None:
-    ok, why = measure.backend_status(backend, case)
+    ok, why = workload.status(backend, case)
     if not ok:
         pytest.skip(f"{backend}: {why}")
-    measure.set_threads(case.threads)
-    wl = measure.Workload(case)
+    machine.set_threads(case.threads)
+    wl = workload.Workload(case)
     m = wl.module_for(backend)
-    if backend != "torch":
-        ref = wl.outputs("torch", wl.module_for("torch"))
-        good, err, what = measure.compare_outputs(ref, wl.outputs(backend, m), measure.tolerance(case.dtype, case.T))
+    if backend != workload.YARDSTICK:
+        ref = correctness.outputs(wl, workload.YARDSTICK, wl.module_for(workload.YARDSTICK))
+        good, _, what = correctness.check(wl, backend, m, ref)
         assert good, f"{backend} differs from torch.nn on {case.label()}: {what}"
     benchmark.group = f"{case.cell} {_case_id(case)}"
     benchmark.extra_info.update(case.as_dict(), backend=backend, flops=case.flops())

@@ -1,6 +1,8 @@
 """torch.nn.GRU against fastrnn's backends on the preset's shapes (see conftest.py)."""
 
-BENCH_CELLS = ("gru",)
+import fastrnn
+
+BENCH_LAYER = fastrnn.GRU
 
 
 def test_gru(bench_rnn, case, backend):

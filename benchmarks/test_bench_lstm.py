@@ -1,6 +1,8 @@
 """torch.nn.LSTM against fastrnn's backends on the preset's shapes (see conftest.py)."""
 
-BENCH_CELLS = ("lstm",)
+import fastrnn
+
+BENCH_LAYER = fastrnn.LSTM
 
 
 def test_lstm(bench_rnn, case, backend):

@@ -1,6 +1,9 @@
-"""torch.nn.RNN (tanh and relu) against fastrnn's backends on the preset's shapes (see conftest.py)."""
+"""torch.nn.RNN (every nonlinearity of fastrnn's cell table) against fastrnn's backends on the preset's shapes
+(see conftest.py)."""
 
-BENCH_CELLS = ("rnn_tanh", "rnn_relu")
+import fastrnn
+
+BENCH_LAYER = fastrnn.RNN
 
 
 def test_rnn(bench_rnn, case, backend):

@@ -1,19 +1,28 @@
 """The benchmark tool itself: bad input gives one line and a non-zero exit, the compare rule, the results
-schema of a tiny run, the correctness gate, the gate's re-measurement, and the table/plot outputs."""
+schema of a tiny run, the correctness gate, the gate's re-measurement, the table/plot outputs, and that the
+verbs reading results files import neither torch nor fastrnn's modules."""
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
+import fastrnn
 from fastrnn import backends as fr_backends
-from fastrnn.bench import cli, measure, report
-from fastrnn.bench.configs import Case, Settings
+from fastrnn.bench import cli, configs, correctness, report, results, runner, tables, timing
+from fastrnn.bench.configs import Case
+from fastrnn.bench.results import YARDSTICK
+from fastrnn.bench.timing import Settings
+
+BASELINE = Path(__file__).resolve().parent.parent / "benchmarks" / "baselines" / "cpu-2core-x86_64.json"
 
 TINY = [
     "--cells",
@@ -166,8 +175,8 @@ def test_compare_rule(base, new, verdict):
 
 
 def _results(rows: list[dict]) -> dict:
-    torch_rows = [dict(r, backend="torch", ratio_vs_torch=1.0, ratio_q25=1.0, ratio_q75=1.0) for r in rows]
-    return {"schema": measure.SCHEMA, "rows": torch_rows + rows}
+    torch_rows = [dict(r, backend=YARDSTICK, ratio_vs_torch=1.0, ratio_q25=1.0, ratio_q75=1.0) for r in rows]
+    return {"schema": results.SCHEMA, "rows": torch_rows + rows}
 
 
 @pytest.mark.parametrize(
@@ -180,8 +189,8 @@ def _results(rows: list[dict]) -> dict:
 )
 def test_compare_cli_exit_status(tmp_path, capsys, new_ratio, spread, rc):
     base, new = tmp_path / "base.json", tmp_path / "new.json"
-    report.save(_results([_row(2.0, spread)]), base)
-    report.save(_results([_row(new_ratio, spread)]), new)
+    results.save(_results([_row(2.0, spread)]), base)
+    results.save(_results([_row(new_ratio, spread)]), new)
     assert cli.main(["compare", str(base), str(new), "--threshold", "10%"]) == rc
     assert ("FAIL" in capsys.readouterr().out) == bool(rc)
 
@@ -190,16 +199,17 @@ def test_compare_cli_exit_status(tmp_path, capsys, new_ratio, spread, rc):
 
 
 def test_tiny_run_schema(tiny_run):
-    data = report.load(tiny_run)
-    for key in ("schema", "created", "machine", "versions", "git", "settings", "gemm", "rows"):
+    data = results.load(tiny_run)
+    for key in ("schema", "created", "command", "machine", "versions", "git", "settings", "gemm", "rows"):
         assert key in data
+    assert data["command"].startswith("fastrnn-bench run --cells lstm ") and str(tiny_run) in data["command"]
     assert {"cpu_model", "cores", "threads", "name"} <= set(data["machine"])
     assert {"python", "torch", "numba", "triton", "fastrnn"} <= set(data["versions"])
     assert "commit" in data["git"]
     assert data["gemm"]["gflops"] > 0
     rows = data["rows"]
     assert {(r["backend"], r["mode"]) for r in rows} == {
-        (b, m) for b in ("torch", "reference") for m in ("inference", "training")
+        (b, m) for b in (YARDSTICK, "reference") for m in ("inference", "training")
     }
     for r in rows:
         assert r["status"] == "ok", r
@@ -220,7 +230,7 @@ def test_tiny_run_schema(tiny_run):
         assert r["peak_mem_kind"] == "saved_for_backward"
         assert (r["peak_mem_bytes"] > 0) == (r["mode"] == "training")
         assert r["max_err"] < 1e-4
-    assert all(r["ratio_vs_torch"] == 1.0 for r in rows if r["backend"] == "torch")
+    assert all(r["ratio_vs_torch"] == 1.0 for r in rows if r["backend"] == YARDSTICK)
 
 
 def test_readme_table_and_plot(tiny_run, tmp_path, capsys):
@@ -234,28 +244,137 @@ def test_readme_table_and_plot(tiny_run, tmp_path, capsys):
     assert all((tmp_path / p).read_bytes()[:4] == b"\x89PNG" for p in pngs)
 
 
+def _unwrapped(text: str) -> str:
+    """Commands as one line each (tables wrap long ones with a trailing backslash)."""
+    return text.replace(" \\\n  ", " ")
+
+
+def test_readme_table_writes_both_tables_headed_by_their_commands(tiny_run, tmp_path):
+    md, readme = tmp_path / "grid.md", tmp_path / "README.md"
+    readme.write_text(f"# title\n\nintro\n{tables.README_START}\nhand-made table\n{tables.README_END}\nafter\n")
+    argv = ["readme-table", str(tiny_run), "--out", str(md), "--readme", str(readme)]
+    assert cli.main(argv) == 0
+    data = results.load(tiny_run)
+    run_cmd, table_cmd = data["command"], tables.command_line(argv)
+    ratio = {r["mode"]: r["ratio_vs_torch"] for r in data["rows"] if r["backend"] == "reference"}
+    summary_line = f"| lstm | {ratio['inference']:.2f}x ({ratio['inference']:.2f}x) | " + (
+        f"{ratio['training']:.2f}x ({ratio['training']:.2f}x) |"
+    )
+    text = _unwrapped(md.read_text())
+    # the summary, then every shape; each under a block with the run's command and this one
+    at_summary, at_shapes = text.index(summary_line), text.index("| lstm | training | 2 | 1 | 8 | 1 | reference |")
+    runs = [i for i in range(len(text)) if text.startswith(f"```bash\n{run_cmd}\n{table_cmd}\n```", i)]
+    assert len(runs) == 2 and runs[0] < at_summary < runs[1] < at_shapes, text
+    assert "| cell | reference inference | reference training |" in text
+    assert "Geometric mean (minimum) over the 1 shapes of torch.nn time / backend time" in text
+    # the README: the same summary block between its markers, the rest untouched, and the same on a rerun
+    got = _unwrapped(readme.read_text())
+    head, rest = got.split(tables.README_START + "\n")
+    block, tail = rest.split("\n" + tables.README_END)
+    assert head == "# title\n\nintro\n" and tail == "\nafter\n" and "hand-made" not in block
+    assert block.startswith(f"```bash\n{run_cmd}\n{table_cmd}\n```\n\nGeometric mean") and summary_line in block
+    first = readme.read_text()
+    assert cli.main(argv) == 0
+    assert readme.read_text() == first
+
+
+def test_readme_without_markers_is_one_line(tiny_run, tmp_path, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("no markers here\n")
+    err = _errors_cleanly(capsys, ["readme-table", str(tiny_run), "--readme", str(readme)])
+    assert f"expected the marker {tables.README_START} once, found it 0 times" in err
+    assert readme.read_text() == "no markers here\n"
+
+
+def test_stored_baseline_is_read_by_compare_gate_and_tables():
+    """The baseline predates the `torch` backend (schema 1 named torch.nn's rows "torch") and the recorded
+    command; it still loads, torch.nn's rows as the yardstick, and tabulates."""
+    base = results.load(BASELINE)
+    assert base["schema"] == results.SCHEMA
+    assert {r["backend"] for r in base["rows"]} == {YARDSTICK, "reference", "cpp", "numba"}
+    verdicts = report.compare(base, base)
+    assert len(verdicts) == sum(r["backend"] != YARDSTICK for r in base["rows"])
+    assert all(v.verdict == "ok" for v in verdicts)
+    assert len(configs.cases_of_rows(base["rows"])) == sum(r["backend"] == YARDSTICK for r in base["rows"])
+    text = tables.tables_file(base, "fastrnn-bench readme-table base.json")
+    assert "# the run's command is not recorded" in text and "| lstm | " in text
+
+
+def test_reading_verbs_import_neither_torch_nor_fastrnn_modules(tiny_run, tmp_path):
+    """compare, readme-table, plot and --help on results files, in a fresh interpreter. fastrnn/__init__.py
+    itself imports torch (it registers fastrnn's classes with torch), so the interpreter loads `fastrnn` as a
+    bare package: what is checked is that the bench's reading side imports nothing that needs torch."""
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{tables.README_START}\n{tables.README_END}\n")
+    r, md, plots = str(tiny_run), str(tmp_path / "t.md"), str(tmp_path / "plots")
+    verbs = [["compare", r, r], ["readme-table", r, "--out", md, "--readme", str(readme)], ["--help"]]
+    try:
+        import matplotlib  # noqa: F401
+
+        verbs.append(["plot", r, "--out-dir", plots])
+    except ModuleNotFoundError:
+        pass
+    code = textwrap.dedent(f"""
+        import json, sys, types
+        pkg = types.ModuleType("fastrnn")
+        pkg.__path__ = [{str(Path(fastrnn.__file__).parent)!r}]
+        sys.modules["fastrnn"] = pkg
+        from fastrnn.bench import cli
+        rcs = []
+        for argv in {verbs!r}:
+            try:
+                rcs.append(cli.main(argv))
+            except SystemExit as e:
+                rcs.append(e.code)
+        heavy = ("torch", "numba", "triton", "fastrnn.modules", "fastrnn.backends", "fastrnn.cells")
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy or m.startswith(heavy[3:]))
+        print(json.dumps({{"rcs": rcs, "loaded": loaded}}))
+    """)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["rcs"] == [0] * len(verbs), p.stdout + p.stderr
+    assert got["loaded"] == []
+    assert Path(md).exists() and "Geometric mean" in readme.read_text()
+
+
 # --------------------------------------------------------------------------------------- correctness gate
 
 
-def test_wrong_backend_is_failing_not_timed(monkeypatch):
+QUICK = Settings(warmup=1, repeats=2, min_repeats=1, min_sample_ms=0.1)
+
+
+def _plus_one_percent(out: torch.Tensor) -> torch.Tensor:
+    return out + 1e-2
+
+
+def _one_nan(out: torch.Tensor) -> torch.Tensor:
+    out = out.clone()
+    out[-1, 0, 0] = math.nan
+    return out
+
+
+@pytest.mark.parametrize(
+    "spoil, needle",
+    [
+        pytest.param(_plus_one_percent, "out: normalised error", id="off-by-1e-2"),
+        pytest.param(_one_nan, "out: NaN where torch.nn is finite", id="one-nan"),
+    ],
+)
+def test_wrong_backend_is_failing_not_timed(monkeypatch, spoil, needle):
     ref = fr_backends.get("reference")
     real_forward = ref.forward
 
     def wrong_forward(*args, **kwargs):
-        out, h_n, c_n, gates, extra = real_forward(*args, **kwargs)
-        return out + 1e-2, h_n, c_n, gates, extra
+        out, state_n, saved = real_forward(*args, **kwargs)
+        return spoil(out), state_n, saved
 
     monkeypatch.setattr(ref, "forward", wrong_forward)
-    rows = measure.measure_case(
-        Case("gru", "inference", 3, 2, 8, 8, threads=1),
-        ["reference"],
-        Settings(warmup=1, repeats=2, min_repeats=1, min_sample_ms=0.1),
-        None,
-    )
+    rows = runner.measure_case(Case("gru", "inference", 3, 2, 8, 8, threads=1), ["reference"], QUICK, None)
     by = {r["backend"]: r for r in rows}
-    assert by["torch"]["status"] == "ok"
+    assert by[YARDSTICK]["status"] == "ok"
     assert by["reference"]["status"] == "FAILING"
-    assert "differs from torch.nn" in by["reference"]["note"] and "out" in by["reference"]["note"]
+    assert "differs from torch.nn" in by["reference"]["note"] and needle in by["reference"]["note"]
     assert by["reference"]["median_ms"] is None and by["reference"]["ratio_vs_torch"] is None
 
 
@@ -264,19 +383,65 @@ def test_wrong_gradient_is_failing(monkeypatch):
     real_backward = ref.backward
 
     def wrong_backward(*args, **kwargs):
-        grads = list(real_backward(*args, **kwargs))
-        grads[3] = grads[3] * 1.1  # d_w_hh
-        return tuple(grads)
+        g = real_backward(*args, **kwargs)
+        return g._replace(d_weights=g.d_weights._replace(w_hh=g.d_weights.w_hh * 1.1))
 
     monkeypatch.setattr(ref, "backward", wrong_backward)
-    rows = measure.measure_case(
-        Case("lstm", "training", 3, 2, 8, 8, threads=1),
-        ["reference"],
-        Settings(warmup=1, repeats=2, min_repeats=1, min_sample_ms=0.1),
-        None,
-    )
+    rows = runner.measure_case(Case("lstm", "training", 3, 2, 8, 8, threads=1), ["reference"], QUICK, None)
     bad = rows[-1]
     assert bad["status"] == "FAILING" and "grad_weight_hh" in bad["note"]
+
+
+def _with(t: torch.Tensor, **at: float) -> torch.Tensor:
+    """A copy of t with the given flat positions (p0=..., p5=...) set."""
+    t = t.clone()
+    for k, v in at.items():
+        t.view(-1)[int(k[1:])] = v
+    return t
+
+
+_X = torch.linspace(-1.0, 1.0, 12).reshape(3, 4)
+
+
+@pytest.mark.parametrize(
+    "ref, got, ok, needle",
+    [
+        pytest.param(_X, _X + 1e-9, True, "", id="equal"),
+        pytest.param(_with(_X, p0=math.nan), _with(_X, p0=math.nan), True, "", id="nan-where-torch-has-nan"),
+        pytest.param(_X, _with(_X, p5=math.nan), False, "NaN where torch.nn is finite", id="nan-where-finite"),
+        # both sides have a NaN, at different places: the old rule (any NaN on both sides) let this pass
+        pytest.param(_with(_X, p0=math.nan), _with(_X, p5=math.nan), False, "NaN where torch.nn is finite",
+                     id="nans-elsewhere"),
+        # NaNs agree, but the rest is wrong: the NaN must not hide the error
+        pytest.param(_with(_X, p0=math.nan), _with(_X + 0.5, p0=math.nan), False, "normalised error",
+                     id="nan-agrees-rest-wrong"),
+        pytest.param(_with(_X, p0=math.nan), _X, False, "finite where torch.nn has NaN", id="finite-where-nan"),
+        pytest.param(_X, torch.full_like(_X, math.nan), False, "NaN where torch.nn is finite", id="all-nan"),
+        pytest.param(_X, _with(_X, p3=math.inf), False, "inf where torch.nn has", id="inf-where-finite"),
+        pytest.param(_with(_X, p3=-math.inf), _with(_X, p3=-math.inf), True, "", id="inf-where-torch-has-inf"),
+    ],
+)  # fmt: skip
+def test_correctness_rule_on_nan_and_inf(ref, got, ok, needle):
+    good, err, why = correctness.compare_outputs({"out": ref}, {"out": got}, tol=1e-6)
+    assert good == ok, why
+    assert needle in why
+    assert (err <= 1e-6) == ok or not math.isfinite(err)
+
+
+def test_torch_and_auto_rows(monkeypatch, tmp_path):
+    """`--backends torch,auto`: fastrnn's torch backend (torch.nn's kernels behind fastrnn's module: equal bit
+    for bit) and fastrnn's automatic choice, each timed against torch.nn itself."""
+    monkeypatch.setenv(fr_backends.ENV_VAR, "reference")  # what auto picks, whatever is built here
+    out = tmp_path / "r.json"
+    argv = [*TINY[: TINY.index("--backends")], "--backends", "torch,auto", "--no-progress", "--quiet"]
+    assert cli.main(["run", *argv, "--out", str(out)]) == 0
+    rows = results.load(out)["rows"]
+    assert {(r["backend"], r["mode"]) for r in rows} == {
+        (b, m) for b in (YARDSTICK, "torch", "auto") for m in ("inference", "training")
+    }
+    assert all(r["status"] == "ok" and r["ratio_vs_torch"] > 0 for r in rows), rows
+    assert all(r["max_err"] == 0.0 for r in rows if r["backend"] == "torch")
+    assert all(r["note"] == "auto chose reference" for r in rows if r["backend"] == "auto")
 
 
 # --------------------------------------------------------------------------------------------------- gate
@@ -286,17 +451,17 @@ def test_gate_passes_on_itself_and_confirms_a_regression(tiny_run, tmp_path, cap
     args = ["--backends", "reference", "--no-progress", "--out", str(tmp_path / "gate.json")]
     # Against a baseline whose ratios are 4x better than anything this run can reach: flagged, re-measured,
     # still regressed -> exit 1.
-    data = report.load(tiny_run)
+    data = results.load(tiny_run)
     fast = copy.deepcopy(data)
     for r in fast["rows"]:
-        if r["backend"] != "torch":
+        if r["backend"] != YARDSTICK:
             r.update(
                 ratio_vs_torch=r["ratio_vs_torch"] * 4,
                 ratio_q25=r["ratio_vs_torch"] * 4,
                 ratio_q75=r["ratio_vs_torch"] * 4,
             )
     base = tmp_path / "fast.json"
-    report.save(fast, base)
+    results.save(fast, base)
     assert cli.main(["gate", "--baseline", str(base), *args]) == 1
     out = capsys.readouterr()
     assert "re-measuring" in out.err and "GATE FAIL" in out.out
@@ -304,23 +469,23 @@ def test_gate_passes_on_itself_and_confirms_a_regression(tiny_run, tmp_path, cap
     # Against a baseline 4x worse: only improvements, exit 0.
     slow = copy.deepcopy(data)
     for r in slow["rows"]:
-        if r["backend"] != "torch":
+        if r["backend"] != YARDSTICK:
             r.update(ratio_vs_torch=r["ratio_vs_torch"] / 4, ratio_q25=r["ratio_q25"] / 4, ratio_q75=r["ratio_q75"] / 4)
-    report.save(slow, base)
+    results.save(slow, base)
     assert cli.main(["gate", "--baseline", str(base), *args]) == 0
     assert "GATE OK" in capsys.readouterr().out
 
 
 def test_merged_runs_pool_samples_and_widen_the_spread():
     def run(torch_ms: list[float], numba_ms: list[float]) -> list[dict]:
-        t = dict(_row(1.0, 0.0, backend="torch"), samples_ms=torch_ms, flops=10**6, max_err=0.0)
+        t = dict(_row(1.0, 0.0, backend=YARDSTICK), samples_ms=torch_ms, flops=10**6, max_err=0.0)
         n = dict(_row(1.0, 0.0), samples_ms=numba_ms, flops=10**6, max_err=1e-7)
         return [t, n]
 
-    merged = measure.merge_runs([run([2.0] * 4, [1.0] * 4), run([2.0] * 4, [0.5] * 4)])
+    merged = timing.merge_runs([run([2.0] * 4, [1.0] * 4), run([2.0] * 4, [0.5] * 4)])
     numba = merged[1]
     assert numba["runs"] == 2 and numba["repeats"] == 8
     assert numba["ratio_q25"] == pytest.approx(2.0) and numba["ratio_q75"] == pytest.approx(4.0)
     assert report.relative_spread(numba) > 0.5  # run-to-run drift shows up as spread
     failing = dict(_row(1.0, 0.0, status="FAILING"), samples_ms=[], flops=1)
-    assert measure.merge_runs([run([2.0], [1.0]), [run([2.0], [1.0])[0], failing]])[1]["status"] == "FAILING"
+    assert timing.merge_runs([run([2.0], [1.0]), [run([2.0], [1.0])[0], failing]])[1]["status"] == "FAILING"

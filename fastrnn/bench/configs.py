@@ -1,6 +1,9 @@
 """What a benchmark run measures: the grid of cells x shapes x modes x dtypes x threads, and the presets.
 
-A `Case` is one configuration (timed for every backend of the run, interleaved with torch.nn). Presets:
+A `Case` is one configuration (timed for every implementation of the run, interleaved with torch.nn). Its
+`cell` is a cell of fastrnn's table (`lstm` ...: the torch.nn layer, one layer over T steps) or that name with
+`_cell` (`lstm_cell` ...: the torch.nn Cell class, stepped over T in a Python loop as users drive it).
+Presets:
     quick   the gate's grid: every cell, T=32, B in {1, 16}, H in {64, 256}, inference and training,
             float32, ONE thread; about a minute on a 2-core machine. One thread because on a shared 2-core
             machine a 2-thread run waits at every parallel region for a core a neighbour holds (measured here:
@@ -12,32 +15,39 @@ A `Case` is one configuration (timed for every backend of the run, interleaved w
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
-CELLS = ("lstm", "gru", "rnn_tanh", "rnn_relu")
-# The torch.nn *Cell classes, stepped over T in a Python loop as users drive them.
-CELL_CLASSES = ("lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell")
+from fastrnn.bench.timing import Settings
+from fastrnn.cells import CELLS, Cell, spec
+
+CELL_CLASS_SUFFIX = "_cell"
+CELL_CLASSES = tuple(c + CELL_CLASS_SUFFIX for c in CELLS)
 ALL_CELLS = CELLS + CELL_CLASSES
 MODES = ("inference", "forward", "training")
 DTYPES = ("float32", "float64", "bfloat16", "float16")
-# Peers that are not fastrnn backends: torch.nn itself (the denominator of every ratio) and torch.compile of a
-# plain torch step loop.
-PEERS = ("torch", "compile")
-GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
-# The reference backend is a readable oracle, not a contender: time it only where it finishes quickly.
-REFERENCE_MAX_H = 64
-REFERENCE_MAX_T = 32
+__all__ = ["ALL_CELLS", "CELLS", "CELL_CLASSES", "DTYPES", "MODES", "PRESETS", "Case", "Settings", "grid"]
+
+
+def is_cell_class(cell: str) -> bool:
+    """`lstm_cell` names the Cell class stepped in a Python loop, `lstm` the layer."""
+    return cell.endswith(CELL_CLASS_SUFFIX)
 
 
 def base_cell(cell: str) -> str:
     """`lstm_cell` -> `lstm`: the recurrence a Cell class computes."""
-    return cell[: -len("_cell")] if cell.endswith("_cell") else cell
+    return cell[: -len(CELL_CLASS_SUFFIX)] if is_cell_class(cell) else cell
 
 
-def gates(cell: str) -> int:
-    return GATES[base_cell(cell)]
+def cell_spec(cell: str) -> Cell:
+    """The cell table's entry for a case's cell (layer or Cell class)."""
+    return spec(base_cell(cell))
+
+
+def layer_cells(layer: str) -> tuple[str, ...]:
+    """The table's cells a torch.nn layer class runs (`RNN` -> rnn_tanh, rnn_relu)."""
+    return tuple(c for c in CELLS if spec(c).layer == layer)
 
 
 @dataclass(frozen=True)
@@ -65,23 +75,16 @@ class Case:
         forward = 2*T*B*G*H*(I + H)  (input projection x W_ih^T plus the recurrence h W_hh^T, G gates);
         training = 3 x forward       (backward does two products of the same size per forward product:
                                       d_input and d_weight)."""
-        fwd = 2 * self.T * self.B * gates(self.cell) * self.H * (self.I + self.H)
+        fwd = 2 * self.T * self.B * cell_spec(self.cell).G * self.H * (self.I + self.H)
         return 3 * fwd if self.mode == "training" else fwd
 
     def as_dict(self) -> dict:
         return asdict(self)
 
-
-@dataclass(frozen=True)
-class Settings:
-    """How each case is timed."""
-
-    warmup: int = 2  # untimed calls per implementation (JIT compilation, allocator warm-up)
-    repeats: int = 15  # timed samples per implementation, interleaved with torch.nn
-    min_repeats: int = 5  # never fewer samples than this, whatever max_seconds says
-    max_seconds: float = 4.0  # stop repeating an implementation once it has spent this long on one case
-    min_sample_ms: float = 2.0  # calls per sample are batched until one sample lasts at least this long
-    clock: str = "auto"  # auto: process CPU time for one-thread CPU cases, else wall time (measure.clock_for)
+    @classmethod
+    def of_row(cls, row: dict) -> Case:
+        return cls(row["cell"], row["mode"], row["T"], row["B"], row["H"], row["I"], row["dtype"], row["threads"],
+                   row["device"])  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -137,8 +140,10 @@ def grid(
     ]
 
 
-def backends_for(case: Case, backends: Sequence[str], explicit: bool) -> list[str]:
-    """The backends that time `case`: the reference backend only on tiny shapes unless asked for by name."""
-    if explicit:
-        return list(backends)
-    return [b for b in backends if b != "reference" or (case.H <= REFERENCE_MAX_H and case.T <= REFERENCE_MAX_T)]
+def cases_of_rows(rows: Iterable[dict]) -> list[Case]:
+    """The distinct configurations of results rows, in order."""
+    seen: dict[tuple, Case] = {}
+    for r in rows:
+        c = Case.of_row(r)
+        seen.setdefault(c.key(), c)
+    return list(seen.values())

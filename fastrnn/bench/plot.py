@@ -1,4 +1,4 @@
-"""PNG charts from a results file (matplotlib, Agg backend: no display needed).
+"""PNG charts from a results file (matplotlib, Agg backend: no display needed; no torch).
 
 speedup_<mode>.png   ratio vs torch.nn against hidden size, one panel per cell, one line per backend x (T, B)
 gflops_<mode>.png    achieved GFLOP/s against hidden size, same layout, with the measured sgemm rate as a
@@ -10,8 +10,7 @@ from __future__ import annotations
 from collections import defaultdict
 from pathlib import Path
 
-from fastrnn.bench.configs import ALL_CELLS
-from fastrnn.bench.measure import BenchError
+from fastrnn.bench.results import YARDSTICK, BenchError
 
 
 def _pyplot():
@@ -40,8 +39,7 @@ def plot(data: dict, out_dir: str | Path) -> list[Path]:
     gemm = (data.get("gemm") or {}).get("gflops")
     written = []
     for mode in sorted({r["mode"] for r in rows}):
-        present = {r["cell"] for r in rows if r["mode"] == mode}
-        cells = [c for c in ALL_CELLS if c in present]
+        cells = list(dict.fromkeys(r["cell"] for r in rows if r["mode"] == mode))  # the run's order
         hs = sorted({r["H"] for r in rows if r["mode"] == mode})
         for metric, ylabel, fname in (
             ("ratio_vs_torch", "speed-up vs torch.nn (x)", f"speedup_{mode}.png"),
@@ -53,7 +51,7 @@ def plot(data: dict, out_dir: str | Path) -> list[Path]:
                 for r in rows:
                     if r["mode"] != mode or r["cell"] != cell or r.get(metric) is None:
                         continue
-                    if metric == "ratio_vs_torch" and r["backend"] == "torch":
+                    if metric == "ratio_vs_torch" and r["backend"] == YARDSTICK:
                         continue
                     lines[(r["backend"], r["T"], r["B"], r["threads"])].append((r["H"], r[metric]))
                 for (backend, T, B, th), pts in sorted(lines.items()):

@@ -1,0 +1,165 @@
+"""Running a grid: cases x implementations -> long-format rows, correctness gate first, then interleaved timing.
+
+Row fields besides the case's (cell, mode, T, B, H, I, dtype, threads, device) and the timing statistics
+(timing.py's docstring):
+    backend           the implementation (workload.py's docstring); torch.nn's row is results.YARDSTICK
+    status            ok | FAILING (correctness gate failed: not timed) | SKIPPED (cannot run here) | ERROR
+    note              why a row is not ok; for auto, the backend fastrnn chose
+    flops, gflops     Case.flops() and Case.flops() / median time; gemm_gflops: the machine's measured GEMM rate
+    peak_mem_bytes    Workload.peak_memory (peak_mem_kind says which of its two definitions)
+    max_err           correctness.py's docstring
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Sequence
+
+from fastrnn.bench import correctness, machine, timing, workload
+from fastrnn.bench.configs import Case
+from fastrnn.bench.results import YARDSTICK
+from fastrnn.bench.timing import Settings, Timer
+
+
+def _row(case: Case, backend: str, status: str, note: str = "", **fields) -> dict:
+    row = case.as_dict()
+    row.update(
+        backend=backend,
+        status=status,
+        note=note,
+        flops=case.flops(),
+        median_ms=None,
+        q25_ms=None,
+        q75_ms=None,
+        min_ms=None,
+        max_ms=None,
+        repeats=0,
+        number=0,
+        torch_median_ms=None,
+        ratio_vs_torch=None,
+        ratio_q25=None,
+        ratio_q75=None,
+        gflops=None,
+        gemm_gflops=None,
+        peak_mem_bytes=None,
+        peak_mem_kind=None,
+        max_err=None,
+    )
+    row.update(fields)
+    return row
+
+
+def measure_case(case: Case, names: Iterable[str], settings: Settings, gemm_gflops: float | None) -> list[dict]:
+    """Rows for torch.nn and each implementation in `names` on one case."""
+    machine.set_threads(case.threads)
+    wl = workload.Workload(case)
+    rows: dict[str, dict] = {}
+    torch_mod = wl.module_for(YARDSTICK)
+    ref = correctness.outputs(wl, YARDSTICK, torch_mod)
+    timers = [Timer(YARDSTICK, wl.call_fn(YARDSTICK, torch_mod))]
+    mods = {YARDSTICK: torch_mod}
+    names = [b for b in names if b != YARDSTICK]
+    for b in names:
+        ok, why = workload.status(b, case)
+        if not ok:
+            rows[b] = _row(case, b, "SKIPPED", why)
+            continue
+        try:
+            m = wl.module_for(b)
+            note = workload.note(b, case)
+            good, err, why = correctness.check(wl, b, m, ref)
+        except Exception as e:
+            rows[b] = _row(case, b, "SKIPPED" if b == workload.COMPILE else "ERROR", timing.one_line(e))
+            continue
+        if not good:
+            rows[b] = _row(case, b, "FAILING", f"differs from torch.nn: {why}", max_err=err)
+            continue
+        rows[b] = _row(case, b, "ok", note, max_err=err)
+        mods[b] = m
+        timers.append(Timer(b, wl.call_fn(b, m)))
+    clock = timing.clock_name(case.device, case.threads, settings.clock)
+    machine.set_threads(case.threads)  # again: a backend's first call may have just imported numba (all cores)
+    timing.time_interleaved(timers, settings, case.device, clock)
+    t_torch = [x * 1e3 for x in timers[0].samples]
+    for tm in timers:
+        row = rows.get(tm.name) or _row(case, tm.name, "ok", max_err=0.0)
+        rows[tm.name] = row
+        if tm.error or not tm.samples:
+            row.update(status="ERROR", note=tm.error or "no samples")
+            continue
+        s = [x * 1e3 for x in tm.samples]
+        peak, kind = wl.peak_memory(tm.call, tm.name, mods[tm.name])
+        row.update(timing.summarize(s, timing.paired_ratios(t_torch, s), t_torch))
+        row.update(
+            number=tm.number,
+            samples_ms=[float(f"{x:.4g}") for x in s],
+            clock=clock,
+            gflops=case.flops() / (row["median_ms"] * 1e-3) / 1e9,
+            gemm_gflops=gemm_gflops,
+            peak_mem_bytes=peak,
+            peak_mem_kind=kind,
+        )
+    return [rows[b] for b in (YARDSTICK, *names) if b in rows]
+
+
+def run_cases(
+    cases: Sequence[Case],
+    names: Sequence[str],
+    settings: Settings,
+    explicit: bool,
+    gemm: dict[int, float],
+    progress: bool,
+) -> list[dict]:
+    rows: list[dict] = []
+    bar = None
+    if progress:
+        try:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(cases), unit="case", file=sys.stderr, dynamic_ncols=True)
+        except ModuleNotFoundError:
+            bar = None
+    for case in cases:
+        if bar is not None:
+            bar.set_description(case.label())
+        rows += measure_case(case, workload.for_case(case, names, explicit), settings, gemm.get(case.threads))
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    return rows
+
+
+def _load() -> float | None:
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def execute(
+    cases: Sequence[Case],
+    names: Sequence[str],
+    settings: Settings,
+    explicit: bool,
+    device: str,
+    preset: str | None,
+    progress: bool,
+    runs: int = 1,
+    command: str | None = None,
+) -> dict:
+    """Measure `cases` (the whole grid `runs` times, pooled) and return a complete results object."""
+    t0 = time.perf_counter()
+    load0 = _load()
+    threads = sorted({c.threads for c in cases})
+    n, rates = machine.measure_gemm(threads, [c.H for c in cases], device, settings.clock)
+    runs_rows = [run_cases(cases, names, settings, explicit, rates, progress) for _ in range(runs)]
+    rows = runs_rows[0] if runs == 1 else timing.merge_runs(runs_rows)
+    data = machine.header(device, preset, settings, n, rates[threads[0]], threads[0], command)
+    data["gemm"]["gflops_by_threads"] = {str(k): v for k, v in rates.items()}
+    data["machine"]["threads"] = threads
+    data["backends"] = list(names)
+    data["runs"] = runs
+    data["load_avg_1min"] = {"start": load0, "end": _load()}
+    data["elapsed_s"] = round(time.perf_counter() - t0, 1)
+    data["rows"] = rows
+    return data

@@ -1,0 +1,231 @@
+"""The implementations a case is timed on, and the workload that runs them: one torch.nn module and its inputs,
+deep copies of it run by torch.nn, by torch.compile, or converted to fastrnn on a chosen backend.
+
+Implementations (the `backend` field of a row):
+    torch.nn      torch.nn itself (results.YARDSTICK): every ratio's denominator, always timed
+    compile       torch.compile of a plain-torch step loop, the step being the reference backend's
+    auto          a fastrnn module with backend=None: what fastrnn chooses by itself (the row's note says what)
+    <backend>     a fastrnn module with that backend, any of fastrnn.backends.BACKENDS (`torch`: torch.nn's own
+                  kernels behind fastrnn's module, which shows what fastrnn's module layer costs)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import fastrnn
+from fastrnn import backends as fr_backends
+from fastrnn.backends import BACKENDS, KERNEL_BACKENDS
+from fastrnn.bench.configs import Case, cell_spec, is_cell_class
+from fastrnn.bench.results import YARDSTICK, BenchError
+
+COMPILE = "compile"
+AUTO = "auto"
+PEERS = (YARDSTICK, COMPILE)  # implementations that are not fastrnn modules
+IMPLEMENTATIONS = (YARDSTICK, COMPILE, AUTO, *BACKENDS)
+
+# The reference backend is a readable oracle, not a contender: a default run times it only where it is quick.
+REFERENCE_MAX_H = 64
+REFERENCE_MAX_T = 32
+
+_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    return _DTYPES[name]
+
+
+def default_implementations(device: str, with_compile: bool = False) -> list[str]:
+    """torch.nn plus every fastrnn kernel backend available here that runs natively on `device` (triton on
+    CPU runs only in its interpreter, a test mode), plus torch.compile when asked for."""
+    names = [YARDSTICK]
+    for b in KERNEL_BACKENDS:
+        if (b != "triton" or device == "cuda") and fr_backends.is_available(b)[0]:
+            names.append(b)
+    return names + ([COMPILE] if with_compile else [])
+
+
+def resolve(spec: str | None, device: str, with_compile: bool = False) -> tuple[list[str], bool]:
+    """(implementations, explicit) for a `--backends` value: None = the defaults; otherwise the named ones
+    (each fastrnn backend must be available here), torch.nn first in any case."""
+    if spec is None:
+        return default_implementations(device, with_compile), False
+    names = [s.strip() for s in spec.split(",") if s.strip()]
+    if not names:
+        raise BenchError("empty backend list")
+    for b in names:
+        if b not in IMPLEMENTATIONS:
+            raise BenchError(f"unknown backend {b!r}; expected one of {', '.join(IMPLEMENTATIONS)}")
+        if b in BACKENDS:
+            ok, why = fr_backends.is_available(b)
+            if not ok:
+                raise BenchError(f"backend {b!r} is not available here: {why}")
+    return [YARDSTICK, *dict.fromkeys(b for b in names if b != YARDSTICK)], True
+
+
+def for_case(case: Case, names: Sequence[str], explicit: bool) -> list[str]:
+    """The implementations that time `case`: the reference backend only on tiny shapes unless named."""
+    if explicit:
+        return list(names)
+    quick = case.H <= REFERENCE_MAX_H and case.T <= REFERENCE_MAX_T
+    return [b for b in names if b != "reference" or quick]
+
+
+def status(name: str, case: Case) -> tuple[bool, str]:
+    """Can implementation `name` run `case` here? (ok, reason)."""
+    if name not in BACKENDS:
+        return True, ""
+    ok, why = fr_backends.is_available(name)
+    if ok:
+        dev = torch.device(case.device)
+        ok, why = fr_backends.get(name).supports(cell_spec(case.cell), torch_dtype(case.dtype), dev)
+    return ok, why
+
+
+def note(name: str, case: Case) -> str:
+    """What a row should say about itself: for auto, the backend fastrnn chose."""
+    if name != AUTO:
+        return ""
+    chosen = fr_backends.select(cell_spec(case.cell).name, torch_dtype(case.dtype), torch.device(case.device))
+    return f"auto chose {chosen}"
+
+
+_compiled: dict[str, Callable] = {}
+
+
+def _compiled_step(cell: str) -> Callable:
+    """torch.compile of one step: h_{t-1} W_hh^T + b_hh, then the reference backend's pointwise step."""
+    if cell not in _compiled:
+        import torch._dynamo
+
+        from fastrnn.backends import reference
+
+        pointwise = reference._STEPS[cell].forward  # the readable statement of each cell's step
+
+        def step(gx_t: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor, b_hh: Tensor):
+            hbar, c_t, _, _ = pointwise(gx_t, F.linear(h, w_hh, b_hh), h, c)
+            return hbar, c_t
+
+        for name in ("cache_size_limit", "recompile_limit"):  # one graph per shape, and the full grid has many
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, 512)
+        _compiled[cell] = torch.compile(step, dynamic=False)
+    return _compiled[cell]
+
+
+class Workload:
+    """A case's torch.nn module, inputs and the callables that run it on each implementation."""
+
+    def __init__(self, case: Case, seed: int = 0):
+        self.case = case
+        self.spec = cell_spec(case.cell)
+        self.dtype = torch_dtype(case.dtype)
+        self.is_cell_class = is_cell_class(case.cell)
+        gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(seed)
+        cls = getattr(nn, self.spec.cell_class if self.is_cell_class else self.spec.layer)
+        kw = {"nonlinearity": self.spec.nonlinearity} if self.spec.nonlinearity else {}
+        self.module = cls(case.I, case.H, **kw).to(device=case.device, dtype=self.dtype)
+        z = {"dtype": self.dtype, "device": case.device}
+        self.x = torch.randn(case.T, case.B, case.I, generator=gen).to(**z)
+        self.h0 = torch.randn(case.B, case.H, generator=gen).to(**z)
+        self.c0 = torch.randn(case.B, case.H, generator=gen).to(**z) if self.spec.has_cell_state else None
+
+    def module_for(self, name: str) -> nn.Module:
+        """A deep copy of the torch.nn module (same weights), converted to fastrnn unless `name` is a peer."""
+        m = copy.deepcopy(self.module)
+        if name in PEERS:
+            return m
+        return fastrnn.convert(m, backend=None if name == AUTO else name)
+
+    # One forward of a module (layer or Cell class) -> out [T,B,H], h_n [B,H], c_n [B,H] | None.
+    def _forward_module(self, m: nn.Module, x: Tensor, h0: Tensor, c0: Tensor | None):
+        two = self.spec.has_cell_state  # the state is an (h, c) pair
+        if not self.is_cell_class:
+            out, hn = m(x, (h0.unsqueeze(0), c0.unsqueeze(0)) if two else h0.unsqueeze(0))
+            return (out, hn[0][0], hn[1][0]) if two else (out, hn[0], None)
+        h, c, outs = h0, c0, []
+        for t in range(x.shape[0]):
+            if two:
+                h, c = m(x[t], (h, c))
+            else:
+                h = m(x[t], h)
+            outs.append(h)
+        return torch.stack(outs), h, c
+
+    def _forward_compiled(self, m: nn.Module, x: Tensor, h0: Tensor, c0: Tensor | None):
+        step = _compiled_step(self.spec.name)
+        sfx = "" if self.is_cell_class else "_l0"
+        w_ih, w_hh = getattr(m, "weight_ih" + sfx), getattr(m, "weight_hh" + sfx)
+        b_ih, b_hh = getattr(m, "bias_ih" + sfx), getattr(m, "bias_hh" + sfx)
+        gx = F.linear(x, w_ih, b_ih)  # [T, B, G*H] in one GEMM, as torch.nn and fastrnn do
+        h, c, outs = h0, c0, []
+        for t in range(x.shape[0]):
+            h, c = step(gx[t], h, c, w_hh, b_hh)
+            outs.append(h)
+        return torch.stack(outs), h, c
+
+    def forward_fn(self, name: str) -> Callable:
+        return self._forward_compiled if name == COMPILE else self._forward_module
+
+    def call_fn(self, name: str, m: nn.Module) -> Callable[[], None]:
+        """One timed call of the case's mode: inference = no_grad forward; forward = forward with grad enabled;
+        training = forward + backward of out.sum() (input and h0 require grad, as inside a deeper model)."""
+        fwd = self.forward_fn(name)
+        x, h0, c0 = self.x, self.h0, self.c0
+        params = list(m.parameters())
+        if self.case.mode == "inference":
+
+            def call() -> None:
+                with torch.no_grad():
+                    fwd(m, x, h0, c0)
+
+        elif self.case.mode == "forward":
+
+            def call() -> None:
+                fwd(m, x, h0, c0)
+
+        else:
+            xg = x.clone().requires_grad_(True)
+            h0g = h0.clone().requires_grad_(True)
+
+            def call() -> None:
+                for p in params:
+                    p.grad = None
+                xg.grad = None
+                h0g.grad = None
+                out = fwd(m, xg, h0g, c0)[0]
+                out.sum().backward()
+
+        return call
+
+    def peak_memory(self, call: Callable[[], None], name: str, m: nn.Module) -> tuple[int, str]:
+        """CUDA: max_memory_allocated during one call minus what was allocated before. CPU: bytes of the
+        tensors autograd saves for backward during one forward (distinct storages), i.e. the activation memory
+        training holds; 0 for inference by construction."""
+        if self.case.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            call()
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - before, "cuda_max_allocated"
+        if self.case.mode == "inference":
+            return 0, "saved_for_backward"
+        seen: dict[tuple[int, int], int] = {}
+
+        def pack(t: Tensor) -> Tensor:
+            s = t.untyped_storage()
+            seen[(s.data_ptr(), s.nbytes())] = s.nbytes()
+            return t
+
+        x = self.x.clone().requires_grad_(True)
+        h0 = self.h0.clone().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.forward_fn(name)(m, x, h0, self.c0)
+        return sum(seen.values()), "saved_for_backward"
