@@ -48,6 +48,15 @@ def assert_close(
         )
 
 
+def flat(x) -> list:
+    """The tensors of a module's output (PackedSequence data, nested (h, c) tuples) as one flat list."""
+    if isinstance(x, torch.nn.utils.rnn.PackedSequence):  # a namedtuple: test before tuple
+        return [x.data]
+    if isinstance(x, (tuple, list)):
+        return [t for v in x for t in flat(v)]
+    return [x]
+
+
 def contract_inputs(cell: str, T: int, B: int, H: int, P: int, dtype: torch.dtype, bias: bool):
     """Random arguments of the kernel contract: gx [T,B,G*H], State(h0 [B,P], c0 [B,H] for cells with a cell
     state), Weights(w_hh [G*H,P], b_hh [G*H], w_hr [P,H] when P != H), weights in torch.nn's init range."""

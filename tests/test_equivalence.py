@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 import fastrnn
 from fastrnn.cells import cell_for, spec
 from tests.conftest import BACKENDS_UNDER_TEST, interpreted, skip_unless_supported
-from tests.helpers import assert_close
+from tests.helpers import assert_close, flat
 
 F32, F64 = torch.float32, torch.float64
 
@@ -50,14 +50,6 @@ def fresh_leaves(state):
     if isinstance(state, tuple):
         return tuple(fresh_leaves(s) for s in state)
     return state.detach().clone().requires_grad_()
-
-
-def flat(x):
-    if isinstance(x, torch.nn.utils.rnn.PackedSequence):  # a namedtuple: test before tuple
-        return [x.data]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in flat(v)]
-    return [x]
 
 
 def compare_modules(ref, fast, make_inputs, dtype, T, cotangent_seed=0):

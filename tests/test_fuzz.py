@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import fastrnn
 from fastrnn.cells import CELLS, spec
 from tests.conftest import KERNEL_BACKENDS
-from tests.helpers import assert_close
+from tests.helpers import assert_close, flat
 
 CPU_BACKENDS = [b for b in KERNEL_BACKENDS if b != "triton"]
 
@@ -44,14 +44,6 @@ def layers(draw):
     return c, kw, T, B, packing, lengths, dtype, draw(st.integers(0, 2**16))
 
 
-def _flat(x):
-    if isinstance(x, nn.utils.rnn.PackedSequence):
-        return [x.data]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _flat(v)]
-    return [x]
-
-
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=True)
 @given(case=layers())
@@ -69,7 +61,7 @@ def test_layer_matches_torch(backend, case):
         inp = xi
         if packing != "padded":
             inp = pack_padded_sequence(xi, lengths, batch_first=kw["batch_first"], enforce_sorted=packing == "sorted")
-        outs = _flat(m(inp))
+        outs = flat(m(inp))
         return xi, outs
 
     xr, want = run(ref)

@@ -10,7 +10,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pack_sequence
 
 import fastrnn
 from fastrnn import backends
-from tests.helpers import assert_close
+from tests.helpers import assert_close, flat
 
 LAYERS = [
     pytest.param("LSTM", {}, id="lstm"),
@@ -25,17 +25,9 @@ CELLS = [
 ]
 
 
-def _flat(x):
-    if isinstance(x, nn.utils.rnn.PackedSequence):
-        return [x.data]
-    if isinstance(x, (tuple, list)):
-        return [t for v in x for t in _flat(v)]
-    return [x]
-
-
 def _bitwise(fast, ref, make_inputs):
     """Outputs and every gradient of `fast` equal `ref`'s exactly (rtol = atol = 0)."""
-    got, want = _flat(fast(*make_inputs())), _flat(ref(*make_inputs()))
+    got, want = flat(fast(*make_inputs())), flat(ref(*make_inputs()))
     for a, e in zip(got, want, strict=True):
         assert_close(a, e, name="output", rtol=0, atol=0)
     torch.manual_seed(1)
