@@ -106,3 +106,8 @@ def test_every_backend_reports_a_reason():
     for name in backends.BACKENDS:
         ok, why = backends.is_available(name)
         assert ok or why, f"{name} is unavailable without saying why"
+
+
+def test_auto_on_cuda_is_torch_until_triton_is_measured():
+    """No gpu_check measurement is recorded in the repo, so CUDA tensors get torch.nn's (cuDNN) kernels."""
+    assert backends.select("lstm", torch.float32, torch.device("cuda")) == "torch"

@@ -18,8 +18,9 @@ How a call's backend is chosen, first match wins:
     1. the module's `backend=` argument          (explicit)
     2. the innermost `fastrnn.use_backend(name)`  (explicit)
     3. the environment variable FASTRNN_BACKEND   (explicit; read at every call)
-    4. automatic: CUDA -> triton, reference; CPU -> cpp, numba, reference (first that is available and
-       supports the call; on CPU without the C++ extension, warns once saying how to build it)
+    4. automatic (`_AUTO`): CUDA -> torch (torch.nn's cuDNN kernels, until a recorded gpu_check measurement
+       shows triton faster); CPU -> cpp, numba, reference (first that is available and supports the call;
+       on CPU without the C++ extension, warns once saying how to build it)
 An explicit backend that cannot run the call raises with the reason; it is never silently replaced, except
 while tracing or exporting (`deploying()`), where every call runs torch.nn's kernels (the `torch` backend).
 """
@@ -41,7 +42,11 @@ BACKENDS = ("reference", "cpp", "numba", "triton", "torch")
 KERNEL_BACKENDS = ("reference", "cpp", "numba", "triton")  # implement the per-direction contract (not torch)
 # backend name -> module under fastrnn.backends (`torch` would shadow the torch package inside this one)
 _MODULE_NAMES = {"torch": "torch_nn"}
-_AUTO = {"cuda": ("triton", "reference"), "cpu": ("cpp", "numba", "reference")}
+# Auto's rules, the one place they live. CPU: the fused cpp kernels (benchmarks/results-grid-2threads.md,
+# 2-thread grid against torch.nn in the same run), numba where the extension is not built. CUDA: triton only
+# for configurations that benchmarks/gpu_check has measured faster than cuDNN on a named GPU and recorded in
+# the repo; no such measurement exists yet, so CUDA runs torch.nn's own kernels (cuDNN).
+_AUTO = {"cuda": ("torch",), "cpu": ("cpp", "numba", "reference")}
 ENV_VAR = "FASTRNN_BACKEND"
 
 _modules: dict[str, ModuleType] = {}
