@@ -4,6 +4,7 @@ import torch
 
 from fastrnn import _dynamo
 from fastrnn.backends import BackendUnavailableError, available_backends, use_backend
+from fastrnn.inspect import States, record
 from fastrnn.modules import FASTRNN_CLASSES, GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert
 
 __version__ = "0.1.0"
@@ -21,6 +22,8 @@ __all__ = [
     "GRUCell",
     "RNNCell",
     "convert",
+    "record",
+    "States",
     "available_backends",
     "use_backend",
     "BackendUnavailableError",

@@ -4,15 +4,20 @@ for all steps as one GEMM, inter-layer dropout. Plain torch with autograd; the r
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fastrnn import backends, ops
-from fastrnn.cells import spec
+from fastrnn.cells import Saved, spec
 
 # (w_ih [G*H, I], w_hh [G*H, P], b_ih [G*H] | None, b_hh [G*H] | None, w_hr [P, H] | None)
 LayerWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
+# fastrnn.record's hook: record(layers, batch_sizes) with layers[layer * D + d] = (out [T,B,P], Saved), time-major,
+# rows in the kernel's order (sorted by length for packed input, batch_sizes [T] as the kernel saw it)
+Recorder = Callable[[list[tuple[Tensor, Saved]], "Tensor | None"], None]
 
 
 def _check_state(name: str, state: Tensor, input: Tensor) -> None:
@@ -58,17 +63,25 @@ def rnn(
     batch_first: bool,
     batch_sizes: Tensor | None = None,
     backend: str | None = None,
+    record: Recorder | None = None,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """torch's _VF.lstm / gru / rnn_* on the fastrnn contract.
 
     input: [T, B, I] ([B, T, I] if batch_first) or packed data [N, I] with batch_sizes [T] (int64, CPU)
     hx [L*D, B, P], cx [L*D, B, H] (lstm)  ->  output like input with P*D features, h_n, c_n (lstm)
+    record: fastrnn.record's hook, handed every layer and direction's out and saved tensors
     """
     name = backends.select(cell, input.dtype, input.device, backend)
     if name == "torch":  # torch.nn's own kernels, called as torch.nn calls them (autocast included)
-        return backends.get(name).rnn(
+        redraw = record is not None and dropout > 0 and training and num_layers > 1
+        rng = _rng_state(input.device) if redraw else None
+        result = backends.get(name).rnn(
             spec(cell), input, hx, cx, weights, num_layers, bidirectional, dropout, training, batch_first, batch_sizes
         )
+        if record is not None:
+            args = (cell, input, hx, cx, weights, num_layers, bidirectional, dropout, training, batch_first)
+            _record_by_reference(lambda rec: rnn(*args, batch_sizes, "reference", rec), record, result[0], rng)
+        return result
     dt = _autocast_dtype(cell, input, True)
     if dt is not None:  # run as torch.nn does under autocast: every operand in one dtype, autocast off inside
         with torch.autocast(input.device.type, enabled=False):
@@ -85,6 +98,7 @@ def rnn(
                 batch_first,
                 batch_sizes,
                 backend,
+                record,
             )
     _check_state("hx", hx, input)
     if cx is not None:
@@ -97,21 +111,27 @@ def rnn(
     else:
         x = input.transpose(0, 1) if batch_first else input
     h_n, c_n = [], []
+    recorded: list[tuple[Tensor, Saved]] = []
     for layer in range(num_layers):
         outs = []
         for d in range(D):
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
             gx = F.linear(x, w_ih, b_ih)  # [T, B, G*H]: every step's input projection as one GEMM
-            out, h, c = ops.recurrence(
-                name, cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr, batch_sizes, d == 1
-            )
+            out, h, c, *saved = ops.recurrence(
+                name, cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr, batch_sizes, d == 1,
+                save=record is not None,
+            )  # fmt: skip
             outs.append(out)
             h_n.append(h)
             c_n.append(c)
+            if record is not None:
+                recorded.append((out, saved[0]))
         x = outs[0] if D == 1 else torch.cat(outs, 2)
         if dropout > 0 and training and layer < num_layers - 1:
             x = F.dropout(x, dropout, True)
+    if record is not None:
+        record(recorded, batch_sizes)
     if batch_sizes is not None:
         output = x.reshape(T * B, -1).index_select(0, idx)
     else:
@@ -130,11 +150,17 @@ def cell_step(
     b_ih: Tensor | None,
     b_hh: Tensor | None,
     backend: str | None = None,
+    record: Recorder | None = None,
 ) -> tuple[Tensor, Tensor | None]:
-    """torch's _VF.*_cell: one step for input [B, I], hx [B, H] (cx [B, H]) -> h' (and c')."""
+    """torch's _VF.*_cell: one step for input [B, I], hx [B, H] (cx [B, H]) -> h' (and c').
+    record: fastrnn.record's hook, handed the step as a layer of T = 1."""
     name = backends.select(cell, input.dtype, input.device, backend)
     if name == "torch":
-        return backends.get(name).cell(spec(cell), input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        result = backends.get(name).cell(spec(cell), input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+        if record is not None:
+            args = (cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
+            _record_by_reference(lambda rec: cell_step(*args, "reference", rec), record, result[0], None)
+        return result
     dt = _autocast_dtype(cell, input, False)
     if dt is not None:
         with torch.autocast(input.device.type, enabled=False):
@@ -148,6 +174,7 @@ def cell_step(
                 _cast(b_ih, dt),
                 _cast(b_hh, dt),
                 backend,
+                record,
             )
     H = w_hh.shape[1]
     if input.shape[1] != w_ih.shape[1]:
@@ -161,5 +188,36 @@ def cell_step(
             raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected {H}")
         _check_state(f"hidden{i}", s, input)
     gx = F.linear(input, w_ih, b_ih).unsqueeze(0)  # [1, B, G*H]
-    _, h, c = ops.recurrence(name, cell, gx, hx, cx, w_hh, b_hh, None, None, False)
+    out, h, c, *saved = ops.recurrence(name, cell, gx, hx, cx, w_hh, b_hh, None, None, False, save=record is not None)
+    if record is not None:
+        record([(out, saved[0])], None)
     return h, c
+
+
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _record_by_reference(
+    rerun: Callable[[Recorder], tuple], record: Recorder, output: Tensor, rng: Tensor | None
+) -> None:
+    """Record a call that torch's kernels ran (they expose no gates) by running it again on the reference
+    backend, without autograd and leaving the random generator as torch's call left it. With inter-layer
+    dropout (`rng`: the generator's state before torch's call) the rerun draws its masks from that state, and
+    is recorded only if it reproduces torch's output: torch's CPU kernels draw the same masks for padded
+    input, but draw them in the packed layout for packed input, and cuDNN draws from its own state."""
+    got: list = []
+    device = output.device
+    with torch.no_grad(), torch.random.fork_rng([device] if device.type == "cuda" else [], enabled=rng is not None):
+        if rng is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(rng, device)
+        elif rng is not None:
+            torch.set_rng_state(rng)
+        again = rerun(lambda layers, batch_sizes: got.append((layers, batch_sizes)))[0]
+    if rng is not None and (again.float() - output.float()).norm() > 1e-2 * output.float().norm():
+        raise RuntimeError(
+            "fastrnn.record: torch.nn's kernels drew dropout masks between layers that cannot be reproduced here "
+            "(packed input, or cuDNN), so the states of the layers above the first are unknown; record with a "
+            "fused backend (backend='cpp', 'triton', 'reference'), with dropout=0, or in eval mode"
+        )
+    record(*got[0])

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fastrnn import backends, functional
+from fastrnn import inspect as _inspect
 from fastrnn.cells import MODE_TO_CELL, cell_for, spec
 
 
@@ -151,6 +152,7 @@ class _RNNBaseMixin(_FastMixin):
         if batch_sizes is None and input.size(0 if not self.batch_first else 1) == 0:
             raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
         h0, c0 = hx if lstm else (hx, None)
+        record = _inspect.recorder(self, cell, D, unsorted_indices) if _inspect.RECORDING else None
         output, h_n, c_n = functional.rnn(
             cell,
             input,
@@ -164,6 +166,7 @@ class _RNNBaseMixin(_FastMixin):
             self.batch_first,
             batch_sizes,
             self.backend,
+            record,
         )
         hidden = (h_n, c_n) if lstm else h_n
         if isinstance(orig_input, PackedSequence):
@@ -242,8 +245,9 @@ class _CellMixin(_FastMixin):
             if not is_batched:
                 h0 = h0.unsqueeze(0)
                 c0 = None if c0 is None else c0.unsqueeze(0)
+        record = _inspect.recorder(self, cell, step=True) if _inspect.RECORDING else None
         h, c = functional.cell_step(
-            cell, input, h0, c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend
+            cell, input, h0, c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend, record
         )
         if not is_batched:
             h = h.squeeze(0)

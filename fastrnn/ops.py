@@ -214,14 +214,17 @@ def _differentiable_grads(ctx, d_out, d_h_n, d_c_n):
     return (None, None, *grads, None, None, None)
 
 
-def recurrence(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse):
-    """One layer, one direction. Saves for backward only when autograd will need it."""
+def recurrence(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, save=False):
+    """One layer, one direction -> out, h_n, c_n (None without a cell state). Saves for backward only when
+    autograd will need it; `save` (fastrnn.record) makes the kernel save in any case and appends the saved
+    tensors, cells.Saved(gates, extra) in the cells.py layout, to what is returned."""
     need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr))
-    args = (backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need)
+    args = (backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need or save)
     if torch.compiler.is_compiling():
-        out, h_n, c_n, _, _ = recurrence_fwd(*args)
+        out, h_n, c_n, gates, extra = recurrence_fwd(*args)
     elif need:
-        out, h_n, c_n, _, _ = _EagerRecurrence.apply(*args)
+        out, h_n, c_n, gates, extra = _EagerRecurrence.apply(*args)
     else:
-        out, h_n, c_n, _, _ = _forward_impl(*args)
-    return out, h_n, (c_n if cells.spec(cell).has_cell_state else None)
+        out, h_n, c_n, gates, extra = _forward_impl(*args)
+    c_n = c_n if cells.spec(cell).has_cell_state else None
+    return (out, h_n, c_n, cells.Saved(gates, extra)) if save else (out, h_n, c_n)
