@@ -10,7 +10,8 @@
 
 Always time-major and in the caller's batch order (packed input unsorted as the module's output is); index t is
 the time position in the reverse direction too; steps past a row's length hold zeros. A Cell module's calls are
-steps: rec[cell] stacks them along T (L = D = 1). Recording changes no output or gradient: the kernels already
+steps: rec[cell] stacks them along T (L = D = 1). h is a copy; gates and c may be views of what backward reads:
+treat them as read-only. Recording changes no output or gradient: the kernels already
 compute the gates, ops.recurrence(save=True) only keeps them (under no_grad too); the `torch` backend, whose
 kernels expose no gates, is rerun on the reference backend for the recording. Outside a block the modules pay one
 read of RECORDING. Calls traced by torch.compile, torch.jit.trace or an exporter are not recorded, nor are calls
@@ -152,12 +153,19 @@ def _states(
     cell: Cell, D: int, layers: list[tuple[Tensor, Saved]], batch_sizes: Tensor | None, unsorted: Tensor | None
 ) -> States:
     """One call's States from each layer and direction's out [T,B,P] and saved tensors (cells.py layout), with
-    rows in the kernel's order: copied (so later in-place changes to the outputs leave them alone), unsorted."""
+    rows in the kernel's order, then unsorted. h is copied, as `out` is (or becomes) the caller's output, which
+    the caller may change in place; the saved tensors are nobody else's (autograd's at most, which checks
+    for in-place changes), so with one layer and direction the gates and c are views of them, not copies."""
     T, B = layers[0][0].shape[:2]
     L = len(layers) // D
+
+    def stack(ts: list[Tensor], copy: bool = False) -> Tensor:  # L*D x [T, B, W] -> [L, D, T, B, W]
+        if len(ts) == 1 and not copy:
+            return ts[0].detach()[None, None]
+        return torch.stack([t.detach() for t in ts]).unflatten(0, (L, D))
+
     with torch.no_grad():
-        stack = lambda ts: torch.stack([t.detach() for t in ts]).unflatten(0, (L, D))  # noqa: E731 - [L, D, ...]
-        h = stack([out for out, _ in layers])
+        h = stack([out for out, _ in layers], copy=True)
         gates = {}
         if cell.saved_widths[0]:  # saved gates [T, B, G*H], activated, in torch's order
             H = layers[0][1].gates.shape[-1] // cell.G
