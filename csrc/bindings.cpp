@@ -1,4 +1,4 @@
-// Python bindings of fastrnn._C: thin, as everything else lives in the per-cell sources (contract: fastrnn.h).
+// Python bindings of fastrnn._C: thin, as everything else lives in recurrence.cpp and the walk (contract: fastrnn.h).
 #include <torch/extension.h>
 
 #include "fastrnn.h"
@@ -9,19 +9,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastrnn C++ CPU kernels";
   m.def("build_info", &fastrnn::build_info, "compiler, OpenMP, vector ISA and thread count of this build");
   m.def("has_direct_blas", &fastrnn::has_direct_blas, "whether GEMMs call torch's BLAS directly");
-  m.def("lstm_forward", &fastrnn::lstm_forward, arg("gx"), arg("h0"), arg("c0"), arg("w_hh"), arg("b_hh"),
-        arg("w_hr"), arg("batch_sizes"), arg("reverse"), arg("need_saved"),
-        "-> out, h_n, c_n, gates, extra (the last two empty unless need_saved)");
-  m.def("lstm_backward", &fastrnn::lstm_backward, arg("d_out"), arg("d_h_n"), arg("d_c_n"), arg("h0"), arg("c0"),
-        arg("w_hh"), arg("b_hh"), arg("w_hr"), arg("batch_sizes"), arg("reverse"), arg("out"), arg("gates"),
-        arg("extra"), "-> d_gx, d_h0, d_c0, d_w_hh, d_b_hh|None, d_w_hr|None");
-  m.def("gru_forward", &fastrnn::gru_forward, arg("gx"), arg("h0"), arg("w_hh"), arg("b_hh"), arg("batch_sizes"),
-        arg("reverse"), arg("need_saved"), "-> out, h_n, gates, extra (the last two empty unless need_saved)");
-  m.def("gru_backward", &fastrnn::gru_backward, arg("d_out"), arg("d_h_n"), arg("h0"), arg("w_hh"), arg("b_hh"),
-        arg("batch_sizes"), arg("reverse"), arg("out"), arg("gates"), arg("extra"),
-        "-> d_gx, d_h0, d_w_hh, d_b_hh|None");
-  m.def("rnn_forward", &fastrnn::rnn_forward, arg("gx"), arg("h0"), arg("w_hh"), arg("b_hh"), arg("batch_sizes"),
-        arg("reverse"), arg("relu"), "-> out, h_n");
-  m.def("rnn_backward", &fastrnn::rnn_backward, arg("d_out"), arg("d_h_n"), arg("h0"), arg("w_hh"), arg("b_hh"),
-        arg("batch_sizes"), arg("reverse"), arg("out"), arg("relu"), "-> d_gx, d_h0, d_w_hh, d_b_hh|None");
+  m.def("cell_info", &fastrnn::cell_info, arg("cell_id"),
+        "-> name, G, saved gates width, saved extra width (in H), has cell state, has projection");
+  m.def("recurrence_forward", &fastrnn::recurrence_forward, arg("cell_id"), arg("gx"), arg("h0"), arg("c0"),
+        arg("w_hh"), arg("b_hh"), arg("w_hr"), arg("batch_sizes"), arg("reverse"), arg("need_saved"),
+        "-> out, h_n, c_n|None, gates, extra (the last two empty unless need_saved)");
+  m.def("recurrence_backward", &fastrnn::recurrence_backward, arg("cell_id"), arg("d_out"), arg("d_h_n"),
+        arg("d_c_n"), arg("h0"), arg("c0"), arg("w_hh"), arg("b_hh"), arg("w_hr"), arg("batch_sizes"),
+        arg("reverse"), arg("out"), arg("gates"), arg("extra"),
+        "-> d_gx, d_h0, d_c0|None, d_w_hh, d_b_hh|None, d_w_hr|None");
 }

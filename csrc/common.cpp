@@ -1,4 +1,4 @@
-// Shared by the per-cell sources: argument checks and the raw-pointer GEMM.
+// Shared by the walk and the entry points: argument checks and the raw-pointer GEMM.
 #include "fastrnn.h"
 
 #include <cstdlib>
@@ -158,7 +158,12 @@ StepGemm<T>::StepGemm(const T* w, bool trans, int64_t N, int64_t K, int64_t max_
 
 template <typename T>
 void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const {
-  if (m <= 0) return;
+  if (m <= 0 || N_ <= 0) return;
+  if (K_ <= 0) {  // an empty sum (H == 0): BLAS refuses the zero leading dimensions this would pass
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < N_; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
   if constexpr (std::is_same_v<T, float>) {
     if (packed_.defined()) {
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m), int(N_), int(K_), a, int(lda),

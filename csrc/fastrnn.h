@@ -1,5 +1,6 @@
-// fastrnn C++ extension: shared declarations and helpers. Sources: one file per cell (lstm.cpp, gru.cpp,
-// rnn.cpp), bindings only in bindings.cpp. The contract (shapes, saved layout) is fastrnn/cells.py; the maths is
+// fastrnn C++ extension: shared declarations and helpers. Sources: the time walk once (walk.h), one file per cell
+// with its pointwise step (lstm.cpp, gru.cpp, rnn.cpp), the entry points and their checks (recurrence.cpp),
+// bindings only in bindings.cpp. The contract (shapes, saved layout) is fastrnn/cells.py; the maths is
 // fastrnn/backends/reference.py, which every kernel here computes step for step.
 #pragma once
 
@@ -33,33 +34,25 @@ using OptTensor = c10::optional<Tensor>;
 // Compiler, OpenMP and vector ISA the extension was built with, and ATen's parallel backend.
 std::string build_info();
 
-// ---- entry points (one file per cell). Shapes: T steps, B rows, H hidden, P = proj_size or H. ----
-// lstm.cpp. gx [T,B,4H], h0 [B,P], c0 [B,H], w_hh [4H,P], b_hh [4H]?, w_hr [P,H]?, batch_sizes [T] int64?
-//   -> out [T,B,P], h_n [B,P], c_n [B,H], gates [T,B,4H] (i,f,g,o activated), extra [T,B,H] (c_t); the last two
-//   are empty when need_saved is false.
-std::vector<Tensor> lstm_forward(const Tensor& gx, const Tensor& h0, const Tensor& c0, const Tensor& w_hh,
-                                 const OptTensor& b_hh, const OptTensor& w_hr, const OptTensor& batch_sizes,
-                                 bool reverse, bool need_saved);
-//   -> d_gx [T,B,4H], d_h0 [B,P], d_c0 [B,H], d_w_hh [4H,P], d_b_hh [4H] (undefined without bias),
-//      d_w_hr [P,H] (undefined without projection)
-std::vector<Tensor> lstm_backward(const Tensor& d_out, const Tensor& d_h_n, const Tensor& d_c_n, const Tensor& h0,
-                                  const Tensor& c0, const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
-                                  const OptTensor& batch_sizes, bool reverse, const Tensor& out, const Tensor& gates,
-                                  const Tensor& extra);
-// gru.cpp. gx [T,B,3H], h0 [B,H], w_hh [3H,H] -> out, h_n, gates [T,B,3H] (r,z,n), extra [T,B,H] (W_hn h + b_hn)
-std::vector<Tensor> gru_forward(const Tensor& gx, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
-                                const OptTensor& batch_sizes, bool reverse, bool need_saved);
-//   -> d_gx, d_h0, d_w_hh, d_b_hh (undefined without bias)
-std::vector<Tensor> gru_backward(const Tensor& d_out, const Tensor& d_h_n, const Tensor& h0, const Tensor& w_hh,
-                                 const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, const Tensor& out,
-                                 const Tensor& gates, const Tensor& extra);
-// rnn.cpp (tanh, or relu when relu is true). gx [T,B,H], h0 [B,H], w_hh [H,H] -> out, h_n
-std::vector<Tensor> rnn_forward(const Tensor& gx, const Tensor& h0, const Tensor& w_hh, const OptTensor& b_hh,
-                                const OptTensor& batch_sizes, bool reverse, bool relu);
-//   -> d_gx, d_h0, d_w_hh, d_b_hh (undefined without bias)
-std::vector<Tensor> rnn_backward(const Tensor& d_out, const Tensor& d_h_n, const Tensor& h0, const Tensor& w_hh,
-                                 const OptTensor& b_hh, const OptTensor& batch_sizes, bool reverse, const Tensor& out,
-                                 bool relu);
+// ---- entry points (recurrence.cpp), one pair for every cell. cell_id is cells.py's kernel_id (lstm 0, gru 1,
+// rnn_tanh 2, rnn_relu 3). Shapes: T steps, B rows, H hidden, P = proj_size or H, G gates (cells.py). ----
+// gx [T,B,G*H], h0 [B,P], c0 [B,H] (cells with a cell state, else None), w_hh [G*H,P], b_hh [G*H]?, w_hr [P,H]?
+// (cells with a projection), batch_sizes [T] int64?
+//   -> out [T,B,P], h_n [B,P], c_n [B,H] (undefined without a cell state), gates, extra (cells.py's saved layout;
+//      empty when need_saved is false or the cell saves none)
+std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const Tensor& h0, const OptTensor& c0,
+                                       const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
+                                       const OptTensor& batch_sizes, bool reverse, bool need_saved);
+//   -> d_gx [T,B,G*H], d_h0 [B,P], d_c0 [B,H], d_w_hh [G*H,P], d_b_hh [G*H], d_w_hr [P,H]; each undefined where its
+//      input was absent
+std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, const Tensor& d_h_n,
+                                        const OptTensor& d_c_n, const Tensor& h0, const OptTensor& c0,
+                                        const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
+                                        const OptTensor& batch_sizes, bool reverse, const Tensor& out,
+                                        const Tensor& gates, const Tensor& extra);
+// What the kernel table holds for cell_id: name, G, saved widths (gates, extra), cell state, projection (the tests
+// compare it with fastrnn.cells).
+std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool> cell_info(int64_t cell_id);
 
 // ---- argument checks: every entry point runs these before it reads or writes any tensor memory ----
 
@@ -78,29 +71,6 @@ std::vector<int64_t> batch_sizes_vec(const OptTensor& batch_sizes, int64_t T, in
 Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts);
 // GEMM sizes go to BLAS as int.
 void check_blas_size(int64_t v, const char* what);
-
-// ---- the time walk of the packed sequence (cells.steps / cells.prev_rows) ----
-struct Walk {
-  std::vector<int64_t> bs;  // rows active at each step
-  int64_t T, B;
-  bool reverse;
-  int64_t step(int64_t i) const { return reverse ? T - 1 - i : i; }  // forward visits step(0), step(1), ...
-  int64_t src(int64_t t) const { return reverse ? t + 1 : t - 1; }   // where h_{t-1} lives in out
-  // How many of the n rows active at t continue from out[src(t)]; rows [k, n) start from h0.
-  int64_t prev_rows(int64_t t) const {
-    int64_t n = bs[t];
-    if (reverse) return t + 1 < T ? std::min(n, bs[t + 1]) : 0;
-    return t > 0 ? n : 0;
-  }
-  // The step at which row b takes its state from h0 (-1 when the row is never active).
-  int64_t start_step(int64_t b) const {
-    if (T == 0 || bs[0] <= b) return -1;
-    if (!reverse) return 0;
-    int64_t t = 0;
-    while (t + 1 < T && bs[t + 1] > b) ++t;
-    return t;
-  }
-};
 
 // ---- BLAS: row-major C[m,n] = alpha op(A) op(B) + beta C on raw pointers, no tensor per call ----
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
@@ -130,89 +100,6 @@ class StepGemm {
 
 extern template class StepGemm<float>;
 extern template class StepGemm<double>;
-
-// gh[0:n] = h_{t-1} @ w^T for the n rows of step t: rows [0, k) from hsrc (out[src]), rows [k, n) from h0.
-template <typename T>
-inline void gemm_prev(const StepGemm<T>& w, const T* hsrc, const T* h0, int64_t k, int64_t n, int64_t P, T* gh,
-                      int64_t ldg) {
-  if (k > 0) w(k, hsrc, P, T(0), gh, ldg);
-  if (n > k) w(n - k, h0 + k * P, P, T(0), gh + k * ldg, ldg);
-}
-
-// gemm_prev for rows [r0, r1) only: a thread runs the GEMM of its block of rows and then that block's pointwise
-// pass, so a step is one parallel region instead of MKL's threading followed by a second region.
-template <typename T>
-inline void gemm_prev_rows(const StepGemm<T>& w, const T* hsrc, const T* h0, int64_t k, int64_t r0, int64_t r1,
-                           int64_t P, T* gh, int64_t ldg) {
-  const int64_t a1 = std::min(r1, k);
-  if (a1 > r0) w(a1 - r0, hsrc + r0 * P, P, T(0), gh + r0 * ldg, ldg);
-  const int64_t b0 = std::max(r0, k);
-  if (r1 > b0) w(r1 - b0, h0 + b0 * P, P, T(0), gh + b0 * ldg, ldg);
-}
-
-// Rows per block when a block does its own GEMM (2*K*N flops a row) and pointwise pass: about 2^18 flops.
-inline int64_t fused_grain(int64_t K, int64_t N) {
-  return std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(2 * K * N, 1));
-}
-
-// Whether a step of n rows runs as row blocks that each do their GEMM and pointwise pass (one parallel region),
-// or as one GEMM threaded by MKL followed by a parallel pointwise pass. Measured at 2 threads (LSTM): below
-// 2^24 flops a step the blocks win (H=64, B=64: 0.72x -> 1.03x torch); above, MKL's own split of a large GEMM
-// beats rows split in two (B=16, H=512: 1.19x with MKL, 0.86x with blocks).
-inline bool row_blocks(int64_t n, int64_t K, int64_t N) { return n * 2 * K * N < (int64_t(1) << 24); }
-
-// d_w[GH,P] = sum over steps and rows of dg[t,b]^T h_{t-1}[b]: two GEMMs over all T*B rows (rows a step does not
-// touch hold zeros in dg and in out). dg: [T,B,GH] with row stride ldg; dg0: [B,GH] scratch.
-template <typename T>
-inline void weight_grad(const Walk& w, const T* dg, int64_t ldg, const T* out, const T* h0, int64_t GH, int64_t P,
-                        T* dg0, T* d_w) {
-  const int64_t T_ = w.T, B = w.B;
-  // Rows that continue: forward pairs dg[1:] with out[:-1], reverse pairs dg[:-1] with out[1:]; a row that
-  // starts from h0 at step t meets a zero row of out there, so it contributes nothing.
-  T beta = T(0);
-  if (T_ > 1) {
-    const T* g = w.reverse ? dg : dg + B * ldg;
-    const T* h = w.reverse ? out + B * P : out;
-    gemm(true, false, GH, P, (T_ - 1) * B, T(1), g, ldg, h, P, T(0), d_w, P);
-    beta = T(1);
-  }
-  // Rows that start from h0: gather each row's start-step gradient.
-  for (int64_t b = 0; b < B; ++b) {
-    int64_t s = w.start_step(b);
-    T* dst = dg0 + b * GH;
-    if (s < 0) {
-      std::fill(dst, dst + GH, T(0));
-    } else {
-      const T* src = dg + (s * B + b) * ldg;
-      std::copy(src, src + GH, dst);
-    }
-  }
-  if (B > 0) gemm(true, false, GH, P, B, T(1), dg0, GH, h0, P, beta, d_w, P);
-  else if (beta == T(0)) std::fill(d_w, d_w + GH * P, T(0));
-}
-
-// h_n[b]: each row's state at its last step (forward: step len_b - 1; reverse: step 0), h0 for rows never active.
-template <typename T>
-inline void final_state(const Walk& w, const T* out, const T* h0, int64_t P, T* h_n) {
-  for (int64_t b = 0; b < w.B; ++b) {
-    const T* src = h0 + b * P;
-    if (w.T > 0 && w.bs[0] > b) {
-      int64_t t = 0;
-      if (!w.reverse)
-        while (t + 1 < w.T && w.bs[t + 1] > b) ++t;
-      src = out + (t * w.B + b) * P;
-    }
-    std::copy(src, src + P, h_n + b * P);
-  }
-}
-
-// Rows per parallel chunk so that a chunk carries enough pointwise work to pay for waking a thread.
-inline int64_t row_grain(int64_t per_row) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(per_row, 1)); }
-
-template <typename T>
-inline void zero_rows(T* p, int64_t from, int64_t to, int64_t width) {
-  if (to > from) std::fill(p + from * width, p + to * width, T(0));
-}
 
 // ---- vector maths (at::vec; tails use masked loads/stores so one code path serves every H) ----
 template <typename T>

@@ -1,20 +1,25 @@
 """The cpp backend (fastrnn._C) against the reference backend: the contract itself (outputs, saved gates/extra,
-every backward gradient) for every cell, proj_size, packed batch_sizes, reverse, float64 and float32, odd sizes;
-the raw extension functions refusing bad arguments with RuntimeError; float64 gradcheck through the modules."""
+every backward gradient) for every cell, proj_size, packed batch_sizes, reverse, float64 and float32, odd and zero
+sizes; the extension's kernel table against fastrnn.cells; the raw entry points refusing bad arguments with
+RuntimeError; zero hidden size through the modules against torch.nn."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("fastrnn._C", reason="the C++ extension fastrnn._C is not built")
 
+import fastrnn  # noqa: E402
 from fastrnn import _C  # noqa: E402
 from fastrnn.backends import get  # noqa: E402
+from fastrnn.cells import TABLE, Saved, State, Weights, cell_for, spec  # noqa: E402
 from tests.helpers import assert_close, assert_contract_matches_reference, contract_inputs  # noqa: E402
 
 cpp, ref = get("cpp"), get("reference")
 F32, F64 = torch.float32, torch.float64
+CPU = torch.device("cpu")
 
 
 PACKED = [5, 5, 3, 2, 1]
@@ -42,6 +47,8 @@ CASES = [
     # small hidden, many rows: each thread runs the GEMM and pointwise pass of its own block of rows
     pytest.param("lstm", 4, 40, 64, 64, [40, 27, 11, 3], True, True, id="lstm-row-blocks-packed-reverse"),
     pytest.param("lstm", 3, 40, 64, 64, None, False, False, id="lstm-row-blocks-nobias"),
+    pytest.param("gru", 4, 40, 64, 64, [40, 27, 11, 3], True, True, id="gru-row-blocks-packed-reverse"),
+    pytest.param("rnn_relu", 4, 40, 64, 64, [40, 27, 11, 3], False, True, id="rnn_relu-row-blocks-packed"),
     # a step past 2^24 flops: one GEMM threaded by BLAS, then the parallel pointwise pass
     pytest.param("lstm", 2, 16, 512, 512, [16, 7], True, True, id="lstm-large-step-packed-reverse"),
     pytest.param("gru", 3, 16, 300, 300, [16, 9, 4], False, True, id="gru-parallel-packed"),
@@ -55,53 +62,164 @@ def test_contract_matches_reference(cell, T, B, H, P, bs, reverse, bias, dtype):
     assert_contract_matches_reference(cpp, cell, T, B, H, P, bs, reverse, bias, dtype)
 
 
+@pytest.mark.parametrize("cell", list(TABLE))
+def test_kernel_table_matches_cells(cell):
+    """The C++ table, indexed by kernel_id, describes each cell exactly as fastrnn.cells does."""
+    c = spec(cell)
+    assert _C.cell_info(c.kernel_id) == (c.name, c.G, *c.saved_widths, c.has_cell_state, c.projection)
+
+
+@pytest.mark.parametrize("cell_id", [-1, len(TABLE)])
+def test_unknown_cell_id_is_refused(cell_id):
+    with pytest.raises(RuntimeError, match="unknown cell id"):
+        _C.cell_info(cell_id)
+    with pytest.raises(RuntimeError, match="unknown cell id"):
+        _C.recurrence_forward(**{**_fwd_args("gru"), "cell_id": cell_id})
+
+
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_inference_saves_nothing(cell):
-    gx, h0, c0, w_hh, b_hh, _ = contract_inputs(cell, 4, 3, 8, 8, F64, True)
-    out, h_n, c_n, gates, extra = cpp.forward(cell, gx, h0, c0, w_hh, b_hh, None, None, False, False)
-    assert gates.numel() == 0 and extra.numel() == 0
-    exp = ref.forward(cell, gx, h0, c0, w_hh, b_hh, None, None, False, False)
-    assert_close(out, exp[0], F64, 4, "out")
-    assert_close(h_n, exp[1], F64, 4, "h_n")
+    c = spec(cell)
+    gx, state0, weights = contract_inputs(cell, 4, 3, 8, 8, F64, True)
+    out, st, saved = cpp.forward(c, gx, state0, weights, None, False, False)
+    assert saved.gates.numel() == 0 and saved.extra.numel() == 0
+    exp_out, exp_st, _ = ref.forward(c, gx, state0, weights, None, False, False)
+    assert_close(out, exp_out, F64, 4, "out")
+    for name, a, e in zip(c.states, st, exp_st):
+        assert_close(a, e, F64, 4, f"{name}_n")
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
-@pytest.mark.parametrize("T,B,bs", [(0, 3, None), (3, 0, None), (2, 3, [3, 0])], ids=["T0", "B0", "empty-step"])
-def test_degenerate_sizes(cell, T, B, bs):
-    gx, h0, c0, w_hh, b_hh, _ = contract_inputs(cell, T, B, 4, 4, F64, True)
+GRAD_NAMES = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr")
+
+
+def _flat(g) -> tuple:
+    """Grads in GRAD_NAMES order."""
+    return (g.d_gx, *g.d_state0, *g.d_weights)
+
+
+def _cotangents(c, out: torch.Tensor, state0: State) -> tuple[torch.Tensor, State]:
+    d_c_n = torch.randn_like(state0.c) if c.has_cell_state else None
+    return torch.randn_like(out), State(torch.randn_like(state0.h), d_c_n)
+
+
+def _sized_inputs(cell: str, T: int, B: int, H: int):
+    """contract_inputs, also for H == 0 (empty slices of an H == 1 call)."""
+    if H:
+        return contract_inputs(cell, T, B, H, H, F64, True)
+    gx, (h0, c0), (w_hh, b_hh, _) = contract_inputs(cell, T, B, 1, 1, F64, True)
+    return gx[..., :0], State(h0[:, :0], None if c0 is None else c0[:, :0]), Weights(w_hh[:0, :0], b_hh[:0])
+
+
+@pytest.mark.parametrize("cell", list(TABLE))
+@pytest.mark.parametrize(
+    "T,B,H,bs,reverse",
+    [(0, 3, 4, None, False), (3, 0, 4, None, True), (3, 2, 0, None, False), (2, 3, 4, [3, 0], False)],
+    ids=["T0", "B0", "H0", "empty-step"],
+)  # fmt: skip
+def test_degenerate_sizes(cell, T, B, H, bs, reverse):
+    """Empty sizes give torch.nn's empty results; zero-size steps leave rows untouched. Where nothing runs at all
+    (T, B or H zero) every gradient is known exactly: d_h0 = d_h_n, d_c0 = d_c_n, all else zero."""
+    c = spec(cell)
+    gx, state0, weights = _sized_inputs(cell, T, B, H)
     batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
-    args = (cell, gx, h0, c0, w_hh, b_hh, None, batch_sizes, False, True)
-    got, exp = cpp.forward(*args), ref.forward(*args)
-    for name, a, e in zip(("out", "h_n", "c_n"), got[:3], exp[:3], strict=True):
-        assert_close(a, e, F64, 1, name)
-    ones = (torch.ones_like(exp[0]), torch.ones_like(h0), None if c0 is None else torch.ones_like(c0))
-    bargs = (cell, *ones, h0, c0, w_hh, b_hh, None, batch_sizes, False, exp[0], *exp[3:])
-    for name, a, e in zip(("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh"), cpp.backward(*bargs), ref.backward(*bargs)):
-        if e is not None:
-            assert_close(a, e, F64, 1, name)
+    args = (c, gx, state0, weights, batch_sizes, reverse, True)
+    (out, st, saved), (e_out, e_st, e_saved) = cpp.forward(*args), ref.forward(*args)
+    assert_close(out, e_out, F64, 1, "out")
+    for name, a, e in zip(c.states, st, e_st):
+        assert_close(a, e, F64, 1, f"{name}_n")
+    for name, a, e in zip(Saved._fields, saved, e_saved, strict=True):
+        assert_close(a, e, F64, 1, f"saved {name}")
+    d_out, d_state_n = _cotangents(c, e_out, state0)
+    g = cpp.backward(c, d_out, d_state_n, state0, weights, batch_sizes, reverse, e_out, e_saved)
+    if min(T, B, H) == 0:
+        exp = (torch.zeros_like(gx), *d_state_n, *(torch.zeros_like(w) for w in weights[:2]), None)
+    else:
+        e = ref.backward(c, d_out, d_state_n, state0, weights, batch_sizes, reverse, e_out, e_saved)
+        exp = _flat(e)
+    for name, a, e in zip(GRAD_NAMES, _flat(g), exp, strict=True):
+        if e is None:
+            assert a is None, f"{name}: expected None"
+        else:
+            assert_close(a, e, F64, T * max(B, 1), name)
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_zero_width_projection(reverse, dtype):
+    """w_hr [0, H] (P == 0): the cell state still runs, h is empty; nothing is written past an empty out."""
+    c = spec("lstm")
+    gx, (_, c0), (w_hh, b_hh, _) = contract_inputs(c.name, 3, 2, 4, 4, dtype, True)
+    state0, weights = State(c0[:, :0], c0), Weights(w_hh[:, :0], b_hh, torch.randn(0, 4, dtype=dtype))
+    args = (c, gx, state0, weights, None, reverse, True)
+    (out, st, saved), (e_out, e_st, e_saved) = cpp.forward(*args), ref.forward(*args)
+    for name, a, e in zip(("out", "h_n", "c_n", "gates", "extra"), (out, *st, *saved), (e_out, *e_st, *e_saved)):
+        assert_close(a, e, dtype, 3, name)
+    d_out, d_state_n = _cotangents(c, e_out, state0)
+    bargs = (c, d_out, d_state_n, state0, weights, None, reverse, e_out, e_saved)
+    for name, a, e in zip(GRAD_NAMES, _flat(cpp.backward(*bargs)), _flat(ref.backward(*bargs)), strict=True):
+        assert_close(a, e, dtype, 6, name)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("cell", list(TABLE))
+def test_trailing_empty_steps_change_nothing(cell, reverse):
+    """Steps with no active row (batch_sizes ending in zeros) add zero rows to out and d_gx and change nothing else:
+    the same call on the leading steps alone (by the reference) is the oracle."""
+    c = spec(cell)
+    gx, state0, weights = contract_inputs(cell, 4, 3, 6, 6, F64, True)
+    bs, n = [3, 2, 0, 0], 2  # the first n steps have rows
+    (out, st, saved) = cpp.forward(c, gx, state0, weights, torch.tensor(bs), reverse, True)
+    e_out, e_st, e_saved = ref.forward(c, gx[:n], state0, weights, torch.tensor(bs[:n]), reverse, True)
+    assert_close(out[:n], e_out, F64, n, "out")
+    assert (out[n:] == 0).all(), "out of an empty step must be zero"
+    for name, a, e in zip(c.states, st, e_st):
+        assert_close(a, e, F64, n, f"{name}_n")
+    for name, a, e in zip(Saved._fields, saved, e_saved, strict=True):
+        if e.numel():
+            assert_close(a[:n], e, F64, n, f"saved {name}")
+            assert (a[n:] == 0).all(), f"saved {name} of an empty step must be zero"
+    d_out, d_state_n = _cotangents(c, out, state0)
+    g = cpp.backward(c, d_out, d_state_n, state0, weights, torch.tensor(bs), reverse, out, saved)
+    e_saved_n = Saved(*(t[:n] if t.numel() else t for t in saved))
+    e = ref.backward(c, d_out[:n], d_state_n, state0, weights, torch.tensor(bs[:n]), reverse, out[:n], e_saved_n)
+    assert_close(g.d_gx[:n], e.d_gx, F64, n, "d_gx")
+    assert (g.d_gx[n:] == 0).all(), "d_gx of an empty step must be zero"
+    for name, a, x in zip(GRAD_NAMES[1:], _flat(g)[1:], _flat(e)[1:], strict=True):
+        if x is None:
+            assert a is None, f"{name}: expected None"
+        else:
+            assert_close(a, x, F64, 4 * 3, name)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
 def test_float32_activations_at_extremes(cell):
     """The float32 gates use a fast exp and reciprocal: saturate like torch at +-inf and huge inputs, keep NaN."""
-    gx, h0, c0, w_hh, b_hh, _ = contract_inputs(cell, 3, 4, 40, 40, F32, True)
+    c = spec(cell)
+    gx, state0, weights = contract_inputs(cell, 3, 4, 40, 40, F32, True)
     gx = gx * 60
     gx[0, 0, :8] = torch.tensor([float("inf"), -float("inf"), float("nan"), 1e30, -1e30, 88.8, -88.8, 1e-8])
-    args = (cell, gx, h0, c0, w_hh, b_hh, None, None, False, True)
-    for name, a, e in zip(("out", "h_n", "c_n", "gates", "extra"), cpp.forward(*args), ref.forward(*args)):
+    args = (c, gx, state0, weights, None, False, True)
+    (out, st, saved), (e_out, e_st, e_saved) = cpp.forward(*args), ref.forward(*args)
+    names = ("out", *(f"{s}_n" for s in c.states), "gates", "extra")
+    for name, a, e in zip(names, (out, *st[: len(c.states)], *saved), (e_out, *e_st[: len(c.states)], *e_saved)):
         if e.numel():
             assert_close(a, e, name=name, rtol=1e-5, atol=1e-6)
 
 
 def test_relu_nan_propagates_like_torch():
-    gx, h0, _, w_hh, b_hh, _ = contract_inputs("rnn_relu", 3, 2, 8, 8, F64, True)
+    c = spec("rnn_relu")
+    gx, state0, weights = contract_inputs(c.name, 3, 2, 8, 8, F64, True)
     gx[1, 0, 3] = float("nan")
-    got = cpp.forward("rnn_relu", gx, h0, None, w_hh, b_hh, None, None, False, True)
-    exp = ref.forward("rnn_relu", gx, h0, None, w_hh, b_hh, None, None, False, True)
+    got = cpp.forward(c, gx, state0, weights, None, False, True)
+    exp = ref.forward(c, gx, state0, weights, None, False, True)
     assert_close(got[0], exp[0], F64, 3, "out with a NaN input")
 
 
 HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
+
+
+def _to(ts, dtype):
+    return type(ts)(*(None if t is None else t.to(dtype) for t in ts))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
@@ -115,54 +233,132 @@ HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 )
 def test_half_precision_matches_reference(cell, P, bs, reverse, dtype):
     """Half types run the float32 kernels on widened inputs: the reference's recipe, so nearly the same bits."""
-    inputs = contract_inputs(cell, 5, 5, 16, P, F32, True)
-    gx, h0, c0, w_hh, b_hh, w_hr = (None if t is None else t.to(dtype) for t in inputs)
+    c = spec(cell)
+    gx, state0, weights = contract_inputs(cell, 5, 5, 16, P, F32, True)
+    gx, state0, weights = gx.to(dtype), _to(state0, dtype), _to(weights, dtype)
     batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
-    args = (cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, True)
-    got, exp = cpp.forward(*args), ref.forward(*args)
+    args = (c, gx, state0, weights, batch_sizes, reverse, True)
+    (out, st, saved), (e_out, e_st, e_saved) = cpp.forward(*args), ref.forward(*args)
     tol = HALF_TOL[dtype]
-    for name, a, e in zip(("out", "h_n", "c_n", "gates", "extra"), got, exp, strict=True):
+    names = ("out", "h_n", "c_n", "gates", "extra")
+    for name, a, e in zip(names, (out, *st, *saved), (e_out, *e_st, *e_saved), strict=True):
+        if e is None:
+            assert a is None, f"{name}: expected None"
+            continue
         assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
         assert_close(a, e, name=f"forward {name}", rtol=tol, atol=tol)
-    d_out, d_h_n = torch.randn_like(exp[0]), torch.randn_like(h0)
-    d_c_n = torch.randn_like(c0) if c0 is not None else None
-    bargs = (cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, exp[0], *exp[3:])
-    for name, a, e in zip(
-        ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr"), cpp.backward(*bargs), ref.backward(*bargs), strict=True
-    ):
-        if e is None:
+    d_out, d_state_n = _cotangents(c, e_out, state0)
+    bargs = (c, d_out, d_state_n, state0, weights, batch_sizes, reverse, e_out, e_saved)
+    g, e = cpp.backward(*bargs), ref.backward(*bargs)
+    for name, a, x in zip(GRAD_NAMES, _flat(g), _flat(e), strict=True):
+        if x is None:
             assert a is None, f"{name}: expected None"
         else:
             assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
-            assert_close(a, e, name=name, rtol=tol, atol=tol)
+            assert_close(a, x, name=name, rtol=tol, atol=tol)
 
 
 def test_supports_and_available():
     assert cpp.available() == (True, "")
     for dtype in (F32, F64, torch.bfloat16, torch.float16):
-        assert cpp.supports("gru", dtype, torch.device("cpu"))[0]
-    ok, why = cpp.supports("gru", torch.int32, torch.device("cpu"))
+        assert cpp.supports(spec("gru"), dtype, CPU)[0]
+    ok, why = cpp.supports(spec("gru"), torch.int32, CPU)
     assert not ok and "int32" in why
-    ok, why = cpp.supports("lstm", F32, torch.device("meta"))
+    ok, why = cpp.supports(spec("lstm"), F32, torch.device("meta"))
     assert not ok and "CPU" in why
 
 
-# ---- the raw extension must refuse bad arguments with RuntimeError before touching memory ----
+# ---- zero hidden size through the modules, against torch.nn ----
+
+ZERO_H_CELLS = [
+    pytest.param("LSTMCell", {}, id="lstmcell"),
+    pytest.param("GRUCell", {}, id="grucell"),
+    pytest.param("RNNCell", {}, id="rnncell-tanh"),
+    pytest.param("RNNCell", {"nonlinearity": "relu"}, id="rnncell-relu"),
+]
 
 
-def _lstm_args(T=4, B=3, H=5, P=5, dtype=F32):
-    gx, h0, c0, w_hh, b_hh, w_hr = contract_inputs("lstm", T, B, H, P, dtype, True)
-    return dict(gx=gx, h0=h0, c0=c0, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr, batch_sizes=None, reverse=False, need_saved=True)
+@pytest.mark.parametrize("shape", ["batched", "unbatched", "hx"])
+@pytest.mark.parametrize("kind,extra", ZERO_H_CELLS)
+def test_zero_hidden_size_cell(kind, extra, shape):
+    """torch.nn's Cell(10, 0) returns empty states, zero gradients for the input and empty ones for the weights."""
+    torch.manual_seed(0)
+    theirs = getattr(nn, kind)(10, 0, **extra)
+    ours = getattr(fastrnn, kind)(10, 0, **extra, backend="cpp")
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(10) if shape == "unbatched" else torch.randn(3, 10)
+    lead = x.shape[:-1]
+    hx = None
+    if shape == "hx":
+        hx = torch.randn(*lead, 0)
+        hx = (hx, torch.randn(*lead, 0)) if cell_for(kind, extra.get("nonlinearity", "tanh")).has_cell_state else hx
+    results = []
+    for m in (theirs, ours):
+        xi = x.clone().requires_grad_()
+        y = m(xi) if hx is None else m(xi, hx)
+        ys = y if isinstance(y, tuple) else (y,)
+        loss = sum(t.sum() for t in ys)
+        grads = torch.autograd.grad(loss, [xi, *m.parameters()])
+        results.append((ys, grads))
+    (e_ys, e_grads), (a_ys, a_grads) = results
+    for i, (a, e) in enumerate(zip(a_ys, e_ys, strict=True)):
+        assert_close(a, e, F32, 1, f"output[{i}]")
+    for i, (a, e) in enumerate(zip(a_grads, e_grads, strict=True)):
+        assert_close(a, e, F32, 1, f"grad[{i}]")
 
 
-def _gru_args(T=4, B=3, H=5, dtype=F32):
-    gx, h0, _, w_hh, b_hh, _ = contract_inputs("gru", T, B, H, H, dtype, True)
-    return dict(gx=gx, h0=h0, w_hh=w_hh, b_hh=b_hh, batch_sizes=None, reverse=False, need_saved=True)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_zero_hidden_size_layer_raises_like_torch(kind):
+    with pytest.raises(ValueError) as theirs:
+        getattr(nn, kind)(10, 0)
+    with pytest.raises(ValueError) as ours:
+        getattr(fastrnn, kind)(10, 0, backend="cpp")
+    assert str(ours.value) == str(theirs.value)
 
 
-def _rnn_args(T=4, B=3, H=5, dtype=F32):
-    gx, h0, _, w_hh, b_hh, _ = contract_inputs("rnn_tanh", T, B, H, H, dtype, True)
-    return dict(gx=gx, h0=h0, w_hh=w_hh, b_hh=b_hh, batch_sizes=None, reverse=False, relu=False)
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+def test_zero_steps_raises_like_torch(kind):
+    x = torch.randn(0, 3, 10)
+    with pytest.raises(RuntimeError) as theirs:
+        getattr(nn, kind)(10, 4)(x)
+    with pytest.raises(RuntimeError) as ours:
+        getattr(fastrnn, kind)(10, 4, backend="cpp")(x)
+    assert str(ours.value) == str(theirs.value)
+
+
+# ---- the raw entry points must refuse bad arguments with RuntimeError before touching memory ----
+
+
+def _fwd_args(cell: str, T=4, B=3, H=5, P=None, dtype=F32) -> dict:
+    """Keyword arguments of _C.recurrence_forward for a valid call."""
+    c = spec(cell)
+    gx, state0, weights = contract_inputs(cell, T, B, H, P or H, dtype, True)
+    return dict(
+        cell_id=c.kernel_id, gx=gx, h0=state0.h, c0=state0.c, **weights._asdict(), batch_sizes=None, reverse=False,
+        need_saved=True,
+    )  # fmt: skip
+
+
+def _bwd_args(cell: str) -> dict:
+    """Keyword arguments of _C.recurrence_backward for a valid call, on what forward returned."""
+    kw = _fwd_args(cell)
+    out, h_n, c_n, gates, extra = _C.recurrence_forward(**kw)
+    return dict(
+        cell_id=kw["cell_id"],
+        d_out=torch.randn_like(out),
+        d_h_n=torch.randn_like(h_n),
+        d_c_n=None if c_n is None else torch.randn_like(c_n),
+        h0=kw["h0"],
+        c0=kw["c0"],
+        w_hh=kw["w_hh"],
+        b_hh=kw["b_hh"],
+        w_hr=kw["w_hr"],
+        batch_sizes=None,
+        reverse=False,
+        out=out,
+        gates=gates,
+        extra=extra,
+    )
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -172,63 +368,47 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
 
 
 BAD = [
-    pytest.param(_C.lstm_forward, _lstm_args, "gx", lambda t: t[:, :, :-1], "gx", id="lstm-gx-width"),
-    pytest.param(_C.lstm_forward, _lstm_args, "gx", lambda t: t[0], "gx", id="lstm-gx-2d"),
-    pytest.param(_C.lstm_forward, _lstm_args, "h0", lambda t: t[:-1], "h0", id="lstm-h0-rows"),
-    pytest.param(_C.lstm_forward, _lstm_args, "c0", lambda t: t[:, :-1], "c0", id="lstm-c0-width"),
-    pytest.param(_C.lstm_forward, _lstm_args, "c0", _wide, "contiguous", id="lstm-c0-noncontiguous"),
-    pytest.param(_C.lstm_forward, _lstm_args, "w_hh", lambda t: t[:-1], "w_hh", id="lstm-w_hh-rows"),
-    pytest.param(_C.lstm_forward, _lstm_args, "b_hh", lambda t: t[:-4], "b_hh", id="lstm-b_hh"),
-    pytest.param(_C.lstm_forward, _lstm_args, "b_hh", lambda t: t.double(), "dtype", id="lstm-b_hh-dtype"),
-    pytest.param(_C.lstm_forward, _lstm_args, "w_hr", lambda t: torch.randn(5, 4), "w_hr", id="lstm-w_hr"),
-    pytest.param(_C.lstm_forward, _lstm_args, "gx", lambda t: t.half(), "float32 or float64", id="lstm-gx-half"),
-    pytest.param(_C.lstm_forward, _lstm_args, "gx", lambda t: t.to(torch.device("meta")), "CPU", id="lstm-gx-meta"),
-    pytest.param(_C.gru_forward, _gru_args, "gx", _wide, "contiguous", id="gru-gx-noncontiguous"),
-    pytest.param(_C.gru_forward, _gru_args, "h0", lambda t: t.double(), "dtype", id="gru-h0-dtype"),
-    pytest.param(_C.gru_forward, _gru_args, "w_hh", lambda t: t[:, :-1], "w_hh", id="gru-w_hh"),
-    pytest.param(
-        _C.gru_forward,
-        _gru_args,
-        "batch_sizes",
-        lambda t: torch.tensor([3, 2, 3, 1]),
-        "non-increasing",
-        id="gru-bs-increasing",
-    ),
-    pytest.param(
-        _C.gru_forward, _gru_args, "batch_sizes", lambda t: torch.tensor([9, 3, 2, 1]), "outside", id="gru-bs-too-large"
-    ),
-    pytest.param(
-        _C.gru_forward, _gru_args, "batch_sizes", lambda t: torch.tensor([3, 2, 1]), "batch_sizes", id="gru-bs-length"
-    ),
-    pytest.param(
-        _C.gru_forward, _gru_args, "batch_sizes", lambda t: torch.tensor([3, 2, 1, -1]), "outside", id="gru-bs-negative"
-    ),
-    pytest.param(
-        _C.gru_forward, _gru_args, "batch_sizes", lambda t: torch.tensor([3.0, 2, 1, 1]), "int64", id="gru-bs-float"
-    ),
-    pytest.param(_C.rnn_forward, _rnn_args, "w_hh", lambda t: torch.randn(5, 4), "w_hh", id="rnn-w_hh"),
-    pytest.param(_C.rnn_forward, _rnn_args, "gx", lambda t: t[:, :, :-1], "gx", id="rnn-gx"),
-    pytest.param(_C.rnn_forward, _rnn_args, "gx", lambda t: t.to(torch.int64), "float32 or float64", id="rnn-gx-int"),
+    pytest.param("lstm", "gx", lambda t: t[:, :, :-1], "gx", id="lstm-gx-width"),
+    pytest.param("lstm", "gx", lambda t: t[0], "gx", id="lstm-gx-2d"),
+    pytest.param("lstm", "h0", lambda t: t[:-1], "h0", id="lstm-h0-rows"),
+    pytest.param("lstm", "c0", lambda t: t[:, :-1], "c0", id="lstm-c0-width"),
+    pytest.param("lstm", "c0", _wide, "contiguous", id="lstm-c0-noncontiguous"),
+    pytest.param("lstm", "c0", lambda t: None, "c0 .* is required", id="lstm-c0-missing"),
+    pytest.param("lstm", "w_hh", lambda t: t[:-1], "w_hh", id="lstm-w_hh-rows"),
+    pytest.param("lstm", "b_hh", lambda t: t[:-4], "b_hh", id="lstm-b_hh"),
+    pytest.param("lstm", "b_hh", lambda t: t.double(), "dtype", id="lstm-b_hh-dtype"),
+    pytest.param("lstm", "w_hr", lambda t: torch.randn(5, 4), "w_hr", id="lstm-w_hr"),
+    pytest.param("lstm", "gx", lambda t: t.half(), "float32 or float64", id="lstm-gx-half"),
+    pytest.param("lstm", "gx", lambda t: t.to(torch.device("meta")), "CPU", id="lstm-gx-meta"),
+    pytest.param("gru", "gx", _wide, "contiguous", id="gru-gx-noncontiguous"),
+    pytest.param("gru", "h0", lambda t: t.double(), "dtype", id="gru-h0-dtype"),
+    pytest.param("gru", "w_hh", lambda t: t[:, :-1], "w_hh", id="gru-w_hh"),
+    pytest.param("gru", "c0", lambda t: torch.randn(3, 5), "no cell state", id="gru-c0-given"),
+    pytest.param("gru", "w_hr", lambda t: torch.randn(5, 5), "no projection", id="gru-w_hr-given"),
+    pytest.param("gru", "batch_sizes", lambda t: torch.tensor([3, 2, 3, 1]), "non-increasing", id="gru-bs-increasing"),
+    pytest.param("gru", "batch_sizes", lambda t: torch.tensor([9, 3, 2, 1]), "outside", id="gru-bs-too-large"),
+    pytest.param("gru", "batch_sizes", lambda t: torch.tensor([3, 2, 1]), "batch_sizes", id="gru-bs-length"),
+    pytest.param("gru", "batch_sizes", lambda t: torch.tensor([3, 2, 1, -1]), "outside", id="gru-bs-negative"),
+    pytest.param("gru", "batch_sizes", lambda t: torch.tensor([3.0, 2, 1, 1]), "int64", id="gru-bs-float"),
+    pytest.param("rnn_tanh", "w_hh", lambda t: torch.randn(5, 4), "w_hh", id="rnn-w_hh"),
+    pytest.param("rnn_tanh", "gx", lambda t: t[:, :, :-1], "gx", id="rnn-gx"),
+    pytest.param("rnn_tanh", "gx", lambda t: t.to(torch.int64), "float32 or float64", id="rnn-gx-int"),
 ]
 
 
-@pytest.mark.parametrize("fn,make,arg,bad,msg", BAD)
-def test_forward_rejects_bad_arguments(fn, make, arg, bad, msg):
-    kw = make()
+@pytest.mark.parametrize("cell,arg,bad,msg", BAD)
+def test_forward_rejects_bad_arguments(cell, arg, bad, msg):
+    kw = _fwd_args(cell)
+    _C.recurrence_forward(**kw)  # the unchanged arguments are accepted
     kw[arg] = bad(kw[arg])
     with pytest.raises(RuntimeError, match=msg):
-        fn(**kw)
+        _C.recurrence_forward(**kw)
 
 
 def test_missing_tensor_is_a_type_error():
     """pybind11 refuses None for a required tensor before any C++ runs."""
     with pytest.raises(TypeError, match="incompatible function arguments"):
-        _C.rnn_forward(**{**_rnn_args(), "h0": None})
-
-
-def _saved(cell: str, kw: dict):
-    fwd = {"lstm": _C.lstm_forward, "gru": _C.gru_forward}[cell]
-    return fwd(**kw)
+        _C.recurrence_forward(**{**_fwd_args("rnn_tanh"), "h0": None})
 
 
 BAD_BWD = [
@@ -236,56 +416,22 @@ BAD_BWD = [
     pytest.param("lstm", "extra", lambda t: t[:-1], "extra", id="lstm-extra-steps"),
     pytest.param("lstm", "d_out", lambda t: t[..., :-1], "d_out", id="lstm-d_out"),
     pytest.param("lstm", "d_c_n", _wide, "contiguous", id="lstm-d_c_n-noncontiguous"),
+    pytest.param("lstm", "d_c_n", lambda t: None, "d_c_n .* is required", id="lstm-d_c_n-missing"),
     pytest.param("lstm", "out", lambda t: t.double(), "dtype", id="lstm-out-dtype"),
     pytest.param("lstm", "batch_sizes", lambda t: torch.tensor([3, 3, 3, 7]), "batch_sizes", id="lstm-bs"),
     pytest.param("gru", "gates", lambda t: torch.empty(0), "gates", id="gru-gates-empty"),
     pytest.param("gru", "extra", lambda t: t.double(), "dtype", id="gru-extra-dtype"),
     pytest.param("gru", "d_h_n", lambda t: t[:-1], "d_h_n", id="gru-d_h_n"),
+    pytest.param("rnn_relu", "out", lambda t: t[:, :-1], "out", id="rnn-out-rows"),
+    pytest.param("rnn_relu", "d_out", _wide, "d_out", id="rnn-d_out-noncontiguous"),
+    pytest.param("rnn_relu", "gates", lambda t: torch.zeros(4, 3, 5), "gates", id="rnn-gates-not-empty"),
 ]
 
 
 @pytest.mark.parametrize("cell,arg,bad,msg", BAD_BWD)
 def test_backward_rejects_bad_arguments(cell, arg, bad, msg):
-    kw = _lstm_args() if cell == "lstm" else _gru_args()
-    saved = _saved(cell, kw)
-    out, h_n = saved[0], saved[1]
-    b = dict(
-        d_out=torch.randn_like(out),
-        d_h_n=torch.randn_like(h_n),
-        h0=kw["h0"],
-        w_hh=kw["w_hh"],
-        b_hh=kw["b_hh"],
-        batch_sizes=None,
-        reverse=False,
-        out=out,
-        gates=saved[-2],
-        extra=saved[-1],
-    )
-    fn = _C.gru_backward
-    if cell == "lstm":
-        b.update(d_c_n=torch.randn_like(kw["c0"]), c0=kw["c0"], w_hr=None)
-        fn = _C.lstm_backward
+    b = _bwd_args(cell)
+    _C.recurrence_backward(**b)  # the unchanged arguments are accepted
     b[arg] = bad(b[arg])
     with pytest.raises(RuntimeError, match=msg):
-        fn(**b)
-
-
-def test_rnn_backward_rejects_bad_arguments():
-    kw = _rnn_args()
-    out, h_n = _C.rnn_forward(**kw)
-    b = dict(
-        d_out=torch.randn_like(out),
-        d_h_n=torch.randn_like(h_n),
-        h0=kw["h0"],
-        w_hh=kw["w_hh"],
-        b_hh=kw["b_hh"],
-        batch_sizes=None,
-        reverse=False,
-        out=out,
-        relu=True,
-    )
-    _C.rnn_backward(**b)
-    with pytest.raises(RuntimeError, match="out"):
-        _C.rnn_backward(**{**b, "out": out[:, :-1]})
-    with pytest.raises(RuntimeError, match="d_out"):
-        _C.rnn_backward(**{**b, "d_out": _wide(b["d_out"])})
+        _C.recurrence_backward(**b)

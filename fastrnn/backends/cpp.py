@@ -1,4 +1,7 @@
-"""The cpp backend: the kernel contract on the compiled extension fastrnn._C (csrc/), whole time loop in C++.
+"""The cpp backend: the kernel contract on the compiled extension fastrnn._C (csrc/), whole time walk in C++.
+
+One entry point pair serves every cell: `recurrence_forward` / `recurrence_backward` take the cell's kernel_id
+(cells.py), the C++ kernel table does the rest.
 
 Every tensor argument is contiguous and of one dtype and device (ops.py sees to that); the C++ entry points check
 shapes, dtypes, devices and contiguity again before touching memory. Outputs are allocated in C++.
@@ -14,7 +17,7 @@ import torch
 from torch import Tensor
 
 from fastrnn.backends import optional_import
-from fastrnn.cells import Cell, Grads, Saved, State, Weights, check_cell
+from fastrnn.cells import Cell, Grads, Saved, State, Weights
 
 NAME = "cpp"
 KERNEL_DTYPES = (torch.float32, torch.float64)
@@ -33,12 +36,9 @@ def _ext():
     return _module
 
 
-def _f32(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.float()
-
-
-def _to(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
-    return None if t is None else t.to(dtype)
+def _cast(ts: State | Weights, dtype: torch.dtype) -> State | Weights:
+    """The same named tuple with every tensor converted to dtype (None stays None)."""
+    return type(ts)(*(None if t is None else t.to(dtype) for t in ts))
 
 
 def available() -> tuple[bool, str]:
@@ -55,89 +55,46 @@ def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool
     return True, ""
 
 
-def _forward(
-    cell: str,
-    gx: Tensor,
-    h0: Tensor,
-    c0: Tensor | None,
-    w_hh: Tensor,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
-    batch_sizes: Tensor | None,
-    reverse: bool,
-    need_saved: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """gx [T,B,G*H], h0 [B,P], c0 [B,H]|None -> out [T,B,P], h_n [B,P], c_n, gates, extra (cells.py layout)."""
-    if gx.dtype in WIDENED_DTYPES:
-        args = (_f32(gx), _f32(h0), _f32(c0), _f32(w_hh), _f32(b_hh), _f32(w_hr), batch_sizes, reverse, need_saved)
-        out, h_n, c_n, gates, extra = _forward(cell, *args)
-        return out.to(gx.dtype), h_n.to(gx.dtype), c_n.to(gx.dtype), gates, extra
-    C = _ext()
-    check_cell(cell)
-    if cell == "lstm":
-        H = w_hh.shape[0] // 4
-        c0 = gx.new_zeros(gx.shape[1], H) if c0 is None else c0
-        out, h_n, c_n, gates, extra = C.lstm_forward(gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved)
-        return out, h_n, c_n, gates, extra
-    if cell == "gru":
-        out, h_n, gates, extra = C.gru_forward(gx, h0, w_hh, b_hh, batch_sizes, reverse, need_saved)
-        return out, h_n, gx.new_empty(0), gates, extra
-    out, h_n = C.rnn_forward(gx, h0, w_hh, b_hh, batch_sizes, reverse, cell == "rnn_relu")
-    return out, h_n, gx.new_empty(0), gx.new_empty(0), gx.new_empty(0)
+def forward(
+    cell: Cell, gx: Tensor, state0: State, weights: Weights, batch_sizes: Tensor | None, reverse: bool, need_saved: bool
+) -> tuple[Tensor, State, Saved]:
+    """gx [T,B,G*H], state0 h [B,P] (c [B,H]), weights w_hh [G*H,P], b_hh [G*H]?, w_hr [P,H]?
+    -> out [T,B,P], state_n, saved (cells.py layout)."""
+    dt = gx.dtype
+    if dt in WIDENED_DTYPES:
+        f32 = torch.float32
+        out, st, saved = forward(
+            cell, gx.float(), _cast(state0, f32), _cast(weights, f32), batch_sizes, reverse, need_saved
+        )
+        return out.to(dt), _cast(st, dt), saved
+    out, h_n, c_n, gates, extra = _ext().recurrence_forward(
+        cell.kernel_id, gx, state0.h, state0.c, *weights, batch_sizes, reverse, need_saved
+    )
+    return out, State(h_n, c_n), Saved(gates, extra)
 
 
-def _backward(
-    cell: str,
+def backward(
+    cell: Cell,
     d_out: Tensor,
-    d_h_n: Tensor,
-    d_c_n: Tensor | None,
-    h0: Tensor,
-    c0: Tensor | None,
-    w_hh: Tensor,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
+    d_state_n: State,
+    state0: State,
+    weights: Weights,
     batch_sizes: Tensor | None,
     reverse: bool,
     out: Tensor,
-    gates: Tensor,
-    extra: Tensor,
-) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor | None, Tensor | None]:
-    """-> d_gx [T,B,G*H], d_h0 [B,P], d_c0 [B,H]|None, d_w_hh, d_b_hh|None, d_w_hr|None."""
+    saved: Saved,
+) -> Grads:
+    """-> d_gx [T,B,G*H], d_state0 (d_h0 [B,P], d_c0 [B,H]), d_weights (None where the weight was None)."""
     dt = out.dtype
     if dt in WIDENED_DTYPES:
-        wide = (_f32(d_out), _f32(d_h_n), _f32(d_c_n), _f32(h0), _f32(c0), _f32(w_hh), _f32(b_hh), _f32(w_hr))
-        grads = _backward(cell, *wide, batch_sizes, reverse, _f32(out), gates, extra)
-        return tuple(_to(g, dt) for g in grads)  # type: ignore[return-value]
-    C = _ext()
-    check_cell(cell)
-    if cell == "lstm":
-        B, H = out.shape[1], w_hh.shape[0] // 4
-        c0_ = out.new_zeros(B, H) if c0 is None else c0
-        d_c_n = out.new_zeros(B, H) if d_c_n is None else d_c_n
-        d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = C.lstm_backward(
-            d_out, d_h_n, d_c_n, h0, c0_, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates, extra
-        )
-        return d_gx, d_h0, (None if c0 is None else d_c0), d_w_hh, d_b_hh, d_w_hr
-    if cell == "gru":
-        d_gx, d_h0, d_w_hh, d_b_hh = C.gru_backward(
-            d_out, d_h_n, h0, w_hh, b_hh, batch_sizes, reverse, out, gates, extra
-        )
-    else:
-        d_gx, d_h0, d_w_hh, d_b_hh = C.rnn_backward(
-            d_out, d_h_n, h0, w_hh, b_hh, batch_sizes, reverse, out, cell == "rnn_relu"
-        )
-    return d_gx, d_h0, None, d_w_hh, d_b_hh, None
-
-
-def forward(cell, gx, state0, weights, batch_sizes, reverse, need_saved):
-    out, h_n, c_n, gates, extra = _forward(
-        cell.name, gx, state0.h, state0.c, *weights, batch_sizes, reverse, need_saved
-    )
-    return out, State(h_n, c_n if cell.has_cell_state else None), Saved(gates, extra)
-
-
-def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved):
-    g = _backward(
-        cell.name, d_out, d_state_n.h, d_state_n.c, state0.h, state0.c, *weights, batch_sizes, reverse, out, *saved
-    )
-    return Grads(g[0], State(g[1], g[2]), Weights(*g[3:]))
+        f32 = torch.float32
+        g = backward(
+            cell, d_out.float(), _cast(d_state_n, f32), _cast(state0, f32), _cast(weights, f32), batch_sizes, reverse,
+            out.float(), saved,
+        )  # fmt: skip
+        return Grads(g.d_gx.to(dt), _cast(g.d_state0, dt), _cast(g.d_weights, dt))
+    d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = _ext().recurrence_backward(
+        cell.kernel_id, d_out, d_state_n.h, d_state_n.c, state0.h, state0.c, *weights, batch_sizes, reverse, out,
+        saved.gates, saved.extra,
+    )  # fmt: skip
+    return Grads(d_gx, State(d_h0, d_c0), Weights(d_w_hh, d_b_hh, d_w_hr))

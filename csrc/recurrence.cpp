@@ -1,0 +1,219 @@
+// The entry points, one forward and one backward for every cell, dispatched on cells.py's kernel_id through one table
+// (kernels_for). Each checks every argument (shape, dtype, device, contiguity, batch_sizes) before it touches any
+// tensor memory, allocates the outputs and runs the cell's walk (walk.h) on raw pointers.
+#include "walk.h"
+
+#include <iterator>
+
+namespace fastrnn {
+namespace {
+
+// The kernel table: index = kernel_id.
+const CellKernels* cell_or_null(int64_t cell_id) {
+  static const CellKernels* const table[] = {&lstm_kernels(), &gru_kernels(), &rnn_tanh_kernels(),
+                                             &rnn_relu_kernels()};
+  if (cell_id < 0 || cell_id >= int64_t(std::size(table))) return nullptr;
+  TORCH_INTERNAL_ASSERT(table[cell_id]->id == cell_id, "fastrnn: the kernel table holds ", table[cell_id]->name,
+                        " at ", cell_id);
+  return table[cell_id];
+}
+
+const CellKernels& kernels_for(int64_t cell_id) {
+  const CellKernels* k = cell_or_null(cell_id);
+  TORCH_CHECK(k != nullptr, "fastrnn: unknown cell id ", cell_id, " (fastrnn.cells kernel_id)");
+  return *k;
+}
+
+// "4H" for a four-gate cell, "H" for one gate: the symbolic width of gx, gh and w_hh's rows.
+std::string width_sym(int64_t w) { return w == 1 ? "H" : std::to_string(w) + "H"; }
+
+// The arguments' names with their symbolic shapes for the check messages ("gx [T, B, 4H]"), built once per cell so a
+// call does not pay for strings it only needs when it fails.
+struct ArgNames {
+  std::string gx, h0, w_hh, b_hh, out, d_out, d_h_n, gates, extra;
+};
+
+std::string saved_name(const CellKernels& k, const char* name, int64_t width) {
+  return width ? std::string(name) + " [T, B, " + width_sym(width) + "] (saved by forward)"
+               : std::string(name) + " [0] (" + k.name + " saves none)";
+}
+
+const ArgNames& arg_names(const CellKernels& k) {
+  static const auto table = [] {
+    std::vector<ArgNames> v;
+    for (int64_t id = 0;; ++id) {
+      const CellKernels* c = cell_or_null(id);
+      if (c == nullptr) return v;
+      const std::string gh = width_sym(c->G), p = c->projection ? "P" : "H";
+      v.push_back({"gx [T, B, " + gh + "]", "h0 [B, " + p + "]", "w_hh [" + gh + ", " + p + "]", "b_hh [" + gh + "]",
+                   "out [T, B, " + p + "]", "d_out [T, B, " + p + "]", "d_h_n [B, " + p + "]",
+                   saved_name(*c, "gates", c->saved_gates), saved_name(*c, "extra", c->saved_extra)});
+    }
+  }();
+  return table[k.id];
+}
+
+struct Sizes {
+  int64_t T, B, H, P;
+  bool proj;
+};
+
+// The call's sizes, fixed by w_hh [G*H, P] and w_hr [P, H] (cells with a projection; else P == H). H == 0 (and
+// T == 0, B == 0) are valid: every tensor then has zero elements where that size appears.
+Sizes call_sizes(const CellKernels& k, int64_t T, int64_t B, at::ScalarType dt, const Tensor& w_hh,
+                 const OptTensor& w_hr) {
+  // (the messages are built only when a check fails)
+  const char* p = k.projection ? "P" : "H";
+  TORCH_CHECK(w_hh.defined(), "fastrnn: w_hh is required");
+  TORCH_CHECK(w_hh.scalar_type() == dt, "fastrnn: w_hh must have dtype ", dt, ", got ", w_hh.scalar_type());
+  TORCH_CHECK(w_hh.dim() == 2 && w_hh.size(0) % k.G == 0, "fastrnn: w_hh must have shape [", width_sym(k.G), ", ", p,
+              "] for ", k.name, ", got ", shape_str(w_hh.sizes()));
+  const int64_t H = w_hh.size(0) / k.G, P = w_hh.size(1);
+  const bool proj = w_hr.has_value() && w_hr->defined();
+  if (proj) {
+    TORCH_CHECK(k.projection, "fastrnn: ", k.name, " has no projection: w_hr must be None");
+    check_tensor(*w_hr, "w_hr [P, H]", {P, H}, dt);
+  } else {
+    TORCH_CHECK(P == H, "fastrnn: w_hh must have shape [", width_sym(k.G), ", H] = [", k.G * H, ", ", H, "]",
+                k.projection ? " without w_hr" : "", " for ", k.name, ", got ", shape_str(w_hh.sizes()));
+  }
+  check_blas_size(T * B, "T * B");
+  check_blas_size(k.G * H, "G * H (rows of w_hh)");
+  check_blas_size(P, "P (columns of w_hh)");
+  return {T, B, H, P, proj};
+}
+
+// c0-like arguments: required by cells with a cell state, refused by the others.
+void check_state(const CellKernels& k, const OptTensor& c, const char* what, at::IntArrayRef shape,
+                 at::ScalarType dt) {
+  const bool given = c.has_value() && c->defined();
+  if (k.cell_state) {
+    TORCH_CHECK(given, "fastrnn: ", what, " is required for ", k.name, " (expected shape ", shape_str(shape), ")");
+    check_tensor(*c, what, shape, dt);
+  } else {
+    TORCH_CHECK(!given, "fastrnn: ", k.name, " has no cell state: ", what, " must be None");
+  }
+}
+
+// What forward saves for backward (cells.py saved_shapes): [T, B, width*H], or empty [0] where the cell saves none.
+at::DimVector saved_shape(int64_t width, const Sizes& s) {
+  if (width == 0) return {0};
+  return {s.T, s.B, width * s.H};
+}
+
+template <typename T>
+T* ptr(const Tensor& t) {
+  return t.defined() ? t.data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+T* opt_ptr(const OptTensor& t) {
+  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+}
+
+template <typename T>
+void run_forward(const CellKernels& k, const ForwardArgs<T>& a) {
+  if constexpr (std::is_same_v<T, float>) k.forward_f(a);
+  else k.forward_d(a);
+}
+
+template <typename T>
+void run_backward(const CellKernels& k, const BackwardArgs<T>& a) {
+  if constexpr (std::is_same_v<T, float>) k.backward_f(a);
+  else k.backward_d(a);
+}
+
+}  // namespace
+
+std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const Tensor& h0, const OptTensor& c0,
+                                       const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
+                                       const OptTensor& batch_sizes, bool reverse, bool need_saved) {
+  const CellKernels& k = kernels_for(cell_id);
+  const ArgNames& names = arg_names(k);
+  check_dtype(gx, names.gx.c_str());
+  TORCH_CHECK(gx.dim() == 3, "fastrnn: gx must have shape [T, B, ", width_sym(k.G), "], got ", shape_str(gx.sizes()));
+  const auto dt = gx.scalar_type();
+  const Sizes s = call_sizes(k, gx.size(0), gx.size(1), dt, w_hh, w_hr);
+  const int64_t T = s.T, B = s.B, H = s.H, P = s.P, GH = k.G * H;
+  check_tensor(gx, names.gx.c_str(), {T, B, GH}, dt);
+  check_tensor(h0, names.h0.c_str(), {B, P}, dt);
+  check_state(k, c0, "c0 [B, H]", {B, H}, dt);
+  check_tensor(w_hh, names.w_hh.c_str(), {GH, P}, dt);
+  check_opt(b_hh, names.b_hh.c_str(), {GH}, dt);
+  const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
+
+  const auto opts = gx.options();
+  Tensor out = new_output({T, B, P}, opts);
+  Tensor h_n = new_output({B, P}, opts);
+  Tensor c = k.cell_state ? c0->clone() : Tensor();  // running cell state, c_n at the end
+  Tensor gates = need_saved && k.saved_gates ? new_output(saved_shape(k.saved_gates, s), opts) : at::empty({0}, opts);
+  Tensor extra = need_saved && k.saved_extra ? new_output(saved_shape(k.saved_extra, s), opts) : at::empty({0}, opts);
+  const bool gh_home = (need_saved && gh_in_gates(k.G, k.saved_gates)) || gh_in_h(k.G, s.proj);
+  Tensor gh_buf = gh_home ? Tensor() : at::empty({B, GH}, opts);
+  Tensor hbar = s.proj ? at::empty({B, H}, opts) : Tensor();
+  Tensor bias = b_hh.has_value() && b_hh->defined() ? *b_hh : at::zeros({GH}, opts);
+  AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_recurrence_forward", [&] {
+    using T_ = scalar_t;
+    const ForwardArgs<T_> a{w, H, P, s.proj, need_saved, ptr<T_>(gx), ptr<T_>(h0), ptr<T_>(w_hh), ptr<T_>(bias),
+                            opt_ptr<T_>(w_hr), ptr<T_>(out), ptr<T_>(h_n), ptr<T_>(c), ptr<T_>(gates),
+                            ptr<T_>(extra), ptr<T_>(gh_buf), ptr<T_>(hbar)};
+    run_forward(k, a);
+  });
+  return {out, h_n, c, gates, extra};
+}
+
+std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, const Tensor& d_h_n,
+                                        const OptTensor& d_c_n, const Tensor& h0, const OptTensor& c0,
+                                        const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
+                                        const OptTensor& batch_sizes, bool reverse, const Tensor& out,
+                                        const Tensor& gates, const Tensor& extra) {
+  const CellKernels& k = kernels_for(cell_id);
+  const ArgNames& names = arg_names(k);
+  check_dtype(out, names.out.c_str());
+  TORCH_CHECK(out.dim() == 3, "fastrnn: out must have shape [T, B, ", k.projection ? "P" : "H", "], got ",
+              shape_str(out.sizes()));
+  const auto dt = out.scalar_type();
+  const Sizes s = call_sizes(k, out.size(0), out.size(1), dt, w_hh, w_hr);
+  const int64_t T = s.T, B = s.B, H = s.H, P = s.P, GH = k.G * H;
+  check_tensor(out, names.out.c_str(), {T, B, P}, dt);
+  check_tensor(d_out, names.d_out.c_str(), {T, B, P}, dt);
+  check_tensor(d_h_n, names.d_h_n.c_str(), {B, P}, dt);
+  check_state(k, d_c_n, "d_c_n [B, H]", {B, H}, dt);
+  check_tensor(h0, names.h0.c_str(), {B, P}, dt);
+  check_state(k, c0, "c0 [B, H]", {B, H}, dt);
+  check_tensor(w_hh, names.w_hh.c_str(), {GH, P}, dt);
+  check_opt(b_hh, names.b_hh.c_str(), {GH}, dt);
+  check_tensor(gates, names.gates.c_str(), saved_shape(k.saved_gates, s), dt);
+  check_tensor(extra, names.extra.c_str(), saved_shape(k.saved_extra, s), dt);
+  const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
+
+  const auto opts = out.options();
+  Tensor d_gx = new_output({T, B, GH}, opts);
+  Tensor d_gh = k.dgh_differs ? at::empty({T, B, GH}, opts) : Tensor();  // what reaches W_hh, if not d_gx
+  Tensor dh = d_h_n.clone();                                            // running d h, d_h0 at the end
+  Tensor dc = k.cell_state ? d_c_n->clone() : Tensor();
+  Tensor d_w_hh = new_output({GH, P}, opts);
+  Tensor d_w_hr = s.proj ? new_output({P, H}, opts) : Tensor();
+  Tensor dhfull = s.proj ? at::empty({T, B, P}, opts) : Tensor();
+  Tensor hbar = s.proj ? at::empty({T, B, H}, opts) : Tensor();
+  Tensor dhbar = s.proj ? at::empty({B, H}, opts) : Tensor();
+  Tensor dg0 = at::empty({B, GH}, opts);
+  AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_recurrence_backward", [&] {
+    using T_ = scalar_t;
+    const BackwardArgs<T_> a{w, H, P, s.proj, ptr<T_>(d_out), ptr<T_>(h0), opt_ptr<T_>(c0), ptr<T_>(w_hh),
+                             opt_ptr<T_>(w_hr), ptr<T_>(out), ptr<T_>(gates), ptr<T_>(extra), ptr<T_>(dh),
+                             ptr<T_>(dc), ptr<T_>(d_gx), ptr<T_>(d_gh), ptr<T_>(d_w_hh), ptr<T_>(d_w_hr),
+                             ptr<T_>(dhfull), ptr<T_>(hbar), ptr<T_>(dhbar), ptr<T_>(dg0)};
+    run_backward(k, a);
+  });
+  const Tensor& dg = k.dgh_differs ? d_gh : d_gx;
+  Tensor d_b_hh = b_hh.has_value() && b_hh->defined() ? dg.view({T * B, GH}).sum(0) : Tensor();
+  return {d_gx, dh, dc, d_w_hh, d_b_hh, d_w_hr};
+}
+
+std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool> cell_info(int64_t cell_id) {
+  const CellKernels& k = kernels_for(cell_id);
+  return {k.name, k.G, k.saved_gates, k.saved_extra, k.cell_state, k.projection};
+}
+
+}  // namespace fastrnn
