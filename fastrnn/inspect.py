@@ -307,12 +307,15 @@ def heatmap(
     row: int = 0,
     tokens: Sequence[str] | None = None,
     steps: tuple[int, int] | None = None,
+    per_unit: bool = False,
     title: str | None = None,
     ax=None,
 ):
     """Chosen units of one row over time, one line of cells per unit, the row's input tokens along the time axis.
     units: default the 16 that vary most over the row; steps: (start, stop) within the row's length (default:
-    all of it); state: "h", "c" or a gate name. Returns the matplotlib Figure (saved to `path` if given)."""
+    all of it); state: "h", "c" or a gate name; per_unit: scale each unit by its largest |value| shown (for
+    unbounded states such as c, whose largest units would wash out the rest). Returns the matplotlib Figure
+    (saved to `path` if given)."""
     x = _pick(states, state, layer, direction)[:, row].cpu().float()  # [T, U]
     n = int(states.lengths[row])
     start, stop = steps if steps is not None else (0, n)
@@ -320,7 +323,10 @@ def heatmap(
     x = x[start:stop]
     if units is None:
         units = x.var(0, correction=0).argsort(descending=True)[:16].sort().values.tolist()
-    data = x[:, list(units)].t().numpy()  # [U, steps]
+    data = x[:, list(units)].t()  # [U, steps]
+    if per_unit:
+        data = data / data.abs().amax(1, keepdim=True).clamp_min(torch.finfo(data.dtype).tiny)
+    data = data.numpy()
     signed = bool((data < 0).any())
     vmax = float(abs(data).max()) if data.size else 1.0
     fig, ax = _figure(ax, (max(6.0, 0.16 * data.shape[1] + 2), max(2.5, 0.28 * len(units) + 1.4)))
@@ -335,7 +341,9 @@ def heatmap(
     else:
         ax.set_xlabel("step")
     ax.set_title(title or f"{states.cell}: {state} of row {row}, steps {start}..{stop - 1}", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    bar = fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01)
+    if per_unit:
+        bar.set_label("value / unit's max |value|", fontsize=7)
     if path is not None:
         fig.savefig(path, dpi=130)
     return fig

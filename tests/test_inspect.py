@@ -447,6 +447,10 @@ def test_heatmap_and_saturation_plots_write_files(tmp_path):
     assert [t.get_text() for t in fig.axes[0].get_xticklabels()] == ["a", "␣", "(", "b", ")", "␣", "c"]
     fig = fi.heatmap(s, tmp_path / "gate.png", state="f", steps=(2, 5))
     assert fig.axes[0].images[0].get_array().shape == (8, 3)
+    fig = fi.heatmap(s, state="c", units=[0, 3], per_unit=True)
+    shown = torch.as_tensor(fig.axes[0].images[0].get_array().data)
+    want = s.c[-1, 0, :, 0][:, [0, 3]].t()  # default: the last layer
+    assert torch.allclose(shown, want / want.abs().amax(1, keepdim=True))
     with pytest.raises(KeyError, match="has h, c, i, f, g, o"):
         fi.heatmap(s, state="r")
     fig = fi.plot_saturation(s, tmp_path / "sat.png")
