@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import datetime
 import socket
+import time
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -61,7 +63,13 @@ def _free_port() -> int:
 
 def test_two_process_ddp_equals_full_batch(tmp_path):
     out_path = str(tmp_path / "grads.pt")
-    mp.spawn(_worker, args=(_free_port(), out_path), nprocs=2, join=True, daemon=False)
+    ctx = mp.spawn(_worker, args=(_free_port(), out_path), nprocs=2, join=False, daemon=False)
+    deadline = time.monotonic() + 180
+    while not ctx.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the two DDP ranks did not finish within 180 s")
     got = torch.load(out_path)
     model = _model().double()
     _loss(model, _data()).backward()
