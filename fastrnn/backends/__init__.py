@@ -33,10 +33,12 @@ import importlib
 import os
 import warnings
 from types import ModuleType
+from typing import Protocol
 
 import torch
+from torch import Tensor
 
-from fastrnn.cells import spec
+from fastrnn.cells import Cell, Grads, Saved, State, Weights, spec
 
 BACKENDS = ("reference", "cpp", "numba", "triton", "torch")
 KERNEL_BACKENDS = ("reference", "cpp", "numba", "triton")  # implement the per-direction contract (not torch)
@@ -52,6 +54,23 @@ ENV_VAR = "FASTRNN_BACKEND"
 _modules: dict[str, ModuleType] = {}
 _override: contextvars.ContextVar[str | None] = contextvars.ContextVar("fastrnn_backend", default=None)
 _warned_slow_cpu = False
+
+
+class KernelBackend(Protocol):
+    """The typed contract of a kernel backend module (the module docstring above); the backends' own
+    definitions leave the annotations to this one place."""
+
+    def supports(self, cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]: ...
+
+    def forward(
+        self, cell: Cell, gx: Tensor, state0: State, weights: Weights, batch_sizes: Tensor | None, reverse: bool,
+        need_saved: bool,
+    ) -> tuple[Tensor, State, Saved]: ...  # fmt: skip
+
+    def backward(
+        self, cell: Cell, d_out: Tensor, d_state_n: State, state0: State, weights: Weights,
+        batch_sizes: Tensor | None, reverse: bool, out: Tensor, saved: Saved,
+    ) -> Grads: ...  # fmt: skip
 
 
 class BackendUnavailableError(RuntimeError):

@@ -73,17 +73,7 @@ def forward(
     return out, State(h_n, c_n), Saved(gates, extra)
 
 
-def backward(
-    cell: Cell,
-    d_out: Tensor,
-    d_state_n: State,
-    state0: State,
-    weights: Weights,
-    batch_sizes: Tensor | None,
-    reverse: bool,
-    out: Tensor,
-    saved: Saved,
-) -> Grads:
+def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved) -> Grads:
     """-> d_gx [T,B,G*H], d_state0 (d_h0 [B,P], d_c0 [B,H]), d_weights (None where the weight was None)."""
     dt = out.dtype
     if dt in WIDENED_DTYPES:

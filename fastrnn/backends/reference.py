@@ -175,17 +175,7 @@ def forward(
     return out, State(h.to(gx.dtype), c_n), Saved(gates.to(acc), extra.to(acc))
 
 
-def backward(
-    cell: Cell,
-    d_out: Tensor,
-    d_state_n: State,
-    state0: State,
-    weights: Weights,
-    batch_sizes: Tensor | None,
-    reverse: bool,
-    out: Tensor,
-    saved: Saved,
-) -> Grads:
+def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved) -> Grads:
     """Walks the steps in the opposite order of forward. Keeps d(pre-activation) of every step and forms
     the weight gradients as single GEMMs at the end."""
     step = _STEPS[cell.name]

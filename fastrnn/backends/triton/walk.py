@@ -311,17 +311,7 @@ def forward(
     return out, State(final_h(out, bs, reverse, packed), c_n), Saved(gates, extra)
 
 
-def backward(
-    cell: Cell,
-    d_out: Tensor,
-    d_state_n: State,
-    state0: State,
-    weights: Weights,
-    batch_sizes: Tensor | None,
-    reverse: bool,
-    out: Tensor,
-    saved: Saved,
-) -> Grads:
+def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved) -> Grads:
     """Walks the steps in the opposite order of forward, keeps every step's d gates and forms d_w_hh, d_b_hh,
     d_w_hr and d_h0 as GEMMs at the end. -> Grads (None where the input was None)."""
     T, B, P = out.shape
