@@ -1,5 +1,6 @@
 """The numba backend against the reference backend (the contract itself: outputs, saved gates/extra on the
-rows a step touches, every backward gradient), and float64 gradcheck through the drop-in modules."""
+rows a step touches, every backward gradient, serial and split over threads), its dispatch table against the
+cell table, empty sizes through the drop-in modules against torch.nn, and the uncached fallback."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import torch
 
 pytest.importorskip("numba")
 
+import fastrnn  # noqa: E402
 from fastrnn.backends import get  # noqa: E402
+from fastrnn.backends.numba import common  # noqa: E402
 from fastrnn.backends.numba.common import THREADS_VAR  # noqa: E402
+from fastrnn.cells import TABLE, State, Weights, spec  # noqa: E402
 from tests.helpers import assert_close, assert_contract_matches_reference, contract_inputs  # noqa: E402
 
 if not get("numba").available()[0]:
@@ -37,6 +41,14 @@ CASES = [
     pytest.param("lstm", 3, 16, 260, 130, [16, 9, 4], True, True, 2, id="lstm-proj-blocked-packed-reverse"),
     pytest.param("gru", 3, 16, 300, 300, [16, 9, 4], False, True, 2, id="gru-blocked-packed"),
     pytest.param("rnn_tanh", 3, 16, 520, 520, None, False, True, 2, id="rnn_tanh-blocked"),
+    pytest.param("rnn_relu", 3, 16, 520, 520, [16, 9, 4], True, False, 2, id="rnn_relu-blocked-packed-reverse"),
+    # empty sizes: no step, no row (no hidden unit: test_zero_hidden_units)
+    pytest.param("lstm", 0, 3, 8, 8, None, False, True, 1, id="lstm-T0"),
+    pytest.param("lstm", 4, 0, 8, 5, None, False, True, 1, id="lstm-proj-B0"),
+    pytest.param("gru", 0, 3, 8, 8, None, True, True, 1, id="gru-T0-reverse"),
+    pytest.param("gru", 4, 0, 8, 8, None, False, True, 1, id="gru-B0"),
+    pytest.param("rnn_tanh", 0, 3, 8, 8, None, False, True, 1, id="rnn_tanh-T0"),
+    pytest.param("rnn_relu", 4, 0, 8, 8, None, False, True, 1, id="rnn_relu-B0"),
 ]
 
 
@@ -44,24 +56,161 @@ CASES = [
 @pytest.mark.parametrize("cell,T,B,H,P,bs,reverse,bias,threads", CASES)
 def test_contract_matches_reference(cell, T, B, H, P, bs, reverse, bias, threads, dtype, monkeypatch):
     monkeypatch.setenv(THREADS_VAR, str(threads))
+    if threads > 1:  # the case must really be split into blocks, or it tests the serial walk twice
+        if common.threads() < threads:
+            pytest.skip(f"numba has fewer than {threads} threads here")
+        assert common.n_blocks(B * spec(cell).G * H * P, H) > 1
     assert_contract_matches_reference(numba_be, cell, T, B, H, P, bs, reverse, bias, dtype)
 
 
 def test_supports():
-    ok, _ = numba_be.supports("gru", torch.float32, torch.device("cpu"))
+    ok, _ = numba_be.supports(spec("gru"), torch.float32, torch.device("cpu"))
     assert ok
-    ok, why = numba_be.supports("gru", torch.float16, torch.device("cpu"))
+    ok, why = numba_be.supports(spec("gru"), torch.float16, torch.device("cpu"))
     assert not ok and "float16" in why
-    ok, why = numba_be.supports("lstm", torch.float32, torch.device("meta"))
+    ok, why = numba_be.supports(spec("lstm"), torch.float32, torch.device("meta"))
     assert not ok and "CPU" in why
 
 
-def test_no_saved_when_not_needed():
-    gx, h0, c0, w_hh, b_hh, _ = contract_inputs("lstm", 3, 2, 8, 8, torch.float64, True)
-    out, h_n, c_n, gates, extra = numba_be.forward("lstm", gx, h0, c0, w_hh, b_hh, None, None, False, False)
-    assert gates.numel() == 0 and extra.numel() == 0
-    exp = ref.forward("lstm", gx, h0, c0, w_hh, b_hh, None, None, False, False)
-    assert_close(out, exp[0], torch.float64, 3, "out")
+def test_dispatch_table_matches_cell_table():
+    """The kernels find a cell's steps by its kernel_id: every cell of cells.py has its own entry, and a cell the
+    kernels have no step for is refused by supports rather than run with another cell's step."""
+    from dataclasses import replace
+
+    from fastrnn.backends.numba.kernels import STEPS
+
+    assert {c.kernel_id: c.name for c in TABLE.values()} == {k: s.name for k, s in STEPS.items()}
+    unknown = replace(spec("gru"), name="new_cell", kernel_id=max(STEPS) + 1)
+    ok, why = numba_be.supports(unknown, torch.float32, torch.device("cpu"))
+    assert not ok and "new_cell" in why
+
+
+@pytest.mark.parametrize("cell", sorted(TABLE))
+def test_no_saved_when_not_needed(cell):
+    gx, state0, weights = contract_inputs(cell, 3, 2, 8, 8, torch.float64, True)
+    args = (spec(cell), gx, state0, weights, None, False, False)
+    out, state_n, saved = numba_be.forward(*args)
+    assert saved.gates.numel() == 0 and saved.extra.numel() == 0
+    exp_out, exp_state, _ = ref.forward(*args)
+    assert_close(out, exp_out, torch.float64, 3, "out")
+    for name, a, e in zip(spec(cell).states, state_n, exp_state):
+        assert_close(a, e, torch.float64, 3, f"{name}_n")
+    if not spec(cell).has_cell_state:
+        assert state_n.c is None
+
+
+def test_absent_inputs_give_none():
+    """Grads holds None where the input was None (b_hh, w_hr) or the cell has no cell state."""
+    for cell in TABLE.values():
+        gx, state0, weights = contract_inputs(cell.name, 3, 2, 8, 8, torch.float64, False)
+        out, state_n, saved = numba_be.forward(cell, gx, state0, weights, None, False, True)
+        d_state_n = State(torch.randn_like(state0.h), torch.randn_like(state0.c) if cell.has_cell_state else None)
+        g = numba_be.backward(cell, torch.randn_like(out), d_state_n, state0, weights, None, False, out, saved)
+        assert g.d_weights.b_hh is None and g.d_weights.w_hr is None, cell.name
+        assert (g.d_state0.c is None) == (not cell.has_cell_state), cell.name
+        assert isinstance(g.d_weights, Weights) and isinstance(g.d_state0, State)
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "reverse"])
+@pytest.mark.parametrize("cell", sorted(TABLE))
+def test_empty_batch_gives_zero_weight_grads(cell, reverse):
+    """B == 0 in both directions (the reference backend's backward cannot walk an empty batch in reverse): empty
+    outputs and state gradients, weight gradients zero."""
+    c = spec(cell)
+    gx, state0, weights = contract_inputs(cell, 4, 0, 8, 8, torch.float64, True)
+    out, state_n, saved = numba_be.forward(c, gx, state0, weights, None, reverse, True)
+    assert out.shape == (4, 0, 8) and state_n.h.shape == (0, 8)
+    d_state_n = State(torch.randn_like(state0.h), torch.randn_like(state0.c) if c.has_cell_state else None)
+    g = numba_be.backward(c, torch.randn_like(out), d_state_n, state0, weights, None, reverse, out, saved)
+    assert g.d_gx.shape == gx.shape and g.d_state0.h.shape == (0, 8)
+    for name, d, w in zip(("w_hh", "b_hh"), g.d_weights, weights):
+        assert d.shape == w.shape and (d == 0).all(), name
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["fwd", "reverse"])
+@pytest.mark.parametrize("cell", sorted(TABLE))
+def test_zero_hidden_units(cell, reverse):
+    """H == 0 (as torch.nn's Cell classes allow): empty outputs and gradients of the same shapes as the reference
+    backend's, d_h0 and the weight gradients empty too."""
+    c = spec(cell)
+    T, B = 3, 2
+    gx = torch.randn(T, B, 0, dtype=torch.float64)
+    state0 = State(
+        torch.randn(B, 0, dtype=torch.float64), torch.randn(B, 0, dtype=torch.float64) if c.has_cell_state else None
+    )
+    weights = Weights(torch.randn(0, 0, dtype=torch.float64), torch.randn(0, dtype=torch.float64))
+    args = (c, gx, state0, weights, None, reverse, True)
+    (out, st, sv), (out_e, st_e, sv_e) = numba_be.forward(*args), ref.forward(*args)
+    for a, e in zip((out, *st, *sv), (out_e, *st_e, *sv_e), strict=True):
+        assert (a is None) == (e is None) and (a is None or a.shape == e.shape)
+    d_state_n = State(torch.randn_like(state0.h), torch.randn_like(state0.c) if c.has_cell_state else None)
+    bargs = (c, torch.randn_like(out_e), d_state_n, state0, weights, None, reverse, out_e, sv_e)
+    g, g_e = numba_be.backward(*bargs), ref.backward(*bargs)
+    flat = lambda g: (g.d_gx, *g.d_state0, *g.d_weights)  # noqa: E731 - local shorthand
+    for a, e in zip(flat(g), flat(g_e), strict=True):
+        assert (a is None) == (e is None) and (a is None or a.shape == e.shape)
+
+
+# what torch.nn does with each empty size, for every layer class; fastrnn on numba must do the same
+EMPTY = [pytest.param(T, B, H, id=f"T{T}-B{B}-H{H}") for T, B, H in [(0, 3, 5), (4, 0, 5), (4, 3, 0)]]
+
+
+def _layer_kw(cell):
+    return {"nonlinearity": cell.nonlinearity} if cell.nonlinearity else {}
+
+
+def _run(make, x):
+    """Outputs, input gradient and parameter gradients of one forward+backward, or the exception it raised."""
+    try:
+        m = make()
+        y = m(x)
+        outs = [y] if isinstance(y, torch.Tensor) else [y[0], *(y[1] if isinstance(y[1], tuple) else (y[1],))]
+        sum(o.sum() for o in outs).backward()
+        return outs + [x.grad] + [p.grad for p in m.parameters()]
+    except Exception as e:  # noqa: BLE001 - the exception itself is compared
+        return type(e), str(e)
+
+
+@pytest.mark.parametrize("T,B,H", EMPTY)
+@pytest.mark.parametrize(
+    "cell,proj", [(n, p) for n, c in TABLE.items() for p in (False, True) if c.projection or not p]
+)
+def test_empty_sizes_like_torch_layers(cell, T, B, H, proj):
+    c = spec(cell)
+    kw = dict(_layer_kw(c), **({"proj_size": 2} if proj else {}))
+    torch.manual_seed(0)
+    x = torch.randn(T, B, 3, requires_grad=True)
+    xf = x.detach().clone().requires_grad_()
+    want = _run(lambda: getattr(torch.nn, c.layer)(3, H, **kw), x)
+    torch.manual_seed(0)
+    got = _run(lambda: getattr(fastrnn, c.layer)(3, H, backend="numba", **kw), xf)
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize("B,H", [(0, 5), (3, 0)], ids=["B0", "H0"])
+@pytest.mark.parametrize("cell", sorted(TABLE))
+def test_empty_sizes_like_torch_cells(cell, B, H):
+    c = spec(cell)
+    torch.manual_seed(0)
+    x = torch.randn(B, 3, requires_grad=True)
+    xf = x.detach().clone().requires_grad_()
+    want = _run(lambda: getattr(torch.nn, c.cell_class)(3, H, **_layer_kw(c)), x)
+    torch.manual_seed(0)
+    got = _run(lambda: getattr(fastrnn, c.cell_class)(3, H, backend="numba", **_layer_kw(c)), xf)
+    _assert_same(got, want)
+
+
+def _assert_same(got, want):
+    if isinstance(want, tuple):  # torch.nn raised
+        assert got == want, f"torch.nn raised {want}, fastrnn gave {got}"
+        return
+    assert isinstance(got, list), f"fastrnn raised {got}, torch.nn did not"
+    assert len(got) == len(want)
+    for i, (a, e) in enumerate(zip(got, want, strict=True)):
+        assert (a is None) == (e is None), f"result {i}: {a} vs {e}"
+        if e is not None:
+            assert a.shape == e.shape, f"result {i}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+            assert_close(a, e, torch.float32, 1, f"result {i}")
 
 
 def test_jit_runs_uncached_where_no_cache_dir_is_writable(monkeypatch):

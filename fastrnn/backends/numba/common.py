@@ -21,24 +21,31 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fastrnn.cells import prev_rows
-
 # A step is split over threads only when its GEMM has at least this many multiply-adds: below it, waking the
 # thread pool (tens of microseconds) costs more than the step.
 PARALLEL_MIN_MACS = 1 << 20
 THREADS_VAR = "FASTRNN_NUMBA_THREADS"
-PARFOR_OFF = dict(comprehension=False, reduction=False, inplace_binop=False, setitem=False, numpy=False,
-                  stencil=False, fusion=False, prange=False)
+PARFOR_OFF = dict(
+    comprehension=False,
+    reduction=False,
+    inplace_binop=False,
+    setitem=False,
+    numpy=False,
+    stencil=False,
+    fusion=False,
+    prange=False,
+)
 
 
-def jit(parallel: bool = False) -> Callable[[Callable], Callable]:
+def jit(parallel: bool = False, inline: str = "never") -> Callable[[Callable], Callable]:
     """numba.njit with the on-disk cache (next to the sources, else the user cache dir, or NUMBA_CACHE_DIR);
-    where no location is writable the kernels still run, compiled once per process."""
+    where no location is writable the kernels still run, compiled once per process. inline="always" inlines the
+    function into its callers in numba's IR (the per-cell steps into the walk)."""
 
     def deco(fn: Callable) -> Callable:
         # only explicit prange loops run in parallel: numba would otherwise turn every slice copy into a parfor
         par = dict(PARFOR_OFF, prange=True) if parallel else False
-        opts = dict(parallel=par, error_model="numpy", nogil=True)
+        opts = dict(parallel=par, error_model="numpy", nogil=True, inline=inline)
         try:
             return numba.njit(cache=True, **opts)(fn)
         except RuntimeError as e:  # numba: "cannot cache function ...: no locator available"
@@ -91,6 +98,8 @@ def block_rows(w: Tensor, G: int, nblk: int) -> Tensor:
 def block_bias(b: Tensor | None, G: int, H: int, nblk: int, like: Tensor) -> Tensor:
     """b_hh [G*H] (zeros when absent) in block_rows' layout: [nblk, G*hb]."""
     b = like.new_zeros(G * H) if b is None else b
+    if nblk == 1:  # a view, the common case: spare the small calls the general layout costs
+        return b.reshape(1, G * H)
     return block_rows(b.reshape(G * H, 1), G, nblk).reshape(nblk, -1)
 
 
@@ -103,14 +112,17 @@ def block_cols(w: Tensor, nblk: int) -> Tensor:
     return wt.reshape(nblk, pb, w.shape[0]).contiguous()
 
 
-def prev_counts(bs: list[int], T: int, reverse: bool) -> np.ndarray:
-    """prev_rows for every step: how many of step t's rows continue from the previous step (rest: h0)."""
-    return np.array([prev_rows(t, bs[t], T, bs, reverse) for t in range(T)], dtype=np.int64)
+_EMPTY: dict[tuple[int, torch.dtype], np.ndarray] = {}
 
 
 def dummy(ndim: int, like: Tensor) -> np.ndarray:
-    """An empty array standing in for an absent argument, so every call has one kernel signature."""
-    return np.empty((0,) * ndim, dtype=arr(like).dtype)
+    """An empty array standing in for an absent argument, so every call has one kernel signature. One per rank
+    and dtype, made once: nothing can be written into it, and making it costs a microsecond a call."""
+    key = (ndim, like.dtype)
+    d = _EMPTY.get(key)
+    if d is None:
+        d = _EMPTY[key] = np.empty((0,) * ndim, dtype=arr(like.new_empty(0)).dtype)
+    return d
 
 
 def arr(t: Tensor) -> np.ndarray:
@@ -137,16 +149,20 @@ def weight_grads(
     """
     T, B, GH = d_gh.shape
     P = out.shape[2]
+    if T == 0:  # no step ran: nothing reached the weights
+        return d_gh.new_zeros(GH, P), d_gh.new_zeros(GH) if has_bias else None
     if reverse:
         cur, prev = d_gh[:-1], out[1:]
     else:
         cur, prev = d_gh[1:], out[:-1]
-    start = first_steps(bs, T, B, reverse)
-    d_start = d_gh[start, torch.arange(B)]  # [B, G*H] each row's d_gh at its first step
+    if not reverse or bs[-1] == B:  # every row starts at the same step: a view, no gather
+        d_start = d_gh[T - 1 if reverse else 0]
+    else:
+        d_start = d_gh[first_steps(bs, T, B, reverse), torch.arange(B)]  # [B, G*H] each row's d_gh at its start
     d_w = d_start.t() @ h0
-    if T > 1:
-        d_w.addmm_(cur.reshape(-1, GH).t(), prev.reshape(-1, P))
-    d_b = d_gh.reshape(-1, GH).sum(0) if has_bias else None
+    if T > 1:  # explicit row counts: -1 is ambiguous when H or P is 0
+        d_w.addmm_(cur.reshape((T - 1) * B, GH).t(), prev.reshape((T - 1) * B, P))
+    d_b = d_gh.reshape(T * B, GH).sum(0) if has_bias else None
     return d_w, d_b
 
 
@@ -154,9 +170,9 @@ def _find_blas_threads() -> tuple[Callable[[], int], Callable[[int], None]] | No
     """get/set of the OpenBLAS thread count behind scipy.linalg.cython_blas (the BLAS numba's np.dot calls)."""
     import scipy.linalg.cython_blas  # noqa: F401  (loads the library numba will use)
 
-    names = ("scipy_openblas_get_num_threads", "openblas_get_num_threads"), (
-        "scipy_openblas_set_num_threads",
-        "openblas_set_num_threads",
+    names = (
+        ("scipy_openblas_get_num_threads", "openblas_get_num_threads"),
+        ("scipy_openblas_set_num_threads", "openblas_set_num_threads"),
     )
     paths = []
     with contextlib.suppress(OSError):
