@@ -15,12 +15,13 @@ import sys
 import tempfile
 import time
 
-CELLS = {
-    "lstm": ("LSTM", {}),
-    "gru": ("GRU", {}),
-    "rnn_tanh": ("RNN", {}),
-    "rnn_relu": ("RNN", {"nonlinearity": "relu"}),
-}
+
+def _layer(cell: str) -> tuple[str, dict]:
+    """The torch.nn layer class name that runs `cell` and the keyword arguments that select it."""
+    from fastrnn.cells import spec
+
+    c = spec(cell)
+    return c.layer, ({"nonlinearity": c.nonlinearity} if c.nonlinearity else {})
 
 
 def _one_call(cell: str) -> float:
@@ -29,7 +30,7 @@ def _one_call(cell: str) -> float:
 
     import fastrnn
 
-    cls, kw = CELLS[cell]
+    cls, kw = _layer(cell)
     m = getattr(fastrnn, cls)(16, 32, backend="numba", **kw)
     x = torch.randn(8, 4, 16, requires_grad=True)
     t0 = time.perf_counter()
@@ -39,15 +40,16 @@ def _one_call(cell: str) -> float:
 
 
 def first_call() -> None:
-    """Each cell in fresh processes with its own empty cache (rnn_tanh and rnn_relu share one kernel)."""
+    """Each cell in fresh processes with its own empty cache (each cell compiles its own copy of the walk)."""
+    from fastrnn.cells import CELLS
+
     print(f"{'cell':10} {'cold s':>8} {'warm s':>8}   (first forward+backward, float32, NUMBA_CACHE_DIR=<empty tmp>)")
     for cell in CELLS:
         with tempfile.TemporaryDirectory() as cache:
             env = dict(os.environ, NUMBA_CACHE_DIR=cache)
             cmd = [sys.executable, __file__, "_one", cell]
             runs = [
-                float(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout)
-                for _ in range(2)
+                float(subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout) for _ in range(2)
             ]
         print(f"{cell:10} {runs[0]:8.2f} {runs[1]:8.2f}")
 
@@ -64,15 +66,21 @@ def speed(threads: int) -> None:
 
     import fastrnn
     from fastrnn.backends import is_available
+    from fastrnn.cells import CELLS
 
     torch.set_num_threads(threads)
     names = ["torch", "numba"] + (["cpp"] if is_available("cpp")[0] else [])
     shapes = [(32, 1, 64), (32, 16, 256), (128, 16, 256), (32, 64, 512), (32, 1, 1024), (32, 64, 1024)]
     numba_threads = os.environ.get("FASTRNN_NUMBA_THREADS", "unset (as torch)")
     print(f"torch threads={threads}, FASTRNN_NUMBA_THREADS={numba_threads}; median (min) of 5 in ms")
-    print(f"{'cell':9} {'T':>4} {'B':>3} {'H':>5} {'mode':6} " + " ".join(f"{n:>17}" for n in names)
-          + "  numba/torch" + ("  numba/cpp" if "cpp" in names else ""))
-    for cell, (cls, kw) in CELLS.items():
+    print(
+        f"{'cell':9} {'T':>4} {'B':>3} {'H':>5} {'mode':6} "
+        + " ".join(f"{n:>17}" for n in names)
+        + "  numba/torch"
+        + ("  numba/cpp" if "cpp" in names else "")
+    )
+    for cell in CELLS:
+        cls, kw = _layer(cell)
         for T, B, H in shapes:
             x = torch.randn(T, B, H)
             ref = getattr(torch.nn, cls)(H, H, **kw)
@@ -84,6 +92,7 @@ def speed(threads: int) -> None:
                 fns = {}
                 for n, m in mods.items():
                     if mode == "fwd":
+
                         def f(m=m):
                             with torch.no_grad():
                                 m(x)
@@ -93,6 +102,7 @@ def speed(threads: int) -> None:
                         def f(m=m, xg=xg):
                             out, _ = m(xg)
                             out.sum().backward()
+
                     f()
                     fns[n] = f
                 ts = {n: [] for n in names}
