@@ -80,7 +80,8 @@ def rnn(
         )
         if record is not None:
             args = (cell, input, hx, cx, weights, num_layers, bidirectional, dropout, training, batch_first)
-            _record_by_reference(lambda rec: rnn(*args, batch_sizes, "reference", rec), record, result[0], rng)
+            again = _rerun_backend(cell, input)
+            _record_by_rerun(lambda rec: rnn(*args, batch_sizes, again, rec), record, result[0], rng)
         return result
     dt = _autocast_dtype(cell, input, True)
     if dt is not None:  # run as torch.nn does under autocast: every operand in one dtype, autocast off inside
@@ -159,7 +160,8 @@ def cell_step(
         result = backends.get(name).cell(spec(cell), input, hx, cx, w_ih, w_hh, b_ih, b_hh)
         if record is not None:
             args = (cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh)
-            _record_by_reference(lambda rec: cell_step(*args, "reference", rec), record, result[0], None)
+            again = _rerun_backend(cell, input)
+            _record_by_rerun(lambda rec: cell_step(*args, again, rec), record, result[0], None)
         return result
     dt = _autocast_dtype(cell, input, False)
     if dt is not None:
@@ -198,11 +200,19 @@ def _rng_state(device: torch.device) -> Tensor:
     return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
 
 
-def _record_by_reference(
-    rerun: Callable[[Recorder], tuple], record: Recorder, output: Tensor, rng: Tensor | None
-) -> None:
-    """Record a call that torch's kernels ran (they expose no gates) by running it again on the reference
-    backend, without autograd and leaving the random generator as torch's call left it. With inter-layer
+def _rerun_backend(cell: str, input: Tensor) -> str:
+    """The kernel backend that reruns a call of the torch backend for fastrnn.record: the automatic choice (a fused
+    kernel where one runs here), else the reference backend."""
+    try:
+        name = backends.select(cell, input.dtype, input.device)
+    except backends.BackendUnavailableError:
+        return "reference"
+    return name if name in backends.KERNEL_BACKENDS else "reference"
+
+
+def _record_by_rerun(rerun: Callable[[Recorder], tuple], record: Recorder, output: Tensor, rng: Tensor | None) -> None:
+    """Record a call that torch's kernels ran (they expose no gates) by running it again on a kernel backend,
+    without autograd and leaving the random generator as torch's call left it. With inter-layer
     dropout (`rng`: the generator's state before torch's call) the rerun draws its masks from that state, and
     is recorded only if it reproduces torch's output: torch's CPU kernels draw the same masks for padded
     input, but draw them in the packed layout for packed input, and cuDNN draws from its own state."""
@@ -218,6 +228,6 @@ def _record_by_reference(
         raise RuntimeError(
             "fastrnn.record: torch.nn's kernels drew dropout masks between layers that cannot be reproduced here "
             "(packed input, or cuDNN), so the states of the layers above the first are unknown; record with a "
-            "fused backend (backend='cpp', 'triton', 'reference'), with dropout=0, or in eval mode"
+            "kernel backend (backend='cpp', 'triton', 'numba' or 'reference'), with dropout=0, or in eval mode"
         )
     record(*got[0])

@@ -11,11 +11,11 @@
 Always time-major and in the caller's batch order (packed input unsorted as the module's output is); index t is
 the time position in the reverse direction too; steps past a row's length hold zeros. A Cell module's calls are
 steps: rec[cell] stacks them along T (L = D = 1). h is a copy; gates and c may be views of what backward reads:
-treat them as read-only. Recording changes no output or gradient: the kernels already
-compute the gates, ops.recurrence(save=True) only keeps them (under no_grad too); the `torch` backend, whose
-kernels expose no gates, is rerun on the reference backend for the recording. Outside a block the modules pay one
-read of RECORDING. Calls traced by torch.compile, torch.jit.trace or an exporter are not recorded, nor are calls
-made in threads other than the one that opened the block.
+treat them as read-only. Recording changes no output or gradient: the kernels already compute the gates,
+ops.recurrence(save=True) only keeps them (under no_grad too); a call of the `torch` backend, whose kernels expose
+no gates, is rerun for the recording on a kernel backend (the automatic choice), its outputs staying torch's.
+Outside a block the modules pay one read of RECORDING. Calls traced by torch.compile, torch.jit.trace or an
+exporter are not recorded, nor are calls made in threads other than the one that opened the block.
 
 Reading a recording: `heatmap` (chosen units over time, the input tokens as labels), `saturation` and
 `plot_saturation` (how often each gate is left- or right-saturated, after Karpathy, Johnson and Fei-Fei,
