@@ -80,17 +80,7 @@ def forward(
         return launcher.forward(cell, gx, state0, weights, batch_sizes_list(batch_sizes, T, B), reverse, need_saved)
 
 
-def backward(
-    cell: Cell,
-    d_out: Tensor,
-    d_state_n: State,
-    state0: State,
-    weights: Weights,
-    batch_sizes: Tensor | None,
-    reverse: bool,
-    out: Tensor,
-    saved: Saved,
-) -> Grads:
+def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved) -> Grads:
     """-> Grads(d_gx [T,B,G*H], State(d_h0 [B,P], d_c0 [B,H]), Weights(d_w_hh, d_b_hh, d_w_hr)); None where the
     input was None or the cell has no cell state."""
     from fastrnn.backends.numba import launcher
