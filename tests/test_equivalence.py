@@ -310,6 +310,8 @@ def test_empty_batch(backend, kind, extra):
     kw = dict(input_size=3, hidden_size=4, bidirectional=True, **extra)
     device = skip_unless_supported(backend, cell_name(kind, kw), F32)
     ref, fast = make_pair(kind, kw, backend, F32, device)
-    x = torch.randn(5, 0, 3, device=device)
+    x = torch.randn(5, 0, 3, device=device, requires_grad=True)
     for a, e in zip(flat(fast(x)), flat(ref(x))):
         assert a.shape == e.shape
+    sum(t.sum() for t in flat(fast(x))).backward()  # a backward over no rows, both directions
+    assert x.grad.shape == x.shape and all(p.grad is not None for p in fast.parameters())

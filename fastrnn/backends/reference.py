@@ -113,10 +113,10 @@ def _prev(out: Tensor, h0: Tensor, t: int, n: int, T: int, bs: list[int], revers
     """h_{t-1} for the n rows active at step t: rows that continue read out[t -+ 1], the rest h0."""
     k = prev_rows(t, n, T, bs, reverse)
     src = t + 1 if reverse else t - 1
+    if k == 0:  # also when no row is active (n == 0): src may then lie past the sequence
+        return h0[:n]
     if k == n:
         return out[src, :n]
-    if k == 0:
-        return h0[:n]
     return torch.cat([out[src, :k], h0[k:n]])
 
 
