@@ -29,6 +29,11 @@ class _FastMixin:
     backend: str | None
     _torch_class: type[nn.Module]
 
+    def __init__(self, *args, backend: str | None = None, **kwargs):
+        # torch.nn's constructor, arguments and checks, plus fastrnn's one keyword
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.backend = _check_backend_arg(backend)
+
     def extra_repr(self) -> str:
         s = super().extra_repr()  # type: ignore[misc]
         return s if self.backend is None else f"{s}, backend={self.backend!r}"
@@ -185,10 +190,6 @@ class LSTM(_RNNBaseMixin, nn.LSTM):
     )
     _torch_class = nn.LSTM
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend_arg(backend)
-
 
 class GRU(_RNNBaseMixin, nn.GRU):
     __doc__ = "fastrnn's drop-in torch.nn.GRU (extra keyword: backend=None for automatic choice).\n\n" + (
@@ -196,20 +197,12 @@ class GRU(_RNNBaseMixin, nn.GRU):
     )
     _torch_class = nn.GRU
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend_arg(backend)
-
 
 class RNN(_RNNBaseMixin, nn.RNN):
     __doc__ = "fastrnn's drop-in torch.nn.RNN (extra keyword: backend=None for automatic choice).\n\n" + (
         nn.RNN.__doc__ or ""
     )
     _torch_class = nn.RNN
-
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend_arg(backend)
 
 
 class _CellMixin(_FastMixin):
@@ -259,27 +252,15 @@ class LSTMCell(_CellMixin, nn.LSTMCell):
     __doc__ = "fastrnn's drop-in torch.nn.LSTMCell (extra keyword: backend=None).\n\n" + (nn.LSTMCell.__doc__ or "")
     _torch_class = nn.LSTMCell
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend_arg(backend)
-
 
 class GRUCell(_CellMixin, nn.GRUCell):
     __doc__ = "fastrnn's drop-in torch.nn.GRUCell (extra keyword: backend=None).\n\n" + (nn.GRUCell.__doc__ or "")
     _torch_class = nn.GRUCell
 
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend_arg(backend)
-
 
 class RNNCell(_CellMixin, nn.RNNCell):
     __doc__ = "fastrnn's drop-in torch.nn.RNNCell (extra keyword: backend=None).\n\n" + (nn.RNNCell.__doc__ or "")
     _torch_class = nn.RNNCell
-
-    def __init__(self, *args, backend: str | None = None, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.backend = _check_backend_arg(backend)
 
     def _cell(self) -> str:
         if self.nonlinearity not in ("tanh", "relu"):

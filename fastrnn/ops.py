@@ -64,21 +64,18 @@ def _backward_impl(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr,
     return tuple(_opt(t, out) for t in (g.d_gx, g.d_state0.h, d_c0, *g.d_weights))
 
 
-@torch.library.custom_op("fastrnn::recurrence_fwd", mutates_args=())
-def recurrence_fwd(
-    backend: str,
-    cell: str,
-    gx: Tensor,
-    h0: Tensor,
-    c0: Tensor | None,
-    w_hh: Tensor,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
-    batch_sizes: Tensor | None,
-    reverse: bool,
-    need_saved: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _forward_impl(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved)
+# The schemas spelled out once here (the impls are the plain functions above; Tensor? is an optional tensor).
+_FWD_SCHEMA = (
+    "(str backend, str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
+    "Tensor? batch_sizes, bool reverse, bool need_saved) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(str backend, str cell, Tensor d_out, Tensor d_h_n, Tensor? d_c_n, Tensor h0, Tensor? c0, Tensor w_hh, "
+    "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, Tensor out, Tensor gates, Tensor extra) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+recurrence_fwd = torch.library.custom_op("fastrnn::recurrence_fwd", _forward_impl, mutates_args=(), schema=_FWD_SCHEMA)
+recurrence_bwd = torch.library.custom_op("fastrnn::recurrence_bwd", _backward_impl, mutates_args=(), schema=_BWD_SCHEMA)
 
 
 @recurrence_fwd.register_fake
@@ -91,29 +88,6 @@ def _(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_sa
     gs, es = spec.saved_shapes(T, B, H) if need_saved else ((0,), (0,))
     c_n = gx.new_empty(B, H) if spec.has_cell_state else gx.new_empty(0)
     return (gx.new_empty(T, B, P), gx.new_empty(B, P), c_n, gx.new_empty(gs, dtype=acc), gx.new_empty(es, dtype=acc))
-
-
-@torch.library.custom_op("fastrnn::recurrence_bwd", mutates_args=())
-def recurrence_bwd(
-    backend: str,
-    cell: str,
-    d_out: Tensor,
-    d_h_n: Tensor,
-    d_c_n: Tensor | None,
-    h0: Tensor,
-    c0: Tensor | None,
-    w_hh: Tensor,
-    b_hh: Tensor | None,
-    w_hr: Tensor | None,
-    batch_sizes: Tensor | None,
-    reverse: bool,
-    out: Tensor,
-    gates: Tensor,
-    extra: Tensor,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _backward_impl(
-        backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates, extra
-    )
 
 
 @recurrence_bwd.register_fake

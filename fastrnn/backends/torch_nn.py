@@ -61,18 +61,12 @@ def rnn(
 
 
 def cell(
-    cell: Cell,
-    input: Tensor,
-    hx: Tensor,
-    cx: Tensor | None,
-    w_ih: Tensor,
-    w_hh: Tensor,
-    b_ih: Tensor | None,
-    b_hh: Tensor | None,
+    cell: Cell, input: Tensor, hx: Tensor, cx: Tensor | None, *weights: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
-    """torch.nn.*Cell.forward's kernel call: _VF.lstm_cell / gru_cell / rnn_tanh_cell / rnn_relu_cell."""
+    """torch.nn.*Cell.forward's kernel call: _VF.lstm_cell / gru_cell / rnn_tanh_cell / rnn_relu_cell.
+    weights: w_ih, w_hh, b_ih, b_hh (the biases None without bias)."""
     fn = getattr(_VF, f"{cell.name}_cell")
     if cell.has_cell_state:
-        h, c = fn(input, (hx, cx), w_ih, w_hh, b_ih, b_hh)
+        h, c = fn(input, (hx, cx), *weights)
         return h, c
-    return fn(input, hx, w_ih, w_hh, b_ih, b_hh), None
+    return fn(input, hx, *weights), None
