@@ -40,8 +40,19 @@ def _autocast_dtype(cell: str, input: Tensor, layer: bool) -> torch.dtype | None
     return input.dtype
 
 
-def _cast(t, dtype):
-    return None if t is None else t.to(dtype)
+def _without_autocast(fn, dtype: torch.dtype, device_type: str, *args):
+    """fn(*args) with every floating-point tensor among args (weights nested in lists and tuples too) cast to
+    dtype and autocast off: how torch.nn runs a recurrence under autocast."""
+
+    def cast(a):
+        if isinstance(a, Tensor) and a.is_floating_point():
+            return a.to(dtype)
+        if isinstance(a, (list, tuple)):
+            return type(a)(cast(v) for v in a)
+        return a
+
+    with torch.autocast(device_type, enabled=False):
+        return fn(*(cast(a) for a in args))
 
 
 def packed_index(batch_sizes: Tensor, T: int, B: int, device: torch.device) -> Tensor:
@@ -85,22 +96,8 @@ def rnn(
         return result
     dt = _autocast_dtype(cell, input, True)
     if dt is not None:  # run as torch.nn does under autocast: every operand in one dtype, autocast off inside
-        with torch.autocast(input.device.type, enabled=False):
-            return rnn(
-                cell,
-                input.to(dt),
-                hx.to(dt),
-                _cast(cx, dt),
-                [tuple(_cast(w, dt) for w in ws) for ws in weights],
-                num_layers,
-                bidirectional,
-                dropout,
-                training,
-                batch_first,
-                batch_sizes,
-                backend,
-                record,
-            )
+        args = (input, hx, cx, weights, num_layers, bidirectional, dropout, training, batch_first, batch_sizes)
+        return _without_autocast(rnn, dt, input.device.type, cell, *args, backend, record)
     _check_state("hx", hx, input)
     if cx is not None:
         _check_state("cx", cx, input)
@@ -165,19 +162,9 @@ def cell_step(
         return result
     dt = _autocast_dtype(cell, input, False)
     if dt is not None:
-        with torch.autocast(input.device.type, enabled=False):
-            return cell_step(
-                cell,
-                input.to(dt),
-                hx.to(dt),
-                _cast(cx, dt),
-                w_ih.to(dt),
-                w_hh.to(dt),
-                _cast(b_ih, dt),
-                _cast(b_hh, dt),
-                backend,
-                record,
-            )
+        return _without_autocast(
+            cell_step, dt, input.device.type, cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, record
+        )
     H = w_hh.shape[1]
     if input.shape[1] != w_ih.shape[1]:
         raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
