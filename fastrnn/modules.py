@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from fastrnn import backends, functional
+from fastrnn import _dynamo, backends, functional
 from fastrnn import inspect as _inspect
 from fastrnn.cells import MODE_TO_CELL, cell_for, spec
 
@@ -296,3 +296,10 @@ def convert(module: nn.Module, backend: str | None = None) -> nn.Module:
                 if new is not child:
                     parent._modules[name] = new
     return swap(module)
+
+
+# Registered with torch whenever this module is imported (by `import fastrnn`, or by an unpickler that finds a
+# fastrnn class): a whole pickled model made of fastrnn layers loads with torch.load's default weights_only=True,
+# as fastrnn's classes hold nothing but torch.nn state; and dynamo traces fastrnn's classes (not torch's own).
+torch.serialization.add_safe_globals(list(FASTRNN_CLASSES))
+_dynamo.install(FASTRNN_CLASSES)
