@@ -5,8 +5,10 @@ verbs reading results files import neither torch nor fastrnn's modules."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
+import statistics
 import subprocess
 import sys
 import textwrap
@@ -17,9 +19,9 @@ import torch
 
 import fastrnn
 from fastrnn import backends as fr_backends
-from fastrnn.bench import cli, configs, correctness, report, results, runner, tables, timing
+from fastrnn.bench import cli, configs, correctness, peers, report, results, runner, tables, timing, workload
 from fastrnn.bench.configs import Case
-from fastrnn.bench.results import YARDSTICK
+from fastrnn.bench.results import ORT, YARDSTICK
 from fastrnn.bench.timing import Settings
 
 BASELINE = Path(__file__).resolve().parent.parent / "benchmarks" / "baselines" / "cpu-2core-x86_64.json"
@@ -41,6 +43,8 @@ TINY = [
     "1",
     "--min-sample-ms",
     "0.1",
+    "--peers",
+    "none",
     "--backends",
     "reference",
     "--no-progress",
@@ -489,3 +493,223 @@ def test_merged_runs_pool_samples_and_widen_the_spread():
     assert report.relative_spread(numba) > 0.5  # run-to-run drift shows up as spread
     failing = dict(_row(1.0, 0.0, status="FAILING"), samples_ms=[], flops=1)
     assert timing.merge_runs([run([2.0], [1.0]), [run([2.0], [1.0])[0], failing]])[1]["status"] == "FAILING"
+
+
+# ------------------------------------------------------------------------------- the ONNX Runtime peer
+
+needs_ort = pytest.mark.skipif(not peers.available()[0], reason="onnx / onnxruntime not installed")
+
+
+def _by_backend(rows: list[dict]) -> dict[str, dict]:
+    return {r["backend"]: r for r in rows}
+
+
+@needs_ort
+@pytest.mark.parametrize(
+    "cells, mode",
+    [
+        pytest.param(configs.layer_cells("LSTM"), "inference", id="lstm-inference"),
+        pytest.param(configs.layer_cells("GRU"), "streaming", id="gru-streaming"),
+        # a tanh and a relu RNN from one seed have equal weights: each must still run its own export
+        pytest.param(configs.layer_cells("RNN"), "inference", id="rnn-tanh-then-relu"),
+    ],
+)
+def test_ort_peer_agrees_and_is_paired_with_each_round(cells, mode):
+    for cell in cells:
+        rows = _by_backend(
+            runner.measure_case(Case(cell, mode, 5, 2, 8, 8, threads=1), ["reference", ORT], QUICK, None)
+        )
+        o, ref = rows[ORT], rows["reference"]
+        assert o["status"] == "ok", o
+        assert o["max_err"] < correctness.tolerance("float32", 5) and o["ratio_vs_torch"] > 0
+        # fastrnn's row against the peer: per-round onnxruntime ms / backend ms, as against torch.nn
+        assert ref["ort_median_ms"] == pytest.approx(o["median_ms"])
+        per_round = [a / b for a, b in zip(o["samples_ms"], ref["samples_ms"], strict=False)]
+        assert ref["ratio_vs_ort"] == pytest.approx(statistics.median(per_round), rel=1e-3)
+        assert ref["ratio_vs_ort_q25"] <= ref["ratio_vs_ort"] <= ref["ratio_vs_ort_q75"]
+        assert o["ratio_vs_ort"] is None  # the peer is not compared with itself
+
+
+def _off_by_1e_2(outs: list) -> list:
+    return [outs[0] + 1e-2, *outs[1:]]
+
+
+def _h_n_nan(outs: list) -> list:
+    h_n = outs[1].copy()
+    h_n[0, 0, 0] = math.nan
+    return [outs[0], h_n, *outs[2:]]
+
+
+@needs_ort
+@pytest.mark.parametrize(
+    "cell, mode, spoil, needle",
+    [
+        pytest.param("lstm", "inference", _off_by_1e_2, "out: normalised error", id="lstm-out-off"),
+        pytest.param("gru", "inference", _h_n_nan, "h_n: NaN where torch.nn is finite", id="gru-h_n-nan"),
+        pytest.param("lstm", "streaming", _off_by_1e_2, "out: normalised error", id="lstm-streaming-out-off"),
+    ],
+)
+def test_wrong_ort_output_is_failing_not_timed(monkeypatch, cell, mode, spoil, needle):
+    real_run = peers.OrtLayer.run
+    monkeypatch.setattr(peers.OrtLayer, "run", lambda self, feeds: spoil(real_run(self, feeds)))
+    rows = _by_backend(runner.measure_case(Case(cell, mode, 3, 2, 8, 8, threads=1), ["reference", ORT], QUICK, None))
+    bad = rows[ORT]
+    assert bad["status"] == "FAILING" and "differs from torch.nn" in bad["note"] and needle in bad["note"], bad
+    assert bad["median_ms"] is None and bad["repeats"] == 0 and bad["ratio_vs_torch"] is None
+    assert rows["reference"]["status"] == "ok" and rows["reference"]["ratio_vs_ort"] is None
+
+
+@needs_ort
+def test_ort_session_uses_the_case_threads_without_spinning():
+    so = (
+        workload.Workload(Case("gru", "inference", 4, 2, 8, 8, threads=2)).module_for(ORT).session.get_session_options()
+    )
+    assert (so.intra_op_num_threads, so.inter_op_num_threads) == (2, 1)
+    for entry in ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning"):
+        assert so.get_session_config_entry(entry) == "0"
+
+
+@needs_ort
+def test_ort_export_once_per_layer_weights_and_shape(monkeypatch):
+    calls = []
+    real_export = torch.onnx.export
+    monkeypatch.setattr(torch.onnx, "export", lambda *a, **k: calls.append(a[2]) or real_export(*a, **k))
+    case = Case("lstm", "inference", 4, 2, 11, 11, threads=1)  # a shape no other test exports
+    wl = workload.Workload(case)
+    a, b = wl.module_for(ORT), wl.module_for(ORT)
+    assert len(calls) == 1 and a.path == b.path
+    workload.Workload(dataclasses.replace(case, mode="streaming")).module_for(ORT)  # x [1, B, I]: another graph
+    workload.Workload(case, seed=1).module_for(ORT)  # other weights
+    assert len(calls) == 3 and len(set(calls)) == 3
+
+
+def _run_argv(*extra: str) -> list[str]:
+    """TINY without its --peers none."""
+    i = TINY.index("--peers")
+    return ["run", *TINY[:i], *TINY[i + 2 :], *extra]
+
+
+def test_peers_without_onnxruntime(monkeypatch, capsys, tmp_path):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` now raises ModuleNotFoundError
+    for argv in (_run_argv("--peers", "onnxruntime"), ["run", "--preset", "ort", "--no-progress"]):
+        assert cli.main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.strip().splitlines() == [
+            f"fastrnn-bench: error: peer 'onnxruntime' cannot run here: onnxruntime is not installed: "
+            f"{peers.INSTALL_HINT}"
+        ]
+    # the quick preset (whose grid the flags shrink) simply leaves the peer out
+    out = tmp_path / "r.json"
+    assert cli.main(_run_argv("--out", str(out))) == 0
+    assert {r["backend"] for r in results.load(out)["rows"]} == {YARDSTICK, "reference"}
+
+
+def test_unknown_peer_is_one_line(capsys):
+    assert "unknown peer 'tvm'; expected one of onnxruntime (or none)" in _errors_cleanly(
+        capsys, _run_argv("--peers", "tvm")
+    )
+
+
+@pytest.fixture(scope="module")
+def ort_run(tmp_path_factory) -> Path:
+    """The quick preset's peer on a tiny grid: onnxruntime on the inference and streaming rows, not training."""
+    if not peers.available()[0]:
+        pytest.skip("onnx / onnxruntime not installed")
+    out = tmp_path_factory.mktemp("bench") / "ort.json"
+    assert cli.main(_run_argv("--modes", "inference,streaming,training", "--out", str(out))) == 0
+    return out
+
+
+def test_ort_rows_and_tables(ort_run, capsys):
+    data = results.load(ort_run)
+    rows = {(r["backend"], r["mode"]): r for r in data["rows"]}
+    assert set(rows) == {(b, m) for b in (YARDSTICK, "reference") for m in ("inference", "streaming", "training")} | {
+        (ORT, "inference"),
+        (ORT, "streaming"),
+    }
+    assert all(r["status"] == "ok" for r in rows.values()), rows
+    assert data["versions"]["onnxruntime"] and ORT in data["backends"]
+    ref = rows[("reference", "inference")]
+    assert ref["ratio_vs_ort"] > 0 and rows[("reference", "training")]["ratio_vs_ort"] is None
+    # the end-of-run table: the peer's own row (ratio vs torch.nn) and a "vs ORT" column for fastrnn's rows
+    table = report.results_table(data)
+    header, _, *lines = table.splitlines()
+    assert "vs ORT" in header.split("  ")
+    ort_line = next(line for line in lines if line.startswith("lstm inference") and f" {ORT} " in line)
+    assert f"{rows[(ORT, 'inference')]['ratio_vs_torch']:.2f}x" in ort_line
+    ref_line = next(line for line in lines if line.startswith("lstm inference") and " reference " in line)
+    assert f" {ref['ratio_vs_ort']:.2f}x " in ref_line
+    summary = report.summary(data)
+    assert f"vs {ORT} geomean {ref['ratio_vs_ort']:.2f}x min {ref['ratio_vs_ort']:.2f}x over 1 shapes" in summary
+    # readme-table: the peer's columns, the table against it, and "vs ORT" in every shape's line
+    assert cli.main(["readme-table", str(ort_run)]) == 0
+    md = capsys.readouterr().out
+    assert f"| cell | reference inference | reference streaming | reference training | {ORT} inference | {ORT} " in md
+    assert "Against ONNX Runtime" in md
+    vs = {m: f"{rows[('reference', m)]['ratio_vs_ort']:.2f}x" for m in ("inference", "streaming")}
+    inf, stream = vs["inference"], vs["streaming"]
+    assert f"| lstm | {inf} ({inf}) [n=1] | {stream} ({stream}) [n=1] |" in md
+    assert "| ratio | vs ORT | GFLOP/s |" in md
+    shape_line = next(
+        line for line in md.splitlines() if line.startswith("| lstm | inference | 2 | 1 | 8 | 1 | reference")
+    )
+    assert shape_line.split(" | ")[-2] == vs["inference"]
+
+
+def test_ort_rows_are_not_gated(ort_run, tmp_path, capsys):
+    """A baseline that holds onnxruntime rows: compare and gate judge only fastrnn's rows, and the gate does not
+    time the peer (it runs the baseline's implementations without peers)."""
+    base = results.load(ort_run)
+    assert [v.key[1] for v in report.compare(base, base)] == [
+        r["backend"] for r in base["rows"] if r["backend"] not in (YARDSTICK, ORT)
+    ]
+    slower_peer = copy.deepcopy(base)  # the peer got 4x slower: not fastrnn's regression
+    for r in slower_peer["rows"]:
+        if r["backend"] == ORT:
+            r.update(ratio_vs_torch=r["ratio_vs_torch"] / 4, ratio_q25=r["ratio_q25"] / 4, ratio_q75=r["ratio_q75"] / 4)
+    assert all(not v.fails for v in report.compare(base, slower_peer))
+    out = tmp_path / "gate.json"
+    assert (
+        cli.main(["gate", "--baseline", str(ort_run), "--backends", "reference", "--no-progress", "--out", str(out)])
+        == 0
+    )
+    assert "GATE OK" in capsys.readouterr().out
+    assert ORT not in {r["backend"] for r in results.load(out)["rows"]}
+
+
+def test_streaming_carries_the_state():
+    """Streaming (one call per step, the state carried) computes what one call on the whole sequence does."""
+    for cell in configs.CELLS:
+        whole = workload.Workload(Case(cell, "inference", 6, 3, 8, 8, threads=1))
+        stream = workload.Workload(Case(cell, "streaming", 6, 3, 8, 8, threads=1))
+        a = correctness.outputs(whole, YARDSTICK, whole.module_for(YARDSTICK))
+        b = correctness.outputs(stream, YARDSTICK, stream.module_for(YARDSTICK))
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-6, atol=1e-6)
+
+
+def test_ort_preset_is_the_issue_grid():
+    p = configs.PRESETS["ort"]
+    cases = configs.grid(p.cells, p.modes, p.T, p.B, p.H, p.dtypes, p.threads, stream_Bs=p.stream_B)
+    lstm_gru = configs.layer_cells("LSTM") + configs.layer_cells("GRU")
+    want = {
+        (c, "inference", T, B, H) for c in lstm_gru for T in (32, 128) for B in (1, 16, 64) for H in (256, 512, 1024)
+    }
+    want |= {(c, "streaming", T, 1, H) for c in lstm_gru for T in (32, 128) for H in (256, 512, 1024)}
+    assert {(k.cell, k.mode, k.T, k.B, k.H) for k in cases} == want and len(cases) == len(want)
+    assert all(k.threads == 2 and k.dtype == "float32" and k.I == k.H for k in cases)
+    assert p.peers == (ORT,) and p.peers_required
+
+
+def test_merged_runs_pool_the_ratio_against_ort():
+    def run(ort_ms: list[float], cpp_ms: list[float]) -> list[dict]:
+        t = dict(_row(1.0, 0.0, backend=YARDSTICK), samples_ms=[2.0] * len(cpp_ms), flops=1, max_err=0.0)
+        o = dict(_row(1.0, 0.0, backend=ORT), samples_ms=ort_ms, flops=1, max_err=0.0)
+        c = dict(_row(1.0, 0.0, backend="cpp"), samples_ms=cpp_ms, flops=1, max_err=0.0, ratio_vs_ort=9.0)
+        return [t, c, o]
+
+    merged = _by_backend(timing.merge_runs([run([1.0] * 4, [1.0] * 4), run([3.0] * 4, [1.0] * 4)]))
+    cpp = merged["cpp"]
+    assert cpp["ratio_vs_ort_q25"] == pytest.approx(1.0) and cpp["ratio_vs_ort_q75"] == pytest.approx(3.0)
+    assert cpp["ratio_vs_ort"] == pytest.approx(2.0) and cpp["ort_median_ms"] == pytest.approx(2.0)

@@ -4,7 +4,8 @@
     timing       interleaved rounds against torch.nn, the clock, medians / quartiles / per-round ratios
     machine      CPU, versions, commit, thread counts, the measured GEMM rate, the results header
     configs      the grid: cases (cell x shape x mode x dtype x threads) and the presets
-    workload     the implementations (torch.nn, compile, auto, fastrnn's backends) and running them on a case
+    workload     the implementations (torch.nn, compile, auto, fastrnn's backends, peers) and running them on a case
+    peers        other runtimes on the same cases: ONNX Runtime running torch.nn's ONNX export (optional)
     correctness  the gate before timing: outputs, states and every gradient against torch.nn
     runner       running a grid: cases x implementations -> rows
     report       end-of-run tables, the regression comparison (compare, gate)

@@ -11,7 +11,7 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 
-from fastrnn.bench import configs, machine, report, results, runner, timing, workload
+from fastrnn.bench import configs, machine, peers, report, results, runner, timing, workload
 from fastrnn.bench.cli import PROG, compare_args, compare_flags, warn_if_other_machine
 from fastrnn.bench.configs import Settings
 from fastrnn.bench.results import BenchError
@@ -66,7 +66,7 @@ def _default_out(device: str, tag: str) -> Path:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    preset_name = "full" if args.full else "quick"
+    preset_name = "full" if args.full else args.preset or "quick"
     preset = configs.PRESETS[preset_name]
     custom = any(getattr(args, k) is not None for k in ("cells", "modes", "T", "B", "H", "dtypes", "threads"))
     device = args.device
@@ -89,8 +89,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         if v is not None and v < (1 if r == "repeats" else 0):
             raise BenchError(f"--{r} must be {'>= 1' if r == 'repeats' else '>= 0'}, got {v}")
     names, explicit = workload.resolve(args.backends, device, preset.with_compile and not args.no_compile)
+    names += workload.resolve_peers(args.peers, preset)
     settings = _settings_from(args, preset.settings)
-    cases = configs.grid(cells, modes, Ts, Bs, Hs, dtypes, threads, args.input_size, device)
+    stream_Bs = preset.stream_B if not args.B else None  # --B sets every mode's batch sizes
+    cases = configs.grid(cells, modes, Ts, Bs, Hs, dtypes, threads, args.input_size, device, stream_Bs)
     tag = preset_name if not custom else "custom"
     out = results.check_writable(args.out if args.out else _default_out(device, tag))
     if args.runs < 1:
@@ -132,9 +134,24 @@ def add_run_flags(r: argparse.ArgumentParser) -> None:
     g = r.add_mutually_exclusive_group()
     g.add_argument("--quick", action="store_true", help="the gate's small grid (default; about a minute)")
     g.add_argument("--full", action="store_true", help="the kernel issues' CPU grid (long: see the README)")
+    g.add_argument(
+        "--preset",
+        choices=sorted(configs.PRESETS),
+        help="a grid by name: quick (= --quick), full (= --full), ort (LSTM and GRU inference and B=1 streaming "
+        "against ONNX Runtime, 2 threads; needs onnxruntime)",
+    )
     r.add_argument("--cells", help=f"comma list of {', '.join(configs.ALL_CELLS)}")
     r.add_argument("--backends", help=_BACKENDS_HELP + " (default: every fastrnn kernel backend available here)")
-    r.add_argument("--modes", help=f"comma list of {', '.join(configs.MODES)}")
+    r.add_argument(
+        "--peers",
+        help=f"comma list of {', '.join(peers.PEERS)} (ONNX Runtime running torch.nn's ONNX export, timed on the "
+        "layers' inference and streaming rows), or none (default: the preset's peers that are installed here)",
+    )
+    r.add_argument(
+        "--modes",
+        help=f"comma list of {', '.join(configs.MODES)} ({configs.STREAMING}: the layer called once per step, the "
+        "state carried)",
+    )
     r.add_argument("--dtypes", help=f"comma list of {', '.join(configs.DTYPES)}")
     r.add_argument("--T", help="sequence lengths, comma list")
     r.add_argument("--B", help="batch sizes, comma list")

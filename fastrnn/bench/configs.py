@@ -3,6 +3,10 @@
 A `Case` is one configuration (timed for every implementation of the run, interleaved with torch.nn). Its
 `cell` is a cell of fastrnn's table (`lstm` ...: the torch.nn layer, one layer over T steps) or that name with
 `_cell` (`lstm_cell` ...: the torch.nn Cell class, stepped over T in a Python loop as users drive it).
+Modes: inference = forward under no_grad; forward = forward with grad enabled; training = forward + backward;
+streaming = no_grad, the layer called once per step on x[t:t+1] ([1, B, I]) with the state it returned carried
+into the next call, T calls in all (how an online model meets its input: a frame or token at a time, B=1 in the
+presets). The Cell classes and compile step anyway, so for them streaming is the inference loop.
 Presets:
     quick   the gate's grid: every cell, T=32, B in {1, 16}, H in {64, 256}, inference and training,
             float32, ONE thread; about a minute on a 2-core machine. One thread because on a shared 2-core
@@ -10,6 +14,11 @@ Presets:
             a torch.nn LSTM call 0.1 ms alone, 150-300 ms under load), which no ratio survives.
     full    the CPU grid the kernel issues report against: T in {32, 128}, B in {1, 16, 64},
             H in {64, 256, 512, 1024}, input size = H, one layer, float32, inference and training, 2 threads.
+    ort     the ONNX Runtime comparison of the issue "CPU speed where users run": lstm and gru, float32,
+            inference over T in {32, 128} x B in {1, 16, 64} x H in {256, 512, 1024}, plus streaming over the same
+            T and H at B = 1; 2 threads; the onnxruntime peer required.
+quick and full time the onnxruntime peer on their inference rows when onnx and onnxruntime are installed
+(peers.py); the gate times only the baseline's implementations.
 """
 
 from __future__ import annotations
@@ -18,13 +27,16 @@ import itertools
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 
+from fastrnn.bench.results import ORT
 from fastrnn.bench.timing import Settings
 from fastrnn.cells import CELLS, Cell, spec
 
 CELL_CLASS_SUFFIX = "_cell"
 CELL_CLASSES = tuple(c + CELL_CLASS_SUFFIX for c in CELLS)
 ALL_CELLS = CELLS + CELL_CLASSES
-MODES = ("inference", "forward", "training")
+STREAMING = "streaming"
+MODES = ("inference", "forward", "training", STREAMING)
+NO_GRAD_MODES = ("inference", STREAMING)  # the modes run under torch.no_grad (and the ones peers can time)
 DTYPES = ("float32", "float64", "bfloat16", "float16")
 
 __all__ = ["ALL_CELLS", "CELLS", "CELL_CLASSES", "DTYPES", "MODES", "PRESETS", "Case", "Settings", "grid"]
@@ -72,7 +84,8 @@ class Case:
 
     def flops(self) -> int:
         """FLOPs of one call, counting only the matrix products (pointwise gate maths is O(T*B*G*H), noise):
-        forward = 2*T*B*G*H*(I + H)  (input projection x W_ih^T plus the recurrence h W_hh^T, G gates);
+        forward = 2*T*B*G*H*(I + H)  (input projection x W_ih^T plus the recurrence h W_hh^T, G gates; the
+                                      same for inference and streaming);
         training = 3 x forward       (backward does two products of the same size per forward product:
                                       d_input and d_weight)."""
         fwd = 2 * self.T * self.B * cell_spec(self.cell).G * self.H * (self.I + self.H)
@@ -98,6 +111,9 @@ class Preset:
     threads: tuple[int, ...] = (2,)
     settings: Settings = field(default_factory=Settings)
     with_compile: bool = False
+    stream_B: tuple[int, ...] | None = None  # batch sizes of the streaming cases (None: B, as for every mode)
+    peers: tuple[str, ...] = ()  # peers timed when installed (peers.py)
+    peers_required: bool = False  # a missing peer is an error rather than left out
 
 
 PRESETS: dict[str, Preset] = {
@@ -109,6 +125,7 @@ PRESETS: dict[str, Preset] = {
         H=(64, 256),
         threads=(1,),
         settings=Settings(warmup=2, repeats=21, min_repeats=7, max_seconds=3.0, min_sample_ms=5.0),
+        peers=(ORT,),
     ),
     "full": Preset(
         cells=CELLS,
@@ -118,6 +135,18 @@ PRESETS: dict[str, Preset] = {
         H=(64, 256, 512, 1024),
         settings=Settings(warmup=1, repeats=11, min_repeats=3, max_seconds=6.0, min_sample_ms=5.0),
         with_compile=True,
+        peers=(ORT,),
+    ),
+    "ort": Preset(
+        cells=layer_cells("LSTM") + layer_cells("GRU"),
+        modes=("inference", STREAMING),
+        T=(32, 128),
+        B=(1, 16, 64),
+        H=(256, 512, 1024),
+        stream_B=(1,),
+        settings=Settings(warmup=1, repeats=15, min_repeats=5, max_seconds=4.0, min_sample_ms=5.0),
+        peers=(ORT,),
+        peers_required=True,
     ),
 }
 
@@ -132,11 +161,16 @@ def grid(
     threads: Iterable[int] = (2,),
     input_size: int | None = None,
     device: str = "cpu",
+    stream_Bs: Iterable[int] | None = None,
 ) -> list[Case]:
-    """Every combination, input size = H unless given; ordered so that one shape's modes run together."""
+    """Every combination, input size = H unless given; ordered so that one shape's modes run together. The
+    streaming mode's batch sizes are `stream_Bs` when given, `Bs` otherwise."""
+    Bs = tuple(Bs)
+    sBs = Bs if stream_Bs is None else tuple(stream_Bs)
     return [
         Case(c, m, T, B, H, input_size or H, dt, th, device)
-        for th, dt, c, T, B, H, m in itertools.product(threads, dtypes, cells, Ts, Bs, Hs, modes)
+        for th, dt, c, T, B, H, m in itertools.product(threads, dtypes, cells, Ts, dict.fromkeys(Bs + sBs), Hs, modes)
+        if B in (sBs if m == STREAMING else Bs)
     ]
 
 

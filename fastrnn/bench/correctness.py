@@ -1,5 +1,6 @@
 """The correctness gate: before an implementation is timed on a case, its outputs, final states and (training)
 every gradient — input, h0, c0, all parameters — are compared with torch.nn's on the same weights and inputs.
+Peers (the onnxruntime peer: outputs and final states, it has no training) pass the same gate.
 
     max_err    largest error of those tensors against torch.nn, each normalised by that tensor's largest
                finite magnitude
@@ -14,6 +15,8 @@ import math
 import torch
 from torch import Tensor, nn
 
+from fastrnn.bench import peers
+from fastrnn.bench.configs import NO_GRAD_MODES
 from fastrnn.bench.workload import Workload
 
 # Largest accepted error relative to a tensor's largest magnitude, before the sqrt(T) growth (see tolerance).
@@ -25,7 +28,7 @@ def tolerance(dtype: str, T: int) -> float:
     return _BASE_TOLERANCE[dtype] * 10 * math.sqrt(T)
 
 
-def outputs(wl: Workload, name: str, m: nn.Module) -> dict[str, Tensor]:
+def outputs(wl: Workload, name: str, m: nn.Module | peers.OrtLayer) -> dict[str, Tensor]:
     """Everything the gate compares: outputs, final states, and in training mode the gradients of a loss
     touching out, h_n and c_n with random weights (so every incoming gradient is exercised)."""
     fwd = wl.forward_fn(name)
@@ -33,7 +36,7 @@ def outputs(wl: Workload, name: str, m: nn.Module) -> dict[str, Tensor]:
     x = wl.x.clone().requires_grad_(training)
     h0 = wl.h0.clone().requires_grad_(training)
     c0 = None if wl.c0 is None else wl.c0.clone().requires_grad_(training)
-    with torch.set_grad_enabled(wl.case.mode != "inference"):
+    with torch.set_grad_enabled(wl.case.mode not in NO_GRAD_MODES):
         out, h_n, c_n = fwd(m, x, h0, c0)
     res = {"out": out.detach(), "h_n": h_n.detach()}
     if c_n is not None:
@@ -98,6 +101,6 @@ def compare_outputs(ref: dict[str, Tensor], got: dict[str, Tensor], tol: float) 
     return not why, worst, why
 
 
-def check(wl: Workload, name: str, m: nn.Module, ref: dict[str, Tensor]) -> tuple[bool, float, str]:
+def check(wl: Workload, name: str, m: nn.Module | peers.OrtLayer, ref: dict[str, Tensor]) -> tuple[bool, float, str]:
     """Run implementation `name` (module `m`) on the workload and compare with torch.nn's outputs `ref`."""
     return compare_outputs(ref, outputs(wl, name, m), tolerance(wl.case.dtype, wl.case.T))

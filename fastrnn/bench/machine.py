@@ -65,6 +65,8 @@ def versions() -> dict:
         "torch": torch.__version__,
         "numba": _version("numba"),
         "triton": _version("triton"),
+        "onnx": _version("onnx"),
+        "onnxruntime": _version("onnxruntime"),
         "fastrnn": fastrnn.__version__,
     }
 
@@ -161,10 +163,14 @@ def header(
         "gemm": {"n": gemm_n, "dtype": "float32", "threads": threads, "gflops": gemm_gflops},
         "definitions": {
             "ratio_vs_torch": "median of per-round torch.nn ms / backend ms, rounds interleaved (>1 = faster)",
+            "ratio_vs_ort": "median of per-round onnxruntime ms / backend ms where the onnxruntime peer is timed "
+            "(>1 = faster than ONNX Runtime)",
+            "streaming": "mode: no_grad, the layer called once per step on [1, B, I], the state carried; T calls",
             "flops": "2*T*B*G*H*(I+H) per forward (input projection + recurrence GEMMs); training = 3x forward",
             "peak_mem_bytes": "cpu: bytes saved for backward by one forward; cuda: max_memory_allocated delta",
             "clock": "cpu = process CPU time (one-thread CPU cases), wall = wall time (more threads, CUDA)",
             "backend": f"{YARDSTICK} = torch.nn itself (the yardstick); compile = torch.compile of a plain-torch step "
-            "loop; auto = a fastrnn module with backend=None; any other name = a fastrnn module with that backend",
+            "loop; auto = a fastrnn module with backend=None; onnxruntime = ONNX Runtime running torch.nn's ONNX "
+            "export (a peer); any other name = a fastrnn module with that backend",
         },
     }

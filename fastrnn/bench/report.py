@@ -10,7 +10,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from fastrnn.bench.results import BAD_STATUSES, KEY_FIELDS, YARDSTICK, BenchError, case_key, row_key
+from fastrnn.bench.results import BAD_STATUSES, KEY_FIELDS, NOT_GATED, ORT, YARDSTICK, BenchError, case_key, row_key
 
 # compare's defaults (documented in `fastrnn-bench compare --help` and the README)
 DEFAULT_THRESHOLD = 0.10
@@ -39,10 +39,22 @@ def _shape(r: dict) -> str:
     return f"T={r['T']} B={r['B']} H={r['H']} I={r['I']} {r['dtype']} thr={r['threads']}"
 
 
+def _times(x: float | None) -> str:
+    """1.23 -> "1.23x"; None -> "-"."""
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def has_vs_ort(rows: Iterable[dict]) -> bool:
+    """Does any row carry a ratio against the onnxruntime peer?"""
+    return any(r.get("ratio_vs_ort") for r in rows)
+
+
 def results_table(data: dict) -> str:
     """Per cell x shape x mode and backend: torch ms, backend ms, ratio (with its quartiles), GFLOP/s, and
-    the sgemm rate; FAILING/SKIPPED/ERROR rows show their note instead of numbers."""
+    the sgemm rate; FAILING/SKIPPED/ERROR rows show their note instead of numbers. Where the onnxruntime peer was
+    timed, its own row (ratio = torch.nn time / ORT time) and a column "vs ORT" = ORT time / backend time."""
     rows = data["rows"]
+    vs_ort = has_vs_ort(rows)
     torch_rows = {case_key(r): r for r in rows if r["backend"] == YARDSTICK}
     with_peer = {case_key(r) for r in rows if r["backend"] != YARDSTICK}
     # a case no backend could time still shows torch.nn's own time
@@ -61,6 +73,7 @@ def results_table(data: dict) -> str:
                     r["status"],
                     note,
                     "",
+                    *([""] if vs_ort else []),
                     "",
                     "",
                 ]
@@ -77,13 +90,15 @@ def results_table(data: dict) -> str:
                 fmt(r.get("median_ms"), ".3f"),
                 fmt(ratio, ".2f") + "x",
                 spread,
+                *([_times(r.get("ratio_vs_ort"))] if vs_ort else []),
                 fmt(r.get("gflops"), ".2f"),
                 fmt(r.get("gemm_gflops"), ".1f"),
             ]
         )
-    return _table(
-        ["case", "shape", "backend", "torch ms", "ms", "ratio", "ratio IQR", "GFLOP/s", "sgemm GFLOP/s"], lines
-    )
+    headers = ["case", "shape", "backend", "torch ms", "ms", "ratio", "ratio IQR", "GFLOP/s", "sgemm GFLOP/s"]
+    if vs_ort:
+        headers.insert(7, "vs ORT")
+    return _table(headers, lines)
 
 
 @dataclass
@@ -91,12 +106,23 @@ class Group:
     """The rows of one backend x mode x (cell ...) over the shapes of a run."""
 
     ratios: list[float] = field(default_factory=list)  # ratio_vs_torch of the timed shapes
+    ort_ratios: list[float] = field(default_factory=list)  # ratio_vs_ort of the shapes the peer timed too
     bad: int = 0  # FAILING or ERROR
     skipped: int = 0
 
     @property
     def geomean(self) -> float:
         return geomean(self.ratios)
+
+    def vs_ort(self) -> str:
+        """What the summary line adds where the peer was timed: '; vs onnxruntime geomean 1.31x min 1.02x over 4
+        shapes' (onnxruntime time / this backend's time); '' elsewhere."""
+        if not self.ort_ratios:
+            return ""
+        return (
+            f"; vs {ORT} geomean {geomean(self.ort_ratios):.2f}x min {min(self.ort_ratios):.2f}x "
+            f"over {len(self.ort_ratios)} shapes"
+        )
 
     def tail(self) -> str:
         """What kept shapes out of the ratios, e.g. "; 1 FAILING/ERROR; 2 skipped"."""
@@ -113,6 +139,8 @@ def ratio_groups(rows: Iterable[dict], key: Callable[[dict], tuple]) -> dict[tup
         g = groups.setdefault(key(r), Group())
         if r["status"] == "ok" and r["ratio_vs_torch"]:
             g.ratios.append(r["ratio_vs_torch"])
+            if r.get("ratio_vs_ort"):
+                g.ort_ratios.append(r["ratio_vs_ort"])
         elif r["status"] in BAD_STATUSES:
             g.bad += 1
         elif r["status"] == "SKIPPED":
@@ -121,17 +149,18 @@ def ratio_groups(rows: Iterable[dict], key: Callable[[dict], tuple]) -> dict[tup
 
 
 def summary(data: dict) -> str:
-    """One line per cell x mode x backend: geometric mean and minimum of the ratio over shapes."""
+    """One line per cell x mode x backend: geometric mean and minimum of the ratio over shapes (and of the
+    ratio against the onnxruntime peer, where it was timed)."""
     out = []
     groups = ratio_groups(data["rows"], lambda r: (r["cell"], r["mode"], r["backend"]))
     for (cell, mode, backend), g in sorted(groups.items()):
         if g.ratios:
             out.append(
-                f"{cell:<14} {mode:<10} {backend:<10} geomean ratio {g.geomean:6.2f}x   "
-                f"min {min(g.ratios):6.2f}x   over {len(g.ratios)} shapes{g.tail()}"
+                f"{cell:<14} {mode:<10} {backend:<11} geomean ratio {g.geomean:6.2f}x   "
+                f"min {min(g.ratios):6.2f}x   over {len(g.ratios)} shapes{g.vs_ort()}{g.tail()}"
             )
         else:
-            out.append(f"{cell:<14} {mode:<10} {backend:<10} no timed shapes{g.tail()}")
+            out.append(f"{cell:<14} {mode:<10} {backend:<11} no timed shapes{g.tail()}")
     return "\n".join(out)
 
 
@@ -204,9 +233,10 @@ def compare(
     noise_k: float = DEFAULT_NOISE_K,
     noise_cap: float = DEFAULT_NOISE_CAP,
 ) -> list[Verdict]:
-    """A verdict per backend configuration in either file (torch.nn's own rows are the yardstick, not judged)."""
-    b_rows = {row_key(r): r for r in base["rows"] if r["backend"] != YARDSTICK}
-    n_rows = {row_key(r): r for r in new["rows"] if r["backend"] != YARDSTICK}
+    """A verdict per backend configuration in either file. torch.nn's own rows are the yardstick and the
+    onnxruntime peer's are another runtime's speed, not fastrnn's: neither is judged (results.NOT_GATED)."""
+    b_rows = {row_key(r): r for r in base["rows"] if r["backend"] not in NOT_GATED}
+    n_rows = {row_key(r): r for r in new["rows"] if r["backend"] not in NOT_GATED}
     keys = list(b_rows) + [k for k in n_rows if k not in b_rows]
     return [judge(b_rows.get(k), n_rows.get(k), threshold, noise_k, noise_cap) for k in keys]
 

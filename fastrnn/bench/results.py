@@ -3,6 +3,7 @@
 A results file holds: schema, created, command (the exact `fastrnn-bench ...` that wrote it), machine, versions,
 git, preset, settings, gemm, definitions (machine.header), backends, runs, load_avg_1min, elapsed_s, and
 `rows`: one row per cell x shape x mode x dtype x threads x implementation (fields: runner.py's docstring).
+Rows of implementations in NOT_GATED are the yardstick or a peer's: compare and gate never judge them.
 
 Plain Python only: comparing, tabulating and plotting results never imports torch or fastrnn's modules.
 """
@@ -16,6 +17,8 @@ SCHEMA = "fastrnn-bench/2"
 # Schema 1 named torch.nn's rows "torch", before fastrnn had a backend of that name; they are read as YARDSTICK.
 _OLD_SCHEMAS = ("fastrnn-bench/1",)
 YARDSTICK = "torch.nn"  # torch.nn itself: every ratio's denominator, timed in every case
+ORT = "onnxruntime"  # the ONNX Runtime peer (peers.py): its rows and the vs-ORT ratios are reported, never gated
+NOT_GATED = (YARDSTICK, ORT)  # implementations whose rows compare/gate do not judge
 
 KEY_FIELDS = ("cell", "backend", "mode", "T", "B", "H", "I", "dtype", "threads", "device")
 CASE_FIELDS = tuple(f for f in KEY_FIELDS if f != "backend")

@@ -8,6 +8,8 @@ Row fields besides the case's (cell, mode, T, B, H, I, dtype, threads, device) a
     flops, gflops     Case.flops() and Case.flops() / median time; gemm_gflops: the machine's measured GEMM rate
     peak_mem_bytes    Workload.peak_memory (peak_mem_kind says which of its two definitions)
     max_err           correctness.py's docstring
+    ratio_vs_ort, ratio_vs_ort_q25/q75, ort_median_ms
+                      where the onnxruntime peer is timed on the case (timing.py's docstring); None elsewhere
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Iterable, Sequence
 
 from fastrnn.bench import correctness, machine, timing, workload
 from fastrnn.bench.configs import Case
-from fastrnn.bench.results import YARDSTICK
+from fastrnn.bench.results import ORT, YARDSTICK
 from fastrnn.bench.timing import Settings, Timer
 
 
@@ -46,6 +48,7 @@ def _row(case: Case, backend: str, status: str, note: str = "", **fields) -> dic
         peak_mem_bytes=None,
         peak_mem_kind=None,
         max_err=None,
+        **dict.fromkeys(timing.VS_ORT_FIELDS),
     )
     row.update(fields)
     return row
@@ -101,6 +104,13 @@ def measure_case(case: Case, names: Iterable[str], settings: Settings, gemm_gflo
             peak_mem_bytes=peak,
             peak_mem_kind=kind,
         )
+    ort = next((tm for tm in timers if tm.name == ORT and rows[ORT]["status"] == "ok"), None)
+    if ort is not None:  # every other implementation against the peer, round by round as against torch.nn
+        t_ort = [x * 1e3 for x in ort.samples]
+        for tm in timers:
+            if tm is not ort and rows[tm.name]["status"] == "ok":
+                s = [x * 1e3 for x in tm.samples]
+                rows[tm.name].update(timing.vs_ort(t_ort, timing.paired_ratios(t_ort, s)))
     return [rows[b] for b in (YARDSTICK, *names) if b in rows]
 
 

@@ -2,8 +2,10 @@
 made it: the `fastrnn-bench run` that wrote its results file (recorded in the file) and the `readme-table` call.
 
     summary      geometric mean (minimum) over the run's shapes of torch.nn time / backend time, one line per
-                 cell and one column per backend x mode: what the README shows between its markers
-    every shape  one line per cell x mode x shape x backend
+                 cell and one column per backend x mode: what the README shows between its markers; where the
+                 onnxruntime peer was timed, it has its own columns there, and a second table gives the geometric
+                 mean (minimum) of onnxruntime time / backend time
+    every shape  one line per cell x mode x shape x backend (and "vs ORT" where the peer was timed)
 
 Plain Python on results files: nothing here imports torch or fastrnn's modules.
 """
@@ -11,11 +13,11 @@ Plain Python on results files: nothing here imports torch or fastrnn's modules.
 from __future__ import annotations
 
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fastrnn.bench.report import Group, fmt, ratio_groups
-from fastrnn.bench.results import YARDSTICK, BenchError, case_key
+from fastrnn.bench.report import Group, fmt, has_vs_ort, ratio_groups
+from fastrnn.bench.results import ORT, YARDSTICK, BenchError, case_key
 
 PROG = "fastrnn-bench"
 README_START = "<!-- bench-summary:start -->"
@@ -118,14 +120,40 @@ def summary_table(data: dict) -> str:
     for lab in _order([label(r) for r in rows]):
         entries = [_cell(groups[(lab, *c)], show_n) if (lab, *c) in groups else "" for c in columns]
         lines.append(f"| {lab} | " + " | ".join(entries) + " |")
+    if has_vs_ort(rows):
+        lines += ["", *_vs_ort_table(rows, label)]
     return "\n".join(lines)
 
 
-def shapes_table(data: dict) -> str:
-    """One line per cell x mode x shape x backend."""
+def _vs_ort_table(rows: list[dict], label: Callable[[dict], str]) -> list[str]:
+    """Geometric mean (minimum) of onnxruntime time / backend time over the shapes the peer timed, per cell and
+    backend x mode (the peer's own column in the table above is torch.nn time / onnxruntime time)."""
+    groups = ratio_groups((r for r in rows if r["backend"] != ORT), lambda r: (label(r), r["backend"], r["mode"]))
+    groups = {k: Group(ratios=g.ort_ratios) for k, g in groups.items() if g.ort_ratios}
+    backend_rank, mode_rank = _order([r["backend"] for r in rows]), _order([r["mode"] for r in rows])
+    columns = sorted({k[1:] for k in groups}, key=lambda c: (backend_rank[c[0]], mode_rank[c[1]]))
     lines = [
-        "| cell | mode | T | B | H | threads | backend | torch.nn ms | backend ms | ratio | GFLOP/s |",
-        "|---|---|--:|--:|--:|--:|---|--:|--:|--:|--:|",
+        f"Against ONNX Runtime ({ORT} running torch.nn's ONNX export, same threads, same rounds): geometric mean "
+        f"(minimum) over the shapes it timed of {ORT} time / backend time (> 1: faster than ONNX Runtime):",
+        "",
+        "| cell | " + " | ".join(f"{b} {m}" for b, m in columns) + " |",
+        "| --- |" + " --- |" * len(columns),
+    ]
+    for lab in _order([k[0] for k in groups]):
+        entries = [_cell(groups[(lab, *c)], True) if (lab, *c) in groups else "" for c in columns]
+        lines.append(f"| {lab} | " + " | ".join(entries) + " |")
+    return lines
+
+
+def shapes_table(data: dict) -> str:
+    """One line per cell x mode x shape x backend; where the onnxruntime peer was timed, a column "vs ORT"
+    (onnxruntime time / backend time, same rounds)."""
+    vs_ort = has_vs_ort(data["rows"])
+    lines = [
+        "| cell | mode | T | B | H | threads | backend | torch.nn ms | backend ms | ratio | "
+        + ("vs ORT | " if vs_ort else "")
+        + "GFLOP/s |",
+        "|---|---|--:|--:|--:|--:|---|--:|--:|--:|" + ("--:|" if vs_ort else "") + "--:|",
     ]
     torch_rows = {case_key(r): r for r in data["rows"] if r["backend"] == YARDSTICK}
     for r in data["rows"]:
@@ -136,6 +164,9 @@ def shapes_table(data: dict) -> str:
             cells = [fmt(r["median_ms"], ".3f"), f"{fmt(r['ratio_vs_torch'], '.2f')}x", fmt(r.get("gflops"), ".2f")]
         else:
             cells = ["-", r["status"], "-"]
+        if vs_ort:
+            ort = r.get("ratio_vs_ort")
+            cells.insert(2, "-" if r["status"] != "ok" or not ort else f"{ort:.2f}x")
         lines.append(
             f"| {r['cell']} | {r['mode']} | {r['T']} | {r['B']} | {r['H']} | {r['threads']} | {r['backend']} | "
             f"{fmt(t.get('median_ms'), '.3f')} | " + " | ".join(cells) + " |"

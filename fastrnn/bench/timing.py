@@ -10,6 +10,9 @@ Definitions (they are what the JSON fields mean):
                       back to back (samples interleaved round by round, so drift and neighbours' load hit both);
                       > 1: faster than torch.nn. (torch_median_ms / median_ms is the plain ratio of medians.)
     ratio_q25/q75     quartiles of those per-round ratios: the ratio's own noise, what compare reads
+    ratio_vs_ort      where the onnxruntime peer is timed on the case: median over rounds of onnxruntime ms /
+                      this implementation's ms in the same round (> 1: faster than ONNX Runtime);
+                      ratio_vs_ort_q25/q75 its quartiles, ort_median_ms the peer's median
 
 Plain Python: torch is imported only to synchronise a CUDA device.
 """
@@ -22,7 +25,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from fastrnn.bench.results import BAD_STATUSES, CASE_FIELDS, YARDSTICK
+from fastrnn.bench.results import BAD_STATUSES, CASE_FIELDS, ORT, YARDSTICK
 
 CLOCKS: dict[str, Callable[[], float]] = {"cpu": time.process_time, "wall": time.perf_counter}
 
@@ -93,11 +96,26 @@ def summarize(samples_ms: Sequence[float], ratios: Sequence[float], torch_ms: Se
     }
 
 
+VS_ORT_FIELDS = ("ort_median_ms", "ratio_vs_ort", "ratio_vs_ort_q25", "ratio_vs_ort_q75")
+
+
+def vs_ort(ort_ms: Sequence[float], ratios: Sequence[float]) -> dict:
+    """The vs-ORT row fields from the peer's samples and the per-round ratios onnxruntime ms / backend ms."""
+    if not ratios or not ort_ms:
+        return dict.fromkeys(VS_ORT_FIELDS)
+    return {
+        "ort_median_ms": statistics.median(ort_ms),
+        "ratio_vs_ort": statistics.median(ratios),
+        "ratio_vs_ort_q25": quantile(ratios, 0.25),
+        "ratio_vs_ort_q75": quantile(ratios, 0.75),
+    }
+
+
 def merge_runs(runs: Sequence[Sequence[dict]]) -> list[dict]:
     """Rows of several runs of the same grid pooled into one row per configuration: samples are concatenated,
     and the per-round ratios of every run are pooled, so the ratio's quartiles cover the drift BETWEEN runs as
     well as within one (what a baseline needs: a lucky run must not set the bar). A configuration that failed
-    or errored in any run keeps that row."""
+    or errored in any run keeps that row. The ratios against the onnxruntime peer are pooled the same way."""
     order: list[tuple] = []
     by_key: dict[tuple, list[dict]] = {}
     for rows in runs:
@@ -108,6 +126,7 @@ def merge_runs(runs: Sequence[Sequence[dict]]) -> list[dict]:
                 by_key[k] = []
             by_key[k].append(r)
     torch_runs = {k[:-1]: [r.get("samples_ms") or [] for r in by_key[k]] for k in order if k[-1] == YARDSTICK}
+    ort_runs = {k[:-1]: by_key[k] for k in order if k[-1] == ORT}
     merged = []
     for k in order:
         rs = by_key[k]
@@ -121,6 +140,13 @@ def merge_runs(runs: Sequence[Sequence[dict]]) -> list[dict]:
         row = dict(rs[0], **summarize(s, ratios, [x for t in ts for x in t]), samples_ms=s, runs=len(rs))
         row["gflops"] = row["flops"] / (row["median_ms"] * 1e-3) / 1e9
         row["max_err"] = max(r.get("max_err") or 0.0 for r in rs)
+        ort = ort_runs.get(k[:-1], [])
+        if k[-1] != ORT and ort:
+            row.update(dict.fromkeys(VS_ORT_FIELDS))  # unless the peer was timed in every run
+            if len(ort) == len(rs) and all(o["status"] == "ok" for o in ort):
+                pairs = [(o["samples_ms"], r["samples_ms"]) for o, r in zip(ort, rs, strict=True)]
+                ort_ms = [x for o, _ in pairs for x in o]
+                row.update(vs_ort(ort_ms, [x for o, b in pairs for x in paired_ratios(o, b)]))
         merged.append(row)
     return merged
 

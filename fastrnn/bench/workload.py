@@ -7,6 +7,8 @@ Implementations (the `backend` field of a row):
     auto          a fastrnn module with backend=None: what fastrnn chooses by itself (the row's note says what)
     <backend>     a fastrnn module with that backend, any of fastrnn.backends.BACKENDS (`torch`: torch.nn's own
                   kernels behind fastrnn's module, which shows what fastrnn's module layer costs)
+    onnxruntime   a peer (`--peers`, peers.py): ONNX Runtime running torch.nn's ONNX export of the layer; on the
+                  layers' no-grad modes only
 """
 
 from __future__ import annotations
@@ -21,13 +23,14 @@ from torch import Tensor, nn
 import fastrnn
 from fastrnn import backends as fr_backends
 from fastrnn.backends import BACKENDS, KERNEL_BACKENDS
-from fastrnn.bench.configs import Case, cell_spec, is_cell_class
-from fastrnn.bench.results import YARDSTICK, BenchError
+from fastrnn.bench import peers
+from fastrnn.bench.configs import NO_GRAD_MODES, STREAMING, Case, Preset, cell_spec, is_cell_class
+from fastrnn.bench.results import ORT, YARDSTICK, BenchError
 
 COMPILE = "compile"
 AUTO = "auto"
-PEERS = (YARDSTICK, COMPILE)  # implementations that are not fastrnn modules
-IMPLEMENTATIONS = (YARDSTICK, COMPILE, AUTO, *BACKENDS)
+NOT_FASTRNN = (YARDSTICK, COMPILE, ORT)  # implementations that are not fastrnn modules
+IMPLEMENTATIONS = (YARDSTICK, COMPILE, AUTO, *BACKENDS)  # what --backends names
 
 # The reference backend is a readable oracle, not a contender: a default run times it only where it is quick.
 REFERENCE_MAX_H = 64
@@ -68,16 +71,44 @@ def resolve(spec: str | None, device: str, with_compile: bool = False) -> tuple[
     return [YARDSTICK, *dict.fromkeys(b for b in names if b != YARDSTICK)], True
 
 
+def resolve_peers(spec: str | None, preset: Preset) -> list[str]:
+    """The peers of a run: `--peers` (a comma list, or `none`), each required to be installed; without the flag
+    the preset's, left out when not installed unless the preset requires them."""
+    if spec is None:
+        names, required = list(preset.peers), preset.peers_required
+    else:
+        names = [s.strip() for s in spec.split(",") if s.strip()]
+        if not names:
+            raise BenchError("empty peer list (use --peers none for no peers)")
+        if names == ["none"]:
+            return []
+        required = True
+    for p in names:
+        if p not in peers.PEERS:
+            raise BenchError(f"unknown peer {p!r}; expected one of {', '.join(peers.PEERS)} (or none)")
+    chosen = []
+    for p in dict.fromkeys(names):
+        ok, why = peers.available(p)
+        if ok:
+            chosen.append(p)
+        elif required:
+            raise BenchError(f"peer {p!r} cannot run here: {why}")
+    return chosen
+
+
 def for_case(case: Case, names: Sequence[str], explicit: bool) -> list[str]:
-    """The implementations that time `case`: the reference backend only on tiny shapes unless named."""
-    if explicit:
-        return list(names)
-    quick = case.H <= REFERENCE_MAX_H and case.T <= REFERENCE_MAX_T
-    return [b for b in names if b != "reference" or quick]
+    """The implementations that time `case`: the reference backend only on tiny shapes unless named; the
+    onnxruntime peer only on the layers' no-grad modes (it has no training, and the Cell classes are not its)."""
+    quick = explicit or (case.H <= REFERENCE_MAX_H and case.T <= REFERENCE_MAX_T)
+    ort = case.mode in NO_GRAD_MODES and not is_cell_class(case.cell)
+    return [b for b in names if (b != "reference" or quick) and (b != ORT or ort)]
 
 
 def status(name: str, case: Case) -> tuple[bool, str]:
     """Can implementation `name` run `case` here? (ok, reason)."""
+    if name == ORT:
+        ok, why = peers.available(name)
+        return (ok, why) if not ok else peers.supports(case.dtype, case.device)
     if name not in BACKENDS:
         return True, ""
     ok, why = fr_backends.is_available(name)
@@ -136,16 +167,26 @@ class Workload:
         self.h0 = torch.randn(case.B, case.H, generator=gen).to(**z)
         self.c0 = torch.randn(case.B, case.H, generator=gen).to(**z) if self.spec.has_cell_state else None
 
-    def module_for(self, name: str) -> nn.Module:
-        """A deep copy of the torch.nn module (same weights), converted to fastrnn unless `name` is a peer."""
+    def module_for(self, name: str) -> nn.Module | peers.OrtLayer:
+        """A deep copy of the torch.nn module (same weights), converted to fastrnn unless `name` is not fastrnn;
+        for the onnxruntime peer, the module's ONNX export in an ORT session."""
         m = copy.deepcopy(self.module)
-        if name in PEERS:
+        if name == ORT:
+            streaming = self.case.mode == STREAMING
+            return peers.OrtLayer(m, self.spec.has_cell_state, self.x, streaming, self.case.threads)
+        if name in NOT_FASTRNN:
             return m
         return fastrnn.convert(m, backend=None if name == AUTO else name)
 
     # One forward of a module (layer or Cell class) -> out [T,B,H], h_n [B,H], c_n [B,H] | None.
     def _forward_module(self, m: nn.Module, x: Tensor, h0: Tensor, c0: Tensor | None):
         two = self.spec.has_cell_state  # the state is an (h, c) pair
+        if not self.is_cell_class and self.case.mode == STREAMING:
+            state, outs = ((h0.unsqueeze(0), c0.unsqueeze(0)) if two else h0.unsqueeze(0)), []
+            for t in range(x.shape[0]):
+                out_t, state = m(x[t : t + 1], state)  # [1, B, H]; the state carried into the next call
+                outs.append(out_t)
+            return (torch.cat(outs), state[0][0], state[1][0]) if two else (torch.cat(outs), state[0], None)
         if not self.is_cell_class:
             out, hn = m(x, (h0.unsqueeze(0), c0.unsqueeze(0)) if two else h0.unsqueeze(0))
             return (out, hn[0][0], hn[1][0]) if two else (out, hn[0], None)
@@ -170,16 +211,31 @@ class Workload:
             outs.append(h)
         return torch.stack(outs), h, c
 
+    @staticmethod
+    def _forward_ort(m: peers.OrtLayer, x: Tensor, h0: Tensor, c0: Tensor | None):
+        return m.forward(x, h0, c0)
+
     def forward_fn(self, name: str) -> Callable:
+        if name == ORT:
+            return self._forward_ort
         return self._forward_compiled if name == COMPILE else self._forward_module
 
-    def call_fn(self, name: str, m: nn.Module) -> Callable[[], None]:
-        """One timed call of the case's mode: inference = no_grad forward; forward = forward with grad enabled;
-        training = forward + backward of out.sum() (input and h0 require grad, as inside a deeper model)."""
-        fwd = self.forward_fn(name)
+    def call_fn(self, name: str, m: nn.Module | peers.OrtLayer) -> Callable[[], None]:
+        """One timed call of the case's mode: inference = no_grad forward; streaming = no_grad, one call per
+        step carrying the state; forward = forward with grad enabled; training = forward + backward of out.sum()
+        (input and h0 require grad, as inside a deeper model). The onnxruntime peer's inputs are numpy arrays
+        made once, outside the timed call."""
         x, h0, c0 = self.x, self.h0, self.c0
+        if isinstance(m, peers.OrtLayer):
+            run = m.caller(x, h0, c0)
+
+            def call() -> None:
+                run()
+
+            return call
+        fwd = self.forward_fn(name)
         params = list(m.parameters())
-        if self.case.mode == "inference":
+        if self.case.mode in NO_GRAD_MODES:
 
             def call() -> None:
                 with torch.no_grad():
@@ -204,10 +260,10 @@ class Workload:
 
         return call
 
-    def peak_memory(self, call: Callable[[], None], name: str, m: nn.Module) -> tuple[int, str]:
+    def peak_memory(self, call: Callable[[], None], name: str, m: nn.Module | peers.OrtLayer) -> tuple[int, str]:
         """CUDA: max_memory_allocated during one call minus what was allocated before. CPU: bytes of the
         tensors autograd saves for backward during one forward (distinct storages), i.e. the activation memory
-        training holds; 0 for inference by construction."""
+        training holds; 0 for the no-grad modes (inference, streaming) by construction."""
         if self.case.device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -215,7 +271,7 @@ class Workload:
             call()
             torch.cuda.synchronize()
             return torch.cuda.max_memory_allocated() - before, "cuda_max_allocated"
-        if self.case.mode == "inference":
+        if self.case.mode in NO_GRAD_MODES:
             return 0, "saved_for_backward"
         seen: dict[tuple[int, int], int] = {}
 
