@@ -3,11 +3,14 @@
     pytest benchmarks/ --benchmark-only                           quick preset, torch.nn + available backends
     pytest benchmarks/ --benchmark-only --bench-preset full       the kernel issues' CPU grid (long)
     pytest benchmarks/ --benchmark-only --bench-backends cpp,auto
+    pytest benchmarks/ --benchmark-only --bench-preset ort --bench-peers onnxruntime
 
 Each benchmark module names the fastrnn layer class it measures in BENCH_LAYER; every test is parametrized over
 the preset's cases for that layer's cells (from fastrnn's cell table) x implementations (fastrnn.bench.workload,
 whose list of fastrnn backends is fastrnn.backends'), runs the correctness gate against torch.nn first (a wrong
 backend fails, it is not timed), and groups torch.nn and the backends of one case in pytest-benchmark's table.
+Peers (`--bench-peers`; by default the preset's that are installed: the onnxruntime peer on the inference and
+streaming cases) are gated and timed the same way.
 This directory is outside the project's testpaths, so the default `pytest` run never collects it.
 """
 
@@ -34,6 +37,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help=f"comma list of {', '.join(workload.IMPLEMENTATIONS)} (default: torch.nn and every fastrnn kernel "
         "backend available on the CPU)",
     )
+    g.addoption(
+        "--bench-peers",
+        default=None,
+        help="comma list of onnxruntime, or none (default: the preset's peers that are installed here)",
+    )
 
 
 def _case_id(c: Case) -> str:
@@ -48,11 +56,12 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     p = configs.PRESETS[metafunc.config.getoption("--bench-preset")]
     try:
         names, explicit = workload.resolve(metafunc.config.getoption("--bench-backends"), "cpu")
+        names += workload.resolve_peers(metafunc.config.getoption("--bench-peers"), p)
     except BenchError as e:
         raise pytest.UsageError(str(e)) from None
     params = [
         pytest.param(case, b, id=f"{case.cell}-{_case_id(case)}-{b}")
-        for case in configs.grid(cells, p.modes, p.T, p.B, p.H, p.dtypes, p.threads)
+        for case in configs.grid(cells, p.modes, p.T, p.B, p.H, p.dtypes, p.threads, stream_Bs=p.stream_B)
         for b in workload.for_case(case, names, explicit)
     ]
     metafunc.parametrize(("case", "backend"), params)
