@@ -24,7 +24,7 @@ def available() -> tuple[bool, str]:
 
 def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
     if not dtype.is_floating_point:
-        return False, f"reference backend needs a floating-point dtype, got {dtype}"
+        return False, f"a floating-point dtype is needed, got {dtype}"
     return True, ""
 
 

@@ -9,23 +9,13 @@ backend is not measured faster, and what deployment paths (scripting, tracing, e
 
 from __future__ import annotations
 
-import torch
 from torch import _VF, Tensor
 
+from fastrnn.backends.reference import available, supports  # noqa: F401 - as reference: always, any float dtype
 from fastrnn.cells import Cell
 
 NAME = "torch"
 WHOLE_CALL = True  # functional.py calls rnn()/cell() below instead of the per-direction contract
-
-
-def available() -> tuple[bool, str]:
-    return True, ""
-
-
-def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    if not dtype.is_floating_point:
-        return False, f"torch.nn's recurrent kernels need a floating-point dtype, got {dtype}"
-    return True, ""
 
 
 def flat_weights(weights) -> list[Tensor]:
