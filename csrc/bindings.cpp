@@ -13,9 +13,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "-> name, G, saved gates width, saved extra width (in H), has cell state, has projection");
   m.def("recurrence_forward", &fastrnn::recurrence_forward, arg("cell_id"), arg("gx"), arg("h0"), arg("c0"),
         arg("w_hh"), arg("b_hh"), arg("w_hr"), arg("batch_sizes"), arg("reverse"), arg("need_saved"),
+        arg("bf16_gemm") = false,
         "-> out, h_n, c_n|None, gates, extra (the last two empty unless need_saved)");
   m.def("recurrence_backward", &fastrnn::recurrence_backward, arg("cell_id"), arg("d_out"), arg("d_h_n"),
         arg("d_c_n"), arg("h0"), arg("c0"), arg("w_hh"), arg("b_hh"), arg("w_hr"), arg("batch_sizes"),
-        arg("reverse"), arg("out"), arg("gates"), arg("extra"),
+        arg("reverse"), arg("out"), arg("gates"), arg("extra"), arg("bf16_gemm") = false,
         "-> d_gx, d_h0, d_c0|None, d_w_hh, d_b_hh|None, d_w_hr|None");
 }

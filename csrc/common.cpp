@@ -1,5 +1,8 @@
-// Shared by the walk and the entry points: argument checks and the raw-pointer GEMM.
+// Shared by the walk and the entry points: argument checks and the raw-pointer GEMMs.
 #include "fastrnn.h"
+
+#include <ATen/cpu/Utils.h>
+#include <ATen/native/CPUBlas.h>
 
 #include <cstdlib>
 #include <limits>
@@ -25,6 +28,9 @@ void cblas_sgemm_pack(int layout, int identifier, int trans, int m, int n, int k
                       float* dest) __attribute__((weak));
 void cblas_sgemm_compute(int layout, int transa, int transb, int m, int n, int k, const float* a, int lda,
                          const float* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+// MKL's bfloat16 GEMM (MKL_BF16 is uint16_t), float32 accumulation and C.
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 }
 
 namespace fastrnn {
@@ -39,8 +45,10 @@ std::string shape_str(at::IntArrayRef s) {
 
 void check_dtype(const Tensor& t, const char* what) {
   TORCH_CHECK(t.defined(), "fastrnn: ", what, " is required");
-  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "fastrnn: ", what,
-              " must be float32 or float64 for the cpp backend, got ", t.scalar_type());
+  const auto dt = t.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16, "fastrnn: ", what,
+              " must be float32 or float64 (or bfloat16) for the cpp kernels, got ", dt,
+              " (fastrnn.backends.cpp runs float16 on the float32 kernels)");
 }
 
 void check_tensor(const Tensor& t, const char* what, at::IntArrayRef shape, at::ScalarType dtype) {
@@ -188,5 +196,190 @@ void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, i
 
 template class StepGemm<float>;
 template class StepGemm<double>;
+
+// ---- bfloat16 operands, float32 accumulation ----
+
+namespace {
+
+// C = beta C for an empty sum (k == 0), which BLAS refuses.
+void scale_rows(int64_t m, int64_t n, float beta, float* c, int64_t ldc) {
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == 0.f ? 0.f : beta * c[i * ldc + j];
+}
+
+// Without MKL: the product in float32 through ATen on tensors that borrow the memory.
+void gemm_bf16_aten(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BF16* a, int64_t lda,
+                    const BF16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  auto opts = at::TensorOptions().dtype(at::kBFloat16);
+  Tensor A = at::from_blob(const_cast<BF16*>(a), {ta ? k : m, ta ? m : k}, {lda, 1}, opts).to(at::kFloat);
+  Tensor Bt = at::from_blob(const_cast<BF16*>(b), {tb ? n : k, tb ? k : n}, {ldb, 1}, opts).to(at::kFloat);
+  Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, at::TensorOptions().dtype(at::kFloat));
+  if (ta) A = A.t();
+  if (tb) Bt = Bt.t();
+  if (beta == 0.f) C.zero_();
+  C.addmm_(A, Bt, beta == 0.f ? 1.f : beta, alpha);
+}
+
+bool amx_enabled() {
+  const char* v = std::getenv("FASTRNN_CPP_AMX");
+  if (v != nullptr && std::string(v) == "0") return false;
+  return at::native::cpublas::could_pack(at::kBFloat16);
+}
+
+}  // namespace
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const BF16* a, int64_t lda, const BF16* b,
+          int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) return scale_rows(m, n, beta, c, ldc);
+  if (cblas_gemm_bf16bf16f32 == nullptr) return gemm_bf16_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+  cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(m), int(n), int(k), alpha,
+                         reinterpret_cast<const uint16_t*>(a), int(lda), reinterpret_cast<const uint16_t*>(b),
+                         int(ldb), beta, c, int(ldc));
+}
+
+namespace {
+
+// One VNNI block of kBlock columns of op(W) (Bf16Gemm), o: [ceil(K/2)][kBlock] 32-bit pairs; columns >= width zero.
+constexpr int64_t kVnniBlock = Bf16Gemm::kBlock;
+
+// op(W) = W^T, W [N, K]: the pair (k, k+1) of column n is 32 contiguous bits of row n of W, so the block is a
+// transpose of 32-bit elements: 16 rows gathered per store.
+void pack_rows_t(const uint16_t* w, int64_t K, int64_t n0, int64_t width, uint32_t* o) {
+  const int64_t K2 = K / 2, half = (K + 1) / 2;
+  for (int64_t g = 0; g < kVnniBlock; g += 16) {
+    const int64_t rows = std::clamp<int64_t>(width - g, 0, 16);
+    const uint16_t* base = w + (n0 + g) * K;
+    int64_t i = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    const __mmask16 m = rows >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << rows) - 1);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(int(K)));
+    for (; i < K2; ++i) {
+      const __m512i v = rows ? _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), m, idx, base + 2 * i, 2)
+                             : _mm512_setzero_si512();
+      _mm512_storeu_si512(o + i * kVnniBlock + g, v);
+    }
+#endif
+    for (; i < half; ++i)
+      for (int64_t j = 0; j < 16; ++j) {
+        const uint16_t* row = base + j * K;
+        o[i * kVnniBlock + g + j] =
+            j >= rows ? 0u : 2 * i + 1 < K ? uint32_t(row[2 * i]) | uint32_t(row[2 * i + 1]) << 16 : row[2 * i];
+      }
+  }
+}
+
+// op(W) = W, W [K, N]: rows 2i and 2i+1 of W interleaved.
+void pack_rows_n(const uint16_t* w, int64_t K, int64_t N, int64_t n0, int64_t width, uint16_t* o) {
+  const int64_t half = (K + 1) / 2;
+  for (int64_t i = 0; i < half; ++i) {
+    const uint16_t* r0 = w + 2 * i * N + n0;
+    const uint16_t* r1 = 2 * i + 1 < K ? r0 + N : nullptr;
+    uint16_t* oi = o + i * kVnniBlock * 2;
+    int64_t nn = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    for (; nn < kVnniBlock; nn += 16) {
+      const int64_t cnt = std::clamp<int64_t>(width - nn, 0, 16);
+      const __mmask16 m = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+      const __m512i lo = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r0 + nn));
+      const __m512i hi = r1 ? _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, r1 + nn)) : _mm512_setzero_si512();
+      _mm512_storeu_si512(oi + 2 * nn, _mm512_or_si512(lo, _mm512_slli_epi32(hi, 16)));
+    }
+#endif
+    for (; nn < kVnniBlock; ++nn) {
+      oi[2 * nn] = nn < width ? r0[nn] : 0;
+      oi[2 * nn + 1] = nn < width && r1 ? r1[nn] : 0;
+    }
+  }
+}
+
+}  // namespace
+
+template <typename S>
+Bf16Gemm::Bf16Gemm(const S* w, bool trans, int64_t N, int64_t K, int64_t seg, bool pack)
+    : trans_(trans), N_(N), K_(K), Kp_(K + K % 2), seg_(seg), nbs_(seg > 0 ? (seg + kBlock - 1) / kBlock : 0) {
+  TORCH_INTERNAL_ASSERT(seg == 0 ? N == 0 : N % seg == 0, "fastrnn: ", N, " columns in segments of ", seg);
+  if (N == 0 || K == 0) return;
+  const auto f32 = at::TensorOptions().dtype(at::kFloat), b16 = at::TensorOptions().dtype(at::kBFloat16);
+  amx_ = pack && amx_enabled();
+  if constexpr (std::is_same_v<S, float>) {
+    // rounded to bfloat16 once: the operand of either path
+    w16_buf_ = at::from_blob(const_cast<S*>(w), {trans ? N : K, trans ? K : N}, f32).to(at::kBFloat16);
+    w16_ = w16_buf_.data_ptr<BF16>();
+  } else {
+    w16_ = w;
+  }
+  if (!amx_) return;
+  at::cpu::init_amx();
+  // VNNI: block (q, b) holds columns col0(q, b) .. + kBlock of op(W) as [Kp / 2][kBlock][2], pairs of k adjacent;
+  // the columns past a segment's end and the row k = K (odd K) are zero, so a full-width tile reads zeros there.
+  const int64_t nseg = N / seg, nblk = nseg * nbs_, half = Kp_ / 2, K2 = K / 2;
+  packed_ = at::empty({nblk * half * kBlock * 2}, b16);
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(w16_);
+  uint16_t* dst = reinterpret_cast<uint16_t*>(packed_.data_ptr());
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / (Kp_ * kBlock));
+  at::parallel_for(0, nblk, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t q = blk / nbs_, b = blk % nbs_, n0 = col0(q, b), width = col1(q, b) - n0;
+      uint16_t* o = dst + blk * half * kBlock * 2;
+      if (trans) {
+        pack_rows_t(src, K, n0, width, reinterpret_cast<uint32_t*>(o));
+      } else {
+        pack_rows_n(src, K, N, n0, width, o);
+      }
+    }
+  });
+}
+
+template <typename S>
+const BF16* Bf16Gemm::stage(const S* a_lo, const S* a_hi, int64_t k, int64_t n, int64_t lda) const {
+  if (!stage_.defined() || stage_.size(0) < n) stage_ = at::zeros({std::max<int64_t>(n, 1), Kp_}, at::kBFloat16);
+  BF16* dst = stage_.data_ptr<BF16>();
+  for (int64_t r = 0; r < n; ++r) {
+    const S* src = (r < k ? a_lo : a_hi) + r * lda;
+    BF16* d = dst + r * Kp_;
+    vec_range<float>(0, K_, [&](int64_t j, int64_t cnt) {
+      if constexpr (std::is_same_v<S, float>) vstore(vload(src + j, cnt), d + j, cnt);
+      else std::copy(src + j, src + j + cnt, d + j);
+    });
+  }
+  return dst;
+}
+
+void Bf16Gemm::run(const BF16* a_lo, const BF16* a_hi, int64_t k, int64_t lda, int64_t r0, int64_t r1, int64_t n0,
+                   int64_t n1, bool accumulate, float* c, int64_t ldc) const {
+  if (r1 <= r0 || n1 <= n0) return;
+  if (K_ == 0) return scale_rows(r1 - r0, n1 - n0, accumulate ? 1.f : 0.f, c + r0 * ldc + n0, ldc);
+  constexpr int64_t kRows = 64;  // rows a brgemm call: bounds the kernels JIT-compiled for packed steps' row counts
+  const int64_t q = n0 / seg_, b = (n0 - q * seg_) / kBlock;
+  const BF16* wb = amx_ ? static_cast<const BF16*>(packed_.data_ptr()) + (q * nbs_ + b) * Kp_ * kBlock : nullptr;
+  for (int64_t r = r0; r < r1;) {
+    const BF16* a = r < k ? a_lo : a_hi;
+    const int64_t end = r < k ? std::min(r1, k) : r1;
+    for (int64_t m; r < end; r += m) {
+      m = std::min(kRows, end - r);
+      float* cr = c + r * ldc + n0;
+      if (amx_) {
+        TORCH_INTERNAL_ASSERT(K_ % 2 == 0 || lda == Kp_, "fastrnn: an odd K needs a staged A");
+        at::native::cpublas::brgemm(m, n1 - n0, Kp_, lda, kBlock, ldc, accumulate, a + r * lda, wb, cr, true);
+      } else {
+        // op(W)[:, n0:n1] is rows n0.. of W [N, K] (trans) or columns n0.. of W [K, N]
+        const BF16* wc = trans_ ? w16_ + n0 * K_ : w16_ + n0;
+        gemm(false, trans_, m, n1 - n0, K_, 1.f, a + r * lda, lda, wc, trans_ ? K_ : N_, accumulate ? 1.f : 0.f, cr,
+             ldc);
+      }
+    }
+  }
+}
+
+void Bf16Gemm::release() const {
+  if (amx_) at::native::cpublas::brgemm_release(true);
+}
+
+template Bf16Gemm::Bf16Gemm(const float*, bool, int64_t, int64_t, int64_t, bool);
+template Bf16Gemm::Bf16Gemm(const BF16*, bool, int64_t, int64_t, int64_t, bool);
+template const BF16* Bf16Gemm::stage(const float*, const float*, int64_t, int64_t, int64_t) const;
+template const BF16* Bf16Gemm::stage(const BF16*, const BF16*, int64_t, int64_t, int64_t) const;
 
 }  // namespace fastrnn

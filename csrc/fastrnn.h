@@ -30,26 +30,33 @@ namespace fastrnn {
 
 using at::Tensor;
 using OptTensor = c10::optional<Tensor>;
+using BF16 = at::BFloat16;
 
 // Compiler, OpenMP and vector ISA the extension was built with, and ATen's parallel backend.
 std::string build_info();
 
 // ---- entry points (recurrence.cpp), one pair for every cell. cell_id is cells.py's kernel_id (lstm 0, gru 1,
 // rnn_tanh 2, rnn_relu 3). Shapes: T steps, B rows, H hidden, P = proj_size or H, G gates (cells.py). ----
+// dtypes: float64, float32 or bfloat16, one for every tensor argument, except that the saved gates and extra are
+// float32 in a bfloat16 call (cells.saved_dtype): bfloat16 keeps its state (c, the running gradients) and its
+// accumulation in float32, reads and writes its tensors in bfloat16 and runs its GEMMs on bfloat16 operands (AMX
+// where the CPU has it). bf16_gemm (float32 only): the same bfloat16 GEMMs for a float32 call, whose tensors and
+// state stay float32.
 // gx [T,B,G*H], h0 [B,P], c0 [B,H] (cells with a cell state, else None), w_hh [G*H,P], b_hh [G*H]?, w_hr [P,H]?
 // (cells with a projection), batch_sizes [T] int64?
 //   -> out [T,B,P], h_n [B,P], c_n [B,H] (undefined without a cell state), gates, extra (cells.py's saved layout;
 //      empty when need_saved is false or the cell saves none)
 std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const Tensor& h0, const OptTensor& c0,
                                        const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
-                                       const OptTensor& batch_sizes, bool reverse, bool need_saved);
+                                       const OptTensor& batch_sizes, bool reverse, bool need_saved,
+                                       bool bf16_gemm = false);
 //   -> d_gx [T,B,G*H], d_h0 [B,P], d_c0 [B,H], d_w_hh [G*H,P], d_b_hh [G*H], d_w_hr [P,H]; each undefined where its
 //      input was absent
 std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, const Tensor& d_h_n,
                                         const OptTensor& d_c_n, const Tensor& h0, const OptTensor& c0,
                                         const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
                                         const OptTensor& batch_sizes, bool reverse, const Tensor& out,
-                                        const Tensor& gates, const Tensor& extra);
+                                        const Tensor& gates, const Tensor& extra, bool bf16_gemm = false);
 // What the kernel table holds for cell_id: name, G, saved widths (gates, extra), cell state, projection (the tests
 // compare it with fastrnn.cells).
 std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool> cell_info(int64_t cell_id);
@@ -62,7 +69,7 @@ std::string shape_str(at::IntArrayRef s);
 // and its symbolic shape, e.g. "h0 [B, P]".
 void check_tensor(const Tensor& t, const char* what, at::IntArrayRef shape, at::ScalarType dtype);
 void check_opt(const OptTensor& t, const char* what, at::IntArrayRef shape, at::ScalarType dtype);
-// The first argument fixes the dtype of the call: float32 or float64.
+// The first argument fixes the dtype of the call: float32, float64 or bfloat16.
 void check_dtype(const Tensor& t, const char* what);
 // Validates batch_sizes (int64 CPU [T], non-increasing, each in [0, B]) and returns it, or B repeated T times.
 std::vector<int64_t> batch_sizes_vec(const OptTensor& batch_sizes, int64_t T, int64_t B);
@@ -77,6 +84,10 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc);
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
           const double* b, int64_t ldb, double beta, double* c, int64_t ldc);
+// bfloat16 operands, float32 accumulation and C (the weight gradients of a bfloat16 call): MKL's
+// cblas_gemm_bf16bf16f32 (AMX where the CPU has it), else ATen in float32.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const BF16* a, int64_t lda,
+          const BF16* b, int64_t ldb, float beta, float* c, int64_t ldc);
 // True when gemm goes straight to the BLAS linked into torch (sgemm_/dgemm_), false on the at::addmm_ fallback.
 bool has_direct_blas();
 
@@ -101,6 +112,51 @@ class StepGemm {
 extern template class StepGemm<float>;
 extern template class StepGemm<double>;
 
+// The step GEMM on bfloat16 operands with float32 accumulation: C[r0:r1, n0:n1] (+)= A[r0:r1, K] @ op(W)[:, n0:n1].
+// W is [N, K] (trans) or [K, N], row-major, bfloat16 or float32 (rounded once here). Its columns come in segments of
+// `seg` (a gate's H columns, or all N), each split into blocks of kBlock from the segment's start, so a task can take
+// one block of hidden units of every gate and run its GEMM and pointwise pass alone. With AMX (oneDNN's brgemm
+// ukernel through ATen's cpublas) W is packed once into VNNI blocks and a block is one brgemm call per 64 rows;
+// otherwise (also when `pack` is false: a call too short to repay packing) MKL's cblas_gemm_bf16bf16f32 on W as it
+// is, or ATen. FASTRNN_CPP_AMX=0 turns the AMX path off (read when the object is built).
+class Bf16Gemm {
+ public:
+  static constexpr int64_t kBlock = 64;
+  template <typename S>
+  Bf16Gemm(const S* w, bool trans, int64_t N, int64_t K, int64_t seg, bool pack = true);
+  int64_t blocks() const { return nbs_; }  // blocks of one segment
+  int64_t segments() const { return seg_ ? N_ / seg_ : 0; }
+  // [n0, n1) of block b of segment q
+  int64_t col0(int64_t q, int64_t b) const { return q * seg_ + b * kBlock; }
+  int64_t col1(int64_t q, int64_t b) const { return std::min(q * seg_ + seg_, col0(q, b) + kBlock); }
+  // Whether A must be staged (copied to bfloat16 with an even row length) before run: a float32 A, or an odd K on AMX.
+  bool stages(bool a_is_float) const { return a_is_float || (amx_ && K_ % 2 != 0); }
+  // A's rows [0, n) as bfloat16 with stride staged_ld() (zero past K): row r from (r < k ? a_lo : a_hi) + r * lda.
+  template <typename S>
+  const BF16* stage(const S* a_lo, const S* a_hi, int64_t k, int64_t n, int64_t lda) const;
+  int64_t staged_ld() const { return Kp_; }
+  // Rows [r0, r1) of C over columns [n0, n1) (one block): row r of A at (r < k ? a_lo : a_hi) + r * lda, staged when
+  // stages() says so. accumulate: C += (beta 1), else C = (beta 0).
+  void run(const BF16* a_lo, const BF16* a_hi, int64_t k, int64_t lda, int64_t r0, int64_t r1, int64_t n0, int64_t n1,
+           bool accumulate, float* c, int64_t ldc) const;
+  // Ends a thread's AMX use (its tile state) once its part of a parallel region is done.
+  void release() const;
+  bool amx() const { return amx_; }
+
+ private:
+  bool trans_, amx_ = false;
+  int64_t N_, K_, Kp_, seg_, nbs_;
+  const BF16* w16_ = nullptr;  // W in bfloat16 (the fallback's operand)
+  Tensor w16_buf_;             // W rounded to bfloat16 when it came as float32
+  Tensor packed_;              // [segments * blocks, Kp / 2, kBlock, 2] bfloat16, VNNI (AMX)
+  mutable Tensor stage_;       // staged A
+};
+
+extern template Bf16Gemm::Bf16Gemm(const float*, bool, int64_t, int64_t, int64_t, bool);
+extern template Bf16Gemm::Bf16Gemm(const BF16*, bool, int64_t, int64_t, int64_t, bool);
+extern template const BF16* Bf16Gemm::stage(const float*, const float*, int64_t, int64_t, int64_t) const;
+extern template const BF16* Bf16Gemm::stage(const BF16*, const BF16*, int64_t, int64_t, int64_t) const;
+
 // ---- vector maths (at::vec; tails use masked loads/stores so one code path serves every H) ----
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
@@ -113,13 +169,60 @@ template <typename T>
 inline void vstore(const Vec<T>& v, T* p, int64_t cnt) {
   v.store(p, cnt);
 }
-// exp for the gates. float32: ATen's polynomial exp_u20 (20 ulp, a fraction of Sleef's u10 cost; the error stays
-// far below float32's tolerance after the sigmoid squashes it), with NaN passed through as torch does. float64:
-// the accurate exp.
-template <typename T>
+// bfloat16 storage of float32 arithmetic: cnt (<= Vec<float>::size()) elements widened on load, rounded to nearest
+// even on store (NaN stays NaN).
+inline Vec<float> vload(const BF16* p, int64_t cnt) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 m = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+  const __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+#else
+  float tmp[Vec<float>::size()] = {};
+  for (int64_t i = 0; i < cnt; ++i) tmp[i] = float(p[i]);
+  return Vec<float>::loadu(tmp);
+#endif
+}
+inline void vstore(const Vec<float>& v, BF16* p, int64_t cnt) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  const __mmask16 m = cnt >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << cnt) - 1);
+  _mm256_mask_storeu_epi16(p, m, __m256i(_mm512_cvtneps_pbh(__m512(v))));
+#else
+  float tmp[Vec<float>::size()];
+  v.store(tmp);
+  for (int64_t i = 0; i < cnt; ++i) p[i] = BF16(tmp[i]);
+#endif
+}
+// exp for the gates. float32 on AVX-512: x = n ln2 + r with |r| <= ln2/2 (Cody-Waite), e^r by a polynomial of degree
+// 5 (relative error below 2e-7, a few ulp) or, kLow, 4 (3e-6), 2^n by scalef: about half the instructions of ATen's
+// exp_u20, which the five sigmoid/tanh of an LSTM unit spend most of a bfloat16 step on. Inputs are clamped to
+// [-104, 88.7] (0 and float's largest below and above them), NaN passes. Other float32 targets: exp_u20 (20 ulp), NaN
+// passed through as torch does. float64: the accurate exp.
+template <typename T, bool kLow = false>
 inline Vec<T> vexp(const Vec<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    // max/min return their second operand when either is NaN: NaN stays
+    const __m512 z = _mm512_min_ps(_mm512_set1_ps(88.7f), _mm512_max_ps(_mm512_set1_ps(-104.f), __m512(x)));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(z, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), z);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p;
+    if constexpr (kLow) {
+      p = _mm512_fmadd_ps(_mm512_set1_ps(0.041590746492147446f), r, _mm512_set1_ps(0.16790533065795898f));
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5000221729278564f));
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.9999637603759766f));
+    } else {
+      p = _mm512_fmadd_ps(_mm512_set1_ps(0.008265888318419456f), r, _mm512_set1_ps(0.0418987013399601f));
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.16668042540550232f));
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.49999141693115234f));
+      p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.9999995827674866f));
+    }
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+#else
     return Vec<T>::blendv(x.exp_u20(), x, x.isnan());
+#endif
   } else {
     return x.exp();
   }
@@ -141,33 +244,47 @@ inline Vec<T> vrecip(const Vec<T>& x) {
 #endif
   return x.reciprocal();
 }
-template <typename T>
+// Activations for a cell whose tensors are S (its arithmetic T). bfloat16 (kLow<S>) keeps about 1e-4 where an
+// output is a sigmoid (it is rounded to 2^-9 on store, and the saved float32 gates feed a backward whose results
+// are too): exp of degree 4 and the reciprocal estimate alone (2^-14). tanh keeps the Newton step either way: as
+// 2 sigmoid(2x) - 1 its error is absolute, which a small tanh would feel.
+template <typename S>
+constexpr bool kLow = std::is_same_v<S, BF16>;
+
+template <typename T, bool kLowPrec = false>
 inline Vec<T> vsigmoid(const Vec<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (kLowPrec) {
+      // 1 + exp(-x) is at most float's largest: its estimated reciprocal is finite or zero; NaN passes
+      return _mm512_rcp14_ps(__m512(Vec<T>(T(1)) + vexp<T, true>(x.neg())));
+    }
+#endif
     // keep 1 + exp(-x) finite for vrecip (sigmoid(-87) is below float's smallest normal anyway); NaN passes
-    return vrecip(Vec<T>(T(1)) + vexp(at::vec::clamp_min(x, Vec<T>(T(-87))).neg()));
+    return vrecip(Vec<T>(T(1)) + vexp<T, kLowPrec>(at::vec::clamp_min(x, Vec<T>(T(-87))).neg()));
   } else {
     return (Vec<T>(T(1)) + x.neg().exp()).reciprocal();
   }
 }
-// tanh(x) = 2 sigmoid(2x) - 1 in float32 (absolute error ~1 ulp of 1, which is what the tolerances measure);
-// float64 keeps Sleef's tanh.
-template <typename T>
+// tanh(x) = 2 sigmoid(2x) - 1 in float32 (absolute error ~1 ulp of 1, which is what the tolerances measure; kLow:
+// a few ulp); float64 keeps Sleef's tanh.
+template <typename T, bool kLowPrec = false>
 inline Vec<T> vtanh(const Vec<T>& x) {
   if constexpr (std::is_same_v<T, float>) {
-    return Vec<T>(T(2)) * vsigmoid(x + x) - Vec<T>(T(1));
+    return Vec<T>(T(2)) * vrecip(Vec<T>(T(1)) + vexp<T, kLowPrec>(at::vec::clamp_min(x + x, Vec<T>(T(-87))).neg())) -
+           Vec<T>(T(1));
   } else {
     return x.tanh();
   }
 }
 
-// f(j, cnt) over [0, H) in vector-width pieces; the last piece may be short.
+// f(j, cnt) over [j0, j1) in vector-width pieces; the last piece may be short.
 template <typename T, typename F>
-inline void vec_loop(int64_t H, const F& f) {
+inline void vec_range(int64_t j0, int64_t j1, const F& f) {
   constexpr int64_t W = Vec<T>::size();
-  int64_t j = 0;
-  for (; j + W <= H; j += W) f(j, W);
-  if (j < H) f(j, H - j);
+  int64_t j = j0;
+  for (; j + W <= j1; j += W) f(j, W);
+  if (j < j1) f(j, j1 - j);
 }
 
 }  // namespace fastrnn

@@ -15,22 +15,22 @@ struct Gru {
   static constexpr int64_t kRowWork = 3;
 
   // gh may alias gates: each gate element is read before it is overwritten by its activation.
-  template <typename T>
-  static void forward_rows(const FwdRows<T>& s, int64_t r0, int64_t r1) {
+  template <typename T, typename S>
+  static void forward_rows(const FwdRows<T, S>& s, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
     const int64_t H = s.H, GH = 3 * H;
     const T* bias = s.bias;
     for (int64_t row = r0; row < r1; ++row) {
-      const T* x = s.gx + row * GH;
+      const S* x = s.gx + row * GH;
       const T* g = s.gh + row * GH;
-      const T* hp = s.hprev(row);
-      T* hr = s.h + row * H;
+      const S* hp = s.hprev(row);
+      S* hr = s.h + row * H;
       T* sg = s.gates ? s.gates + row * GH : nullptr;
       T* se = s.extra ? s.extra + row * H : nullptr;
-      vec_loop<T>(H, [&](int64_t j, int64_t n) {
-        Vec<T> r = vsigmoid(vload(x + j, n) + vload(g + j, n) + vload(bias + j, n));
-        Vec<T> z = vsigmoid(vload(x + H + j, n) + vload(g + H + j, n) + vload(bias + H + j, n));
+      vec_range<T>(j0, j1, [&](int64_t j, int64_t n) {
+        Vec<T> r = vsigmoid<T, kLow<S>>(vload(x + j, n) + vload(g + j, n) + vload(bias + j, n));
+        Vec<T> z = vsigmoid<T, kLow<S>>(vload(x + H + j, n) + vload(g + H + j, n) + vload(bias + H + j, n));
         Vec<T> hh = vload(g + 2 * H + j, n) + vload(bias + 2 * H + j, n);
-        Vec<T> nn = vtanh(vload(x + 2 * H + j, n) + r * hh);
+        Vec<T> nn = vtanh<T, kLow<S>>(vload(x + 2 * H + j, n) + r * hh);
         Vec<T> p = vload(hp + j, n);
         vstore(nn + z * (p - nn), hr + j, n);
         if (sg) {
@@ -45,19 +45,19 @@ struct Gru {
 
   // reference._gru_bwd: d_gx and d_gh (n block scaled by r); dh becomes its direct part dht*z, to which the walk's
   // GEMM adds d_gh W_hh.
-  template <typename T>
-  static void backward_rows(const BwdRows<T>& s, int64_t r0, int64_t r1) {
+  template <typename T, typename S>
+  static void backward_rows(const BwdRows<T, S>& s, int64_t r0, int64_t r1, int64_t j0, int64_t j1) {
     const int64_t H = s.H, GH = 3 * H;
     const Vec<T> one(T(1));
     for (int64_t row = r0; row < r1; ++row) {
       const T* sg = s.gates + row * GH;
       const T* hh = s.extra + row * H;
-      const T* hp = s.hprev(row);
-      const T* dout = s.d_out + row * H;
+      const S* hp = s.hprev(row);
+      const S* dout = s.d_out + row * H;
       T* dhr = s.dh + row * H;
-      T* dx = s.d_gx + row * GH;
-      T* dg = s.d_gh + row * GH;
-      vec_loop<T>(H, [&](int64_t j, int64_t n) {
+      S* dx = s.d_gx + row * GH;
+      S* dg = s.d_gh + row * GH;
+      vec_range<T>(j0, j1, [&](int64_t j, int64_t n) {
         Vec<T> dht = vload(dhr + j, n) + vload(dout + j, n);
         Vec<T> r = vload(sg + j, n), z = vload(sg + H + j, n), nn = vload(sg + 2 * H + j, n);
         Vec<T> dn = dht * (one - z) * (one - nn * nn);

@@ -101,33 +101,57 @@ at::DimVector saved_shape(int64_t width, const Sizes& s) {
   return {s.T, s.B, width * s.H};
 }
 
-template <typename T>
-T* ptr(const Tensor& t) {
-  return t.defined() ? t.data_ptr<T>() : nullptr;
+// The type of the state, the saved activations and the accumulation: float32 for a bfloat16 call (cells.saved_dtype).
+at::ScalarType acc_type(at::ScalarType dt) { return dt == at::kBFloat16 ? at::kFloat : dt; }
+
+template <typename T, typename S>
+const S* sptr(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<const S*>(t.data_ptr()) : nullptr;
 }
 
-template <typename T>
-T* opt_ptr(const OptTensor& t) {
-  return t.has_value() && t->defined() ? t->data_ptr<T>() : nullptr;
+template <typename S>
+S* mptr(const Tensor& t) {
+  return t.defined() ? reinterpret_cast<S*>(t.data_ptr()) : nullptr;
 }
 
-template <typename T>
-void run_forward(const CellKernels& k, const ForwardArgs<T>& a) {
-  if constexpr (std::is_same_v<T, float>) k.forward_f(a);
-  else k.forward_d(a);
+// The cell's walk for this call's precision: float64, float32 (optionally with bfloat16 GEMMs), or bfloat16.
+template <typename F>
+void dispatch(at::ScalarType dt, bool bf16_gemm, const F& f) {
+  switch (dt) {
+    case at::kDouble: return f(PrecF64{});
+    case at::kFloat: return bf16_gemm ? f(PrecF32Bf16Gemm{}) : f(PrecF32{});
+    case at::kBFloat16: return f(PrecBf16{});
+    default: TORCH_CHECK(false, "fastrnn: no cpp kernel for ", dt);
+  }
 }
 
-template <typename T>
-void run_backward(const CellKernels& k, const BackwardArgs<T>& a) {
-  if constexpr (std::is_same_v<T, float>) k.backward_f(a);
-  else k.backward_d(a);
+template <typename Pr>
+void run_forward(const CellKernels& k, const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
+  if constexpr (std::is_same_v<Pr, PrecF64>) k.forward_d(a);
+  else if constexpr (std::is_same_v<Pr, PrecF32>) k.forward_f(a);
+  else if constexpr (std::is_same_v<Pr, PrecF32Bf16Gemm>) k.forward_fb(a);
+  else k.forward_b(a);
+}
+
+template <typename Pr>
+void run_backward(const CellKernels& k, const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
+  if constexpr (std::is_same_v<Pr, PrecF64>) k.backward_d(a);
+  else if constexpr (std::is_same_v<Pr, PrecF32>) k.backward_f(a);
+  else if constexpr (std::is_same_v<Pr, PrecF32Bf16Gemm>) k.backward_fb(a);
+  else k.backward_b(a);
+}
+
+void check_bf16_gemm(bool bf16_gemm, at::ScalarType dt) {
+  TORCH_CHECK(!bf16_gemm || dt == at::kFloat || dt == at::kBFloat16,
+              "fastrnn: bf16_gemm is for float32 (bfloat16 calls always run bfloat16 GEMMs), got ", dt);
 }
 
 }  // namespace
 
 std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const Tensor& h0, const OptTensor& c0,
                                        const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
-                                       const OptTensor& batch_sizes, bool reverse, bool need_saved) {
+                                       const OptTensor& batch_sizes, bool reverse, bool need_saved,
+                                       bool bf16_gemm) {
   const CellKernels& k = kernels_for(cell_id);
   const ArgNames& names = arg_names(k);
   check_dtype(gx, names.gx.c_str());
@@ -140,33 +164,40 @@ std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const 
   check_state(k, c0, "c0 [B, H]", {B, H}, dt);
   check_tensor(w_hh, names.w_hh.c_str(), {GH, P}, dt);
   check_opt(b_hh, names.b_hh.c_str(), {GH}, dt);
+  check_bf16_gemm(bf16_gemm, dt);
   const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
 
-  const auto opts = gx.options();
+  const auto opts = gx.options(), acc = opts.dtype(acc_type(dt));
+  const bool same = acc_type(dt) == dt;
   Tensor out = new_output({T, B, P}, opts);
   Tensor h_n = new_output({B, P}, opts);
-  Tensor c = k.cell_state ? c0->clone() : Tensor();  // running cell state, c_n at the end
-  Tensor gates = need_saved && k.saved_gates ? new_output(saved_shape(k.saved_gates, s), opts) : at::empty({0}, opts);
-  Tensor extra = need_saved && k.saved_extra ? new_output(saved_shape(k.saved_extra, s), opts) : at::empty({0}, opts);
-  const bool gh_home = (need_saved && gh_in_gates(k.G, k.saved_gates)) || gh_in_h(k.G, s.proj);
-  Tensor gh_buf = gh_home ? Tensor() : at::empty({B, GH}, opts);
+  Tensor c = k.cell_state ? c0->to(acc, false, true) : Tensor();  // running cell state (acc), c_n at the end
+  Tensor gates = need_saved && k.saved_gates ? new_output(saved_shape(k.saved_gates, s), acc) : at::empty({0}, acc);
+  Tensor extra = need_saved && k.saved_extra ? new_output(saved_shape(k.saved_extra, s), acc) : at::empty({0}, acc);
+  const bool gh_home = (need_saved && gh_in_gates(k.G, k.saved_gates)) || gh_in_h(k.G, s.proj, same);
+  Tensor gh_buf = gh_home ? Tensor() : at::empty({B, GH}, acc);
   Tensor hbar = s.proj ? at::empty({B, H}, opts) : Tensor();
-  Tensor bias = b_hh.has_value() && b_hh->defined() ? *b_hh : at::zeros({GH}, opts);
-  AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_recurrence_forward", [&] {
-    using T_ = scalar_t;
-    const ForwardArgs<T_> a{w, H, P, s.proj, need_saved, ptr<T_>(gx), ptr<T_>(h0), ptr<T_>(w_hh), ptr<T_>(bias),
-                            opt_ptr<T_>(w_hr), ptr<T_>(out), ptr<T_>(h_n), ptr<T_>(c), ptr<T_>(gates),
-                            ptr<T_>(extra), ptr<T_>(gh_buf), ptr<T_>(hbar)};
-    run_forward(k, a);
+  Tensor pout = s.proj && !same ? at::empty({B, P}, acc) : Tensor();
+  Tensor bias = b_hh.has_value() && b_hh->defined() ? b_hh->to(acc) : at::zeros({GH}, acc);
+  const Tensor w_hr_t = s.proj ? *w_hr : Tensor();
+  dispatch(dt, bf16_gemm, [&](auto pr) {
+    using Pr = decltype(pr);
+    using T_ = typename Pr::T;
+    using S_ = typename Pr::S;
+    const ForwardArgs<T_, S_> a{w, H, P, s.proj, need_saved, sptr<T_, S_>(gx), sptr<T_, S_>(h0),
+                                sptr<T_, S_>(w_hh), sptr<T_, S_>(w_hr_t), sptr<T_, T_>(bias), mptr<S_>(out),
+                                mptr<S_>(h_n), mptr<T_>(c), mptr<T_>(gates), mptr<T_>(extra), mptr<T_>(gh_buf),
+                                mptr<S_>(hbar), mptr<T_>(pout)};
+    run_forward<Pr>(k, a);
   });
-  return {out, h_n, c, gates, extra};
+  return {out, h_n, same ? c : (c.defined() ? c.to(dt) : c), gates, extra};
 }
 
 std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, const Tensor& d_h_n,
                                         const OptTensor& d_c_n, const Tensor& h0, const OptTensor& c0,
                                         const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
                                         const OptTensor& batch_sizes, bool reverse, const Tensor& out,
-                                        const Tensor& gates, const Tensor& extra) {
+                                        const Tensor& gates, const Tensor& extra, bool bf16_gemm) {
   const CellKernels& k = kernels_for(cell_id);
   const ArgNames& names = arg_names(k);
   check_dtype(out, names.out.c_str());
@@ -183,32 +214,41 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
   check_state(k, c0, "c0 [B, H]", {B, H}, dt);
   check_tensor(w_hh, names.w_hh.c_str(), {GH, P}, dt);
   check_opt(b_hh, names.b_hh.c_str(), {GH}, dt);
-  check_tensor(gates, names.gates.c_str(), saved_shape(k.saved_gates, s), dt);
-  check_tensor(extra, names.extra.c_str(), saved_shape(k.saved_extra, s), dt);
+  const auto acc_dt = acc_type(dt);
+  check_tensor(gates, names.gates.c_str(), saved_shape(k.saved_gates, s), acc_dt);
+  check_tensor(extra, names.extra.c_str(), saved_shape(k.saved_extra, s), acc_dt);
+  check_bf16_gemm(bf16_gemm, dt);
   const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
 
-  const auto opts = out.options();
+  const auto opts = out.options(), acc = opts.dtype(acc_dt);
+  const bool same = acc_dt == dt;
   Tensor d_gx = new_output({T, B, GH}, opts);
   Tensor d_gh = k.dgh_differs ? at::empty({T, B, GH}, opts) : Tensor();  // what reaches W_hh, if not d_gx
-  Tensor dh = d_h_n.clone();                                            // running d h, d_h0 at the end
-  Tensor dc = k.cell_state ? d_c_n->clone() : Tensor();
-  Tensor d_w_hh = new_output({GH, P}, opts);
-  Tensor d_w_hr = s.proj ? new_output({P, H}, opts) : Tensor();
+  Tensor dh = d_h_n.to(acc, false, true);                               // running d h (acc), d_h0 at the end
+  Tensor dc = k.cell_state ? d_c_n->to(acc, false, true) : Tensor();
+  Tensor c0a = k.cell_state ? c0->to(acc) : Tensor();
+  Tensor d_w_hh = new_output({GH, P}, acc);
+  Tensor d_w_hr = s.proj ? new_output({P, H}, acc) : Tensor();
   Tensor dhfull = s.proj ? at::empty({T, B, P}, opts) : Tensor();
   Tensor hbar = s.proj ? at::empty({T, B, H}, opts) : Tensor();
-  Tensor dhbar = s.proj ? at::empty({B, H}, opts) : Tensor();
+  Tensor dhbar = s.proj ? at::empty({B, H}, acc) : Tensor();
   Tensor dg0 = at::empty({B, GH}, opts);
-  AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_recurrence_backward", [&] {
-    using T_ = scalar_t;
-    const BackwardArgs<T_> a{w, H, P, s.proj, ptr<T_>(d_out), ptr<T_>(h0), opt_ptr<T_>(c0), ptr<T_>(w_hh),
-                             opt_ptr<T_>(w_hr), ptr<T_>(out), ptr<T_>(gates), ptr<T_>(extra), ptr<T_>(dh),
-                             ptr<T_>(dc), ptr<T_>(d_gx), ptr<T_>(d_gh), ptr<T_>(d_w_hh), ptr<T_>(d_w_hr),
-                             ptr<T_>(dhfull), ptr<T_>(hbar), ptr<T_>(dhbar), ptr<T_>(dg0)};
-    run_backward(k, a);
+  const Tensor w_hr_t = s.proj ? *w_hr : Tensor();
+  dispatch(dt, bf16_gemm, [&](auto pr) {
+    using Pr = decltype(pr);
+    using T_ = typename Pr::T;
+    using S_ = typename Pr::S;
+    const BackwardArgs<T_, S_> a{w, H, P, s.proj, sptr<T_, S_>(d_out), sptr<T_, S_>(h0), sptr<T_, T_>(c0a),
+                                 sptr<T_, S_>(w_hh), sptr<T_, S_>(w_hr_t), sptr<T_, S_>(out), sptr<T_, T_>(gates),
+                                 sptr<T_, T_>(extra), mptr<T_>(dh), mptr<T_>(dc), mptr<S_>(d_gx), mptr<S_>(d_gh),
+                                 mptr<T_>(d_w_hh), mptr<T_>(d_w_hr), mptr<S_>(dhfull), mptr<S_>(hbar),
+                                 mptr<T_>(dhbar), mptr<S_>(dg0)};
+    run_backward<Pr>(k, a);
   });
   const Tensor& dg = k.dgh_differs ? d_gh : d_gx;
-  Tensor d_b_hh = b_hh.has_value() && b_hh->defined() ? dg.view({T * B, GH}).sum(0) : Tensor();
-  return {d_gx, dh, dc, d_w_hh, d_b_hh, d_w_hr};
+  Tensor d_b_hh = b_hh.has_value() && b_hh->defined() ? dg.view({T * B, GH}).sum(0, false, acc_dt) : Tensor();
+  auto back = [&](const Tensor& t) { return same || !t.defined() ? t : t.to(dt); };
+  return {d_gx, back(dh), back(dc), back(d_w_hh), back(d_b_hh), back(d_w_hr)};
 }
 
 std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool> cell_info(int64_t cell_id) {

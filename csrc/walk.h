@@ -13,12 +13,20 @@
 //     static constexpr bool kDghDiffers;            // the gradient reaching W_hh/b_hh differs from d_gx
 //     static constexpr bool kDirectDh;              // part of d h_{t-1} bypasses W_hh (backward_rows writes it)
 //     static constexpr int64_t kRowWork;            // pointwise cost of a row in units of H (parallel grain)
-//     template <typename T> static void forward_rows(const FwdRows<T>&, int64_t r0, int64_t r1);
-//     template <typename T> static void backward_rows(const BwdRows<T>&, int64_t r0, int64_t r1);
+//     // rows [r0, r1) x hidden units [j0, j1) of a step (every gate of those units)
+//     template <typename T, typename S> static void forward_rows(const FwdRows<T, S>&, r0, r1, j0, j1);
+//     template <typename T, typename S> static void backward_rows(const BwdRows<T, S>&, r0, r1, j0, j1);
 //   };
 //
-// Per step the serial work is one GEMM and one fused pointwise pass; a small step runs as row blocks that each do
-// their own GEMM and pointwise pass in one parallel region (row_blocks).
+// T is the type of the state and of all arithmetic, S that of the call's tensors (gx, out, states, weights,
+// gradients): both float64 or both float32, or S = bfloat16 over T = float32 (Prec below).
+//
+// Per step the serial work is one GEMM and one fused pointwise pass. float32/float64 (MKL/BLAS GEMMs): a small step
+// runs as row blocks that each do their own GEMM and pointwise pass in one parallel region (row_blocks), a large one as
+// a GEMM threaded by BLAS and then a parallel pointwise pass. bfloat16 GEMMs (Bf16Gemm, AMX): a step is one parallel
+// region over blocks of hidden units, each task running the GEMM of its units' columns of every gate and then their
+// pointwise pass (unit_tasks); backward's GEMM d_gates W_hh of a step runs at the start of the next step's region,
+// each task first forming the columns of d h its own units need.
 #pragma once
 
 #include "fastrnn.h"
@@ -55,76 +63,95 @@ struct Walk {
   }
 };
 
+// ---- how a call computes ----
+// T: state and arithmetic; S: the call's tensors; kBf16Gemm: the step GEMMs on bfloat16 operands (Bf16Gemm) instead
+// of StepGemm<T>.
+template <typename T_, typename S_, bool kBf16Gemm_>
+struct Prec {
+  using T = T_;
+  using S = S_;
+  static constexpr bool kBf16Gemm = kBf16Gemm_;
+};
+using PrecF64 = Prec<double, double, false>;
+using PrecF32 = Prec<float, float, false>;
+using PrecF32Bf16Gemm = Prec<float, float, true>;  // float32 with bfloat16 GEMMs (opt-in)
+using PrecBf16 = Prec<float, BF16, true>;
+
 // ---- what a cell's pointwise rows see (all pointers at row 0 of step t; a row r is [r * width, (r+1) * width)) ----
-template <typename T>
+template <typename T, typename S = T>
 struct FwdRows {
   int64_t H, P;
   int64_t k;       // rows [0, k) continue from hsrc, rows [k, n) start from h0
-  const T* gx;     // [B, G*H] input projection of step t (incl. b_ih)
+  const S* gx;     // [B, G*H] input projection of step t (incl. b_ih)
   const T* gh;     // [B, G*H] h_{t-1} W_hh^T; may alias gates or h (a step reads each element before it writes it)
   const T* bias;   // [G*H] b_hh (zeros without bias)
-  const T* hsrc;   // [B, P] out[src(t)]
-  const T* h0;     // [B, P]
+  const S* hsrc;   // [B, P] out[src(t)]
+  const S* h0;     // [B, P]
   T* c;            // [B, H] running cell state: c_{t-1} in, c_t out (kCellState), else null
-  T* h;            // [B, H] the new h before any projection
+  S* h;            // [B, H] the new h before any projection
   T* gates;        // [B, kSavedGates*H] saved for backward, or null
   T* extra;        // [B, kSavedExtra*H] saved for backward, or null
-  const T* hprev(int64_t r) const { return r < k ? hsrc + r * P : h0 + r * P; }  // h_{t-1} of row r
+  const S* hprev(int64_t r) const { return r < k ? hsrc + r * P : h0 + r * P; }  // h_{t-1} of row r
 };
 
-template <typename T>
+template <typename T, typename S = T>
 struct BwdRows {
   int64_t H, P;
   int64_t k;            // as in FwdRows
   T* dh;                // [B, H] gradient of the step's new h before any projection (kDirectDh: replaced by the
                         //   part of d h_{t-1} that bypasses W_hh; the walk's GEMM adds the rest)
-  const T* d_out;       // [B, H] d_out[t], added to dh by the step unless with_d_out is false (dh already holds it:
+  const S* d_out;       // [B, H] d_out[t], added to dh by the step unless with_d_out is false (dh already holds it:
   bool with_d_out;      //   a projection's d hbar)
-  const T* h;           // [B, P] out[t]
+  const S* h;           // [B, P] out[t]
   const T* gates;       // [B, kSavedGates*H] saved at step t
   const T* extra;       // [B, kSavedExtra*H] saved at step t
   const T* extra_src;   // saved extra of step src(t) (kCellState: c_{t-1} for rows < k)
   const T* c0;          // [B, H] (kCellState)
-  const T* hsrc;        // [B, P] out[src(t)]
-  const T* h0;          // [B, P]
+  const S* hsrc;        // [B, P] out[src(t)]
+  const S* h0;          // [B, P]
   T* dc;                // [B, H] running cell-state gradient: d c_t in, d c_{t-1} out (kCellState)
-  T* d_gx;              // [B, G*H]
-  T* d_gh;              // [B, G*H] gradient of gh (kDghDiffers; else the same buffer as d_gx)
-  T* hbar;              // [B, H] the pre-projection h, recomputed for d_w_hr (kProjection), else null
-  const T* hprev(int64_t r) const { return r < k ? hsrc + r * P : h0 + r * P; }
+  S* d_gx;              // [B, G*H]
+  S* d_gh;              // [B, G*H] gradient of gh (kDghDiffers; else the same buffer as d_gx)
+  S* hbar;              // [B, H] the pre-projection h, recomputed for d_w_hr (kProjection), else null
+  const S* hprev(int64_t r) const { return r < k ? hsrc + r * P : h0 + r * P; }
   const T* cprev(int64_t r) const { return r < k ? extra_src + r * H : c0 + r * H; }
 };
 
 // ---- raw arguments of one call (recurrence.cpp fills them after its checks; outputs allocated there) ----
-template <typename T>
+template <typename T, typename S = T>
 struct ForwardArgs {
   const Walk& w;
   int64_t H, P;
-  bool proj, save;  // w_hr given (Cell::kProjection only); saving for backward (an empty tensor's pointer is null)
-  const T *gx, *h0, *w_hh, *bias, *w_hr;  // bias: [G*H], zeros without b_hh; w_hr null without projection
-  T* out;                                  // [T, B, P]
-  T* h_n;                                  // [B, P]
-  T* c;                                    // [B, H] c0 in, c_n out (kCellState), else null
-  T *gates, *extra;                        // saved layout, or null when not saving
-  T* gh;                                   // [B, G*H] scratch when gh has no home in gates or out (see forward_walk)
-  T* hbar;                                 // [B, H] scratch (projection)
+  bool proj, save;       // w_hr given (Cell::kProjection only); saving for backward (an empty tensor's pointer is null)
+  const S *gx, *h0, *w_hh, *w_hr;  // w_hr null without projection
+  const T* bias;                   // [G*H] b_hh, zeros without it
+  S* out;                          // [T, B, P]
+  S* h_n;                          // [B, P]
+  T* c;                            // [B, H] c0 in, c_n out (kCellState), else null
+  T *gates, *extra;                // saved layout, or null when not saving
+  T* gh;                           // [B, G*H] scratch when gh has no home in gates or out (see forward_walk)
+  S* hbar;                         // [B, H] scratch (projection)
+  T* pout;                         // [B, P] scratch (projection, S != T): the projection before rounding to S
 };
 
-template <typename T>
+template <typename T, typename S = T>
 struct BackwardArgs {
   const Walk& w;
   int64_t H, P;
   bool proj;
-  const T *d_out, *h0, *c0, *w_hh, *w_hr, *out, *gates, *extra;
+  const S *d_out, *h0;
+  const T* c0;          // [B, H] (kCellState)
+  const S *w_hh, *w_hr, *out;
+  const T *gates, *extra;
   T* dh;                // [B, P] d_h_n in, d_h0 out
   T* dc;                // [B, H] d_c_n in, d_c0 out (kCellState)
-  T* d_gx;              // [T, B, G*H]
-  T* d_gh;              // [T, B, G*H] (kDghDiffers), else null: d_gx reaches W_hh
+  S* d_gx;              // [T, B, G*H]
+  S* d_gh;              // [T, B, G*H] (kDghDiffers), else null: d_gx reaches W_hh
   T* d_w_hh;            // [G*H, P]
   T* d_w_hr;            // [P, H] (projection)
-  T *dhfull, *hbar;     // [T, B, P], [T, B, H] scratch (projection)
+  S *dhfull, *hbar;     // [T, B, P], [T, B, H] scratch (projection)
   T* dhbar;             // [B, H] scratch (projection)
-  T* dg0;               // [B, G*H] scratch
+  S* dg0;               // [B, G*H] scratch
 };
 
 // ---- helpers of the walk ----
@@ -168,29 +195,30 @@ inline void zero_rows(T* p, int64_t from, int64_t to, int64_t width) {
 }
 
 // d_w[GH,P] = sum over steps and rows of dg[t,b]^T h_{t-1}[b]: two GEMMs over all T*B rows (rows a step does not
-// touch hold zeros in dg and in out). dg: [T,B,GH] with row stride ldg; dg0: [B,GH] scratch.
-template <typename T>
-inline void weight_grad(const Walk& w, const T* dg, int64_t ldg, const T* out, const T* h0, int64_t GH, int64_t P,
-                        T* dg0, T* d_w) {
+// touch hold zeros in dg and in out). dg: [T,B,GH] with row stride ldg; dg0: [B,GH] scratch. S operands (bfloat16:
+// MKL's bfloat16 GEMM), T accumulation.
+template <typename T, typename S>
+inline void weight_grad(const Walk& w, const S* dg, int64_t ldg, const S* out, const S* h0, int64_t GH, int64_t P,
+                        S* dg0, T* d_w) {
   const int64_t T_ = w.T, B = w.B;
   if (GH == 0 || P == 0) return;  // d_w is empty
   // Rows that continue: forward pairs dg[1:] with out[:-1], reverse pairs dg[:-1] with out[1:]; a row that
   // starts from h0 at step t meets a zero row of out there, so it contributes nothing.
   T beta = T(0);
   if (T_ > 1 && B > 0) {
-    const T* g = w.reverse ? dg : dg + B * ldg;
-    const T* h = w.reverse ? out + B * P : out;
+    const S* g = w.reverse ? dg : dg + B * ldg;
+    const S* h = w.reverse ? out + B * P : out;
     gemm(true, false, GH, P, (T_ - 1) * B, T(1), g, ldg, h, P, T(0), d_w, P);
     beta = T(1);
   }
   // Rows that start from h0: gather each row's gradient at its first step.
   for (int64_t b = 0; b < B; ++b) {
     const int64_t s = w.first_step(b);
-    T* dst = dg0 + b * GH;
+    S* dst = dg0 + b * GH;
     if (s < 0) {
-      std::fill(dst, dst + GH, T(0));
+      std::fill(dst, dst + GH, S(0));
     } else {
-      const T* src = dg + (s * B + b) * ldg;
+      const S* src = dg + (s * B + b) * ldg;
       std::copy(src, src + GH, dst);
     }
   }
@@ -199,97 +227,288 @@ inline void weight_grad(const Walk& w, const T* dg, int64_t ldg, const T* out, c
 }
 
 // h_n[b]: each row's state at its last step, h0 for rows never active.
-template <typename T>
-inline void final_state(const Walk& w, const T* out, const T* h0, int64_t P, T* h_n) {
+template <typename S>
+inline void final_state(const Walk& w, const S* out, const S* h0, int64_t P, S* h_n) {
   if (P == 0) return;
   for (int64_t b = 0; b < w.B; ++b) {
     const int64_t t = w.last_step(b);
-    const T* src = t < 0 ? h0 + b * P : out + (t * w.B + b) * P;
+    const S* src = t < 0 ? h0 + b * P : out + (t * w.B + b) * P;
     std::copy(src, src + P, h_n + b * P);
   }
+}
+
+// dst[r, c0:c1] = src[r, c0:c1] rounded to S, rows [r0, r1).
+template <typename T, typename S>
+inline void store_rows(const T* src, S* dst, int64_t ld, int64_t r0, int64_t r1, int64_t c0, int64_t c1) {
+  for (int64_t r = r0; r < r1; ++r)
+    vec_range<T>(c0, c1, [&](int64_t j, int64_t cnt) { vstore(vload(src + r * ld + j, cnt), dst + r * ld + j, cnt); });
+}
+
+// ---- the bfloat16-GEMM schedule: a step's region is tasks of one block of hidden units (Bf16Gemm::kBlock columns
+// of every gate) x one chunk of rows ----
+
+// A's rows for Bf16Gemm::run: [0, k) at lo, the rest at hi, row stride ld; staged once when the GEMM needs it.
+struct GemmRows {
+  const BF16 *lo, *hi;
+  int64_t k, ld;
+};
+
+template <typename S>
+inline GemmRows gemm_rows(const Bf16Gemm& g, const S* lo, const S* hi, int64_t k, int64_t n, int64_t ld) {
+  if constexpr (std::is_same_v<S, BF16>) {
+    if (!g.stages(false)) return {lo, hi, k, ld};
+  }
+  if (n == 0) return {nullptr, nullptr, 0, ld};
+  const BF16* p = g.stage(lo, hi, k, n, ld);
+  return {p, p, n, g.staged_ld()};
+}
+
+// Packing W for AMX costs about two passes over it; a single step of few rows (a cell, T = 1) reads W once either
+// way, so it runs on W as it is.
+inline bool repays_packing(const Walk& w) { return w.T > 1 || w.B >= 32; }
+
+// A thread's share of a region should carry about this many flops: waking a thread costs a few microseconds, and AMX
+// runs 2^20 flops in about one.
+constexpr int64_t kTaskFlops = int64_t(1) << 21;
+
+struct UnitTasks {
+  int64_t nb, rows, n, count, grain;  // unit blocks, rows per chunk, rows in all, tasks, tasks per thread at least
+  // task i: rows [r0, r1) of unit block b; consecutive tasks share a chunk of rows, so a thread keeps its blocks of W
+  void at(int64_t i, int64_t& r0, int64_t& r1, int64_t& b) const {
+    b = i % nb;
+    r0 = (i / nb) * rows;
+    r1 = std::min(n, r0 + rows);
+  }
+};
+
+// Tasks for n rows and nb unit blocks, each block-row costing flops_per_row: rows are split only when there are fewer
+// blocks than threads, into chunks of 16 rows or more (an AMX tile's height).
+inline UnitTasks unit_tasks(int64_t n, int64_t nb, int64_t flops_per_row) {
+  if (n <= 0 || nb <= 0) return {std::max<int64_t>(nb, 1), 1, 0, 0, 1};
+  const int64_t threads = at::get_num_threads();
+  int64_t chunks = 1;
+  if (nb < threads) chunks = std::max<int64_t>(1, std::min(threads / nb, n / 16));
+  const int64_t rows = (n + chunks - 1) / chunks;
+  chunks = (n + rows - 1) / rows;
+  const int64_t grain = std::max<int64_t>(1, kTaskFlops / std::max<int64_t>(flops_per_row * rows, 1));
+  return {nb, rows, n, nb * chunks, grain};
 }
 
 // ---- the walk ----
 
 // Where a step's gh = h_{t-1} W_hh^T goes: into the saved gates of step t when they have gh's layout, or into the
-// new h of a one-gate cell without projection, the step activating it in place there; else into a scratch [B, G*H].
-// (recurrence.cpp allocates the scratch from the same two rules.)
+// new h of a one-gate cell without projection whose out has gh's type, the step activating it in place there; else
+// into a scratch [B, G*H]. (recurrence.cpp allocates the scratch from the same two rules.)
 constexpr bool gh_in_gates(int64_t G, int64_t saved_gates) { return saved_gates == G; }
-constexpr bool gh_in_h(int64_t G, bool proj) { return G == 1 && !proj; }
+constexpr bool gh_in_h(int64_t G, bool proj, bool same_type) { return G == 1 && !proj && same_type; }
 
-template <typename Cell, typename T>
-void forward_walk(const ForwardArgs<T>& a) {
-  constexpr int64_t G = Cell::G;
+template <typename Cell, typename Pr>
+void forward_walk(const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
+  using T = typename Pr::T;
+  using S = typename Pr::S;
+  constexpr bool kSame = std::is_same_v<S, T>;
+  constexpr int64_t G = Cell::G, kB = Bf16Gemm::kBlock;
   const Walk& w = a.w;
   const int64_t B = w.B, H = a.H, P = a.P, GH = G * H, WG = Cell::kSavedGates * H, WE = Cell::kSavedExtra * H;
   const bool proj = Cell::kProjection && a.proj;
-  const StepGemm<T> whh(a.w_hh, true, GH, P, B), whr(a.w_hr, true, P, H, proj ? B : 0);
-  for (int64_t i = 0; i < w.T; ++i) {
-    const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
-    const T* hsrc = k > 0 ? a.out + w.src(t) * B * P : nullptr;
-    T* ot = a.out + t * B * P;
-    T* hdst = proj ? a.hbar : ot;
-    T* st = a.save && WG ? a.gates + t * B * WG : nullptr;
-    T* et = a.save && WE ? a.extra + t * B * WE : nullptr;
-    T* gh = gh_in_gates(G, Cell::kSavedGates) && a.save ? st : gh_in_h(G, proj) ? hdst : a.gh;
-    const FwdRows<T> s{H, P, k, a.gx + t * B * GH, gh, a.bias, hsrc, a.h0, a.c, hdst, st, et};
-    if (row_blocks(n, P, GH)) {
-      at::parallel_for(0, n, fused_grain(P, GH), [&](int64_t r0, int64_t r1) {
-        gemm_prev_rows(whh, hsrc, a.h0, k, r0, r1, P, gh, GH);
-        Cell::forward_rows(s, r0, r1);
-      });
-    } else {
-      gemm_prev(whh, hsrc, a.h0, k, n, P, gh, GH);
-      at::parallel_for(0, n, row_grain(Cell::kRowWork * H), [&](int64_t r0, int64_t r1) {
-        Cell::forward_rows(s, r0, r1);
-      });
+  auto step_ptrs = [&](int64_t t, S*& ot, S*& hdst, T*& st, T*& et, T*& gh) {
+    ot = a.out + t * B * P;
+    hdst = proj ? a.hbar : ot;
+    st = a.save && WG ? a.gates + t * B * WG : nullptr;
+    et = a.save && WE ? a.extra + t * B * WE : nullptr;
+    gh = gh_in_gates(G, Cell::kSavedGates) && a.save ? st : a.gh;
+    if constexpr (kSame) {
+      if (!(gh_in_gates(G, Cell::kSavedGates) && a.save) && gh_in_h(G, proj, true)) gh = hdst;
     }
-    if (proj) whr(n, a.hbar, H, T(0), ot, P);
-    zero_rows(ot, n, B, P);
-    if (st) zero_rows(st, n, B, WG);
-    if (et) zero_rows(et, n, B, WE);
+  };
+  if constexpr (Pr::kBf16Gemm) {
+    const bool pack = repays_packing(w);
+    const Bf16Gemm whh(a.w_hh, true, GH, P, H, pack), whr(a.w_hr, true, proj ? P : 0, H, P, pack);
+    for (int64_t i = 0; i < w.T; ++i) {
+      const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
+      const S* hsrc = k > 0 ? a.out + w.src(t) * B * P : nullptr;
+      S *ot, *hdst;
+      T *st, *et, *gh;
+      step_ptrs(t, ot, hdst, st, et, gh);
+      const FwdRows<T, S> s{H, P, k, a.gx + t * B * GH, gh, a.bias, hsrc, a.h0, a.c, hdst, st, et};
+      const GemmRows A = gemm_rows(whh, hsrc, a.h0, k, n, P);
+      const UnitTasks ut = unit_tasks(n, whh.blocks(), 2 * P * G * kB);
+      at::parallel_for(0, ut.count, ut.grain, [&](int64_t i0, int64_t i1) {
+        for (int64_t task = i0; task < i1; ++task) {
+          int64_t r0, r1, b;
+          ut.at(task, r0, r1, b);
+          for (int64_t q = 0; q < G; ++q)
+            whh.run(A.lo, A.hi, A.k, A.ld, r0, r1, whh.col0(q, b), whh.col1(q, b), false, gh, GH);
+          Cell::forward_rows(s, r0, r1, whh.col0(0, b), whh.col1(0, b));
+        }
+        whh.release();
+      });
+      if (proj) {
+        T* pdst;
+        if constexpr (kSame) pdst = ot;
+        else pdst = a.pout;
+        const GemmRows Ah = gemm_rows(whr, a.hbar, a.hbar, n, n, H);
+        const UnitTasks pt = unit_tasks(n, whr.blocks(), 2 * H * kB);
+        at::parallel_for(0, pt.count, pt.grain, [&](int64_t i0, int64_t i1) {
+          for (int64_t task = i0; task < i1; ++task) {
+            int64_t r0, r1, b;
+            pt.at(task, r0, r1, b);
+            whr.run(Ah.lo, Ah.hi, Ah.k, Ah.ld, r0, r1, whr.col0(0, b), whr.col1(0, b), false, pdst, P);
+            if constexpr (!kSame) store_rows(pdst, ot, P, r0, r1, whr.col0(0, b), whr.col1(0, b));
+          }
+          whr.release();
+        });
+      }
+      zero_rows(ot, n, B, P);
+      if (st) zero_rows(st, n, B, WG);
+      if (et) zero_rows(et, n, B, WE);
+    }
+  } else {
+    static_assert(kSame, "BLAS GEMMs run on the state's own type");
+    const StepGemm<T> whh(a.w_hh, true, GH, P, B), whr(a.w_hr, true, P, H, proj ? B : 0);
+    for (int64_t i = 0; i < w.T; ++i) {
+      const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
+      const T* hsrc = k > 0 ? a.out + w.src(t) * B * P : nullptr;
+      T *ot, *hdst, *st, *et, *gh;
+      step_ptrs(t, ot, hdst, st, et, gh);
+      const FwdRows<T> s{H, P, k, a.gx + t * B * GH, gh, a.bias, hsrc, a.h0, a.c, hdst, st, et};
+      if (row_blocks(n, P, GH)) {
+        at::parallel_for(0, n, fused_grain(P, GH), [&](int64_t r0, int64_t r1) {
+          gemm_prev_rows(whh, hsrc, a.h0, k, r0, r1, P, gh, GH);
+          Cell::forward_rows(s, r0, r1, 0, H);
+        });
+      } else {
+        gemm_prev(whh, hsrc, a.h0, k, n, P, gh, GH);
+        at::parallel_for(0, n, row_grain(Cell::kRowWork * H), [&](int64_t r0, int64_t r1) {
+          Cell::forward_rows(s, r0, r1, 0, H);
+        });
+      }
+      if (proj) whr(n, a.hbar, H, T(0), ot, P);
+      zero_rows(ot, n, B, P);
+      if (st) zero_rows(st, n, B, WG);
+      if (et) zero_rows(et, n, B, WE);
+    }
   }
   final_state(w, a.out, a.h0, P, a.h_n);
 }
 
-template <typename Cell, typename T>
-void backward_walk(const BackwardArgs<T>& a) {
+template <typename Cell, typename Pr>
+void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
+  using T = typename Pr::T;
+  using S = typename Pr::S;
   static_assert(!(Cell::kProjection && Cell::kDirectDh), "a direct d h_{t-1} would live in P-space with a projection");
   static_assert(!Cell::kCellState || Cell::kSavedExtra == 1, "a cell state is saved as extra c_t [T, B, H]");
-  constexpr int64_t G = Cell::G;
+  constexpr int64_t G = Cell::G, kB = Bf16Gemm::kBlock;
   const Walk& w = a.w;
   const int64_t B = w.B, H = a.H, P = a.P, GH = G * H, WG = Cell::kSavedGates * H, WE = Cell::kSavedExtra * H;
   const bool proj = Cell::kProjection && a.proj;
-  T* const d_gh = Cell::kDghDiffers ? a.d_gh : a.d_gx;  // what reaches W_hh and b_hh
-  const T beta = Cell::kDirectDh ? T(1) : T(0);          // the GEMM adds to the step's direct part, or replaces dh
-  const StepGemm<T> whh(a.w_hh, false, P, GH, B), whr(a.w_hr, false, H, P, proj ? B : 0);
-  for (int64_t i = w.T - 1; i >= 0; --i) {
-    const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
-    const T* dot = a.d_out + t * B * P;
-    T* dxt = a.d_gx + t * B * GH;
-    T* dgt = d_gh + t * B * GH;
-    T* hbt = proj ? a.hbar + t * B * H : nullptr;
-    if (proj) {
-      // gradient of the projected output, kept for d_w_hr, then taken back through w_hr
-      T* dhf = a.dhfull + t * B * P;
-      for (int64_t e = 0; e < n * P; ++e) dhf[e] = a.dh[e] + dot[e];
-      zero_rows(dhf, n, B, P);
-      whr(n, dhf, P, T(0), a.dhbar, H);
-    }
-    const T* src_out = k > 0 ? a.out + w.src(t) * B * P : nullptr;
+  S* const d_gh = Cell::kDghDiffers ? a.d_gh : a.d_gx;  // what reaches W_hh and b_hh
+  auto rows_of = [&](int64_t t, int64_t k) {
+    const S* src_out = k > 0 ? a.out + w.src(t) * B * P : nullptr;
     const T* src_extra = k > 0 ? a.extra + w.src(t) * B * WE : nullptr;
-    const BwdRows<T> s{H, P, k, proj ? a.dhbar : a.dh, dot, !proj, a.out + t * B * P,
-                       a.gates + t * B * WG, a.extra + t * B * WE, src_extra, a.c0, src_out, a.h0, a.dc, dxt, dgt,
-                       hbt};
-    const bool blocks = row_blocks(n, GH, P);
-    at::parallel_for(0, n, blocks ? fused_grain(GH, P) : row_grain(Cell::kRowWork * H), [&](int64_t r0, int64_t r1) {
-      Cell::backward_rows(s, r0, r1);
-      if (blocks) whh(r1 - r0, dgt + r0 * GH, GH, beta, a.dh + r0 * P, P);  // d h_{t-1} of these rows
+    return BwdRows<T, S>{H, P, k, proj ? a.dhbar : a.dh, a.d_out + t * B * P, !proj, a.out + t * B * P,
+                         a.gates + t * B * WG, a.extra + t * B * WE, src_extra, a.c0, src_out, a.h0, a.dc,
+                         a.d_gx + t * B * GH, d_gh + t * B * GH, proj ? a.hbar + t * B * H : nullptr};
+  };
+  auto zero_step = [&](int64_t t, int64_t n) {
+    zero_rows(a.d_gx + t * B * GH, n, B, GH);
+    if (Cell::kDghDiffers) zero_rows(d_gh + t * B * GH, n, B, GH);
+    if (proj) zero_rows(a.hbar + t * B * H, n, B, H);
+  };
+  if constexpr (Pr::kBf16Gemm) {
+    // d h_{t-1} = d_gh_t W_hh (+ the direct part kDirectDh left in dh) runs in the next step's region: a task first
+    // forms the columns of d h its units need, from the rows of the step walked before ("pending").
+    const bool pack = repays_packing(w);
+    const Bf16Gemm whh(a.w_hh, false, P, GH, P, pack), whr(a.w_hr, false, proj ? H : 0, P, H, pack);
+    const S* pend = nullptr;
+    int64_t pend_n = 0;
+    auto pending = [&](const GemmRows& A, int64_t r0, int64_t r1, int64_t b) {
+      whh.run(A.lo, A.hi, A.k, A.ld, r0, std::min(r1, pend_n), whh.col0(0, b), whh.col1(0, b), Cell::kDirectDh, a.dh,
+              P);
+    };
+    for (int64_t i = w.T - 1; i >= 0; --i) {
+      const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
+      const BwdRows<T, S> s = rows_of(t, k);
+      const GemmRows A = gemm_rows(whh, pend, pend, pend_n, pend_n, GH);
+      const UnitTasks ut = unit_tasks(std::max(n, pend_n), whh.blocks(), 2 * GH * kB);
+      if (proj) {
+        // the projected output's gradient, kept for d_w_hr, then taken back through w_hr for the units' pass
+        S* dhf = a.dhfull + t * B * P;
+        const S* dot = a.d_out + t * B * P;
+        at::parallel_for(0, ut.count, ut.grain, [&](int64_t i0, int64_t i1) {
+          for (int64_t task = i0; task < i1; ++task) {
+            int64_t r0, r1, b;
+            ut.at(task, r0, r1, b);
+            pending(A, r0, r1, b);
+            for (int64_t r = r0; r < std::min(r1, n); ++r)
+              vec_range<T>(whh.col0(0, b), whh.col1(0, b), [&](int64_t j, int64_t cnt) {
+                vstore(vload(a.dh + r * P + j, cnt) + vload(dot + r * P + j, cnt), dhf + r * P + j, cnt);
+              });
+          }
+          whh.release();
+        });
+        zero_rows(dhf, n, B, P);
+        const GemmRows D = gemm_rows(whr, dhf, dhf, n, n, P);
+        const UnitTasks ht = unit_tasks(n, whr.blocks(), 2 * P * kB);
+        at::parallel_for(0, ht.count, ht.grain, [&](int64_t i0, int64_t i1) {
+          for (int64_t task = i0; task < i1; ++task) {
+            int64_t r0, r1, b;
+            ht.at(task, r0, r1, b);
+            whr.run(D.lo, D.hi, D.k, D.ld, r0, r1, whr.col0(0, b), whr.col1(0, b), false, a.dhbar, H);
+            Cell::backward_rows(s, r0, r1, whr.col0(0, b), whr.col1(0, b));
+          }
+          whr.release();
+        });
+      } else {
+        at::parallel_for(0, ut.count, ut.grain, [&](int64_t i0, int64_t i1) {
+          for (int64_t task = i0; task < i1; ++task) {
+            int64_t r0, r1, b;
+            ut.at(task, r0, r1, b);
+            pending(A, r0, r1, b);
+            Cell::backward_rows(s, r0, std::min(r1, n), whh.col0(0, b), whh.col1(0, b));
+          }
+          whh.release();
+        });
+      }
+      pend = d_gh + t * B * GH;
+      pend_n = n;
+      zero_step(t, n);
+    }
+    // the first step's GEMM: d h0
+    const GemmRows A = gemm_rows(whh, pend, pend, pend_n, pend_n, GH);
+    const UnitTasks ut = unit_tasks(pend_n, whh.blocks(), 2 * GH * kB);
+    at::parallel_for(0, ut.count, ut.grain, [&](int64_t i0, int64_t i1) {
+      for (int64_t task = i0; task < i1; ++task) {
+        int64_t r0, r1, b;
+        ut.at(task, r0, r1, b);
+        pending(A, r0, r1, b);
+      }
+      whh.release();
     });
-    if (!blocks) whh(n, dgt, GH, beta, a.dh, P);
-    zero_rows(dxt, n, B, GH);
-    if (Cell::kDghDiffers) zero_rows(dgt, n, B, GH);
-    if (hbt) zero_rows(hbt, n, B, H);
+  } else {
+    static_assert(std::is_same_v<S, T>, "BLAS GEMMs run on the state's own type");
+    const T beta = Cell::kDirectDh ? T(1) : T(0);  // the GEMM adds to the step's direct part, or replaces dh
+    const StepGemm<T> whh(a.w_hh, false, P, GH, B), whr(a.w_hr, false, H, P, proj ? B : 0);
+    for (int64_t i = w.T - 1; i >= 0; --i) {
+      const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
+      const T* dot = a.d_out + t * B * P;
+      T* dgt = d_gh + t * B * GH;
+      if (proj) {
+        // gradient of the projected output, kept for d_w_hr, then taken back through w_hr
+        T* dhf = a.dhfull + t * B * P;
+        for (int64_t e = 0; e < n * P; ++e) dhf[e] = a.dh[e] + dot[e];
+        zero_rows(dhf, n, B, P);
+        whr(n, dhf, P, T(0), a.dhbar, H);
+      }
+      const BwdRows<T> s = rows_of(t, k);
+      const bool blocks = row_blocks(n, GH, P);
+      at::parallel_for(0, n, blocks ? fused_grain(GH, P) : row_grain(Cell::kRowWork * H), [&](int64_t r0, int64_t r1) {
+        Cell::backward_rows(s, r0, r1, 0, H);
+        if (blocks) whh(r1 - r0, dgt + r0 * GH, GH, beta, a.dh + r0 * P, P);  // d h_{t-1} of these rows
+      });
+      if (!blocks) whh(n, dgt, GH, beta, a.dh, P);
+      zero_step(t, n);
+    }
   }
   weight_grad(w, d_gh, GH, a.out, a.h0, GH, P, a.dg0, a.d_w_hh);
   if (proj) gemm(true, false, P, H, w.T * B, T(1), a.dhfull, P, a.hbar, H, T(0), a.d_w_hr, H);
@@ -301,10 +520,14 @@ struct CellKernels {
   const char* name;
   int64_t G, saved_gates, saved_extra;
   bool cell_state, projection, dgh_differs;
-  void (*forward_f)(const ForwardArgs<float>&);
   void (*forward_d)(const ForwardArgs<double>&);
-  void (*backward_f)(const BackwardArgs<float>&);
+  void (*forward_f)(const ForwardArgs<float>&);
+  void (*forward_fb)(const ForwardArgs<float>&);  // float32, bfloat16 GEMMs
+  void (*forward_b)(const ForwardArgs<float, BF16>&);
   void (*backward_d)(const BackwardArgs<double>&);
+  void (*backward_f)(const BackwardArgs<float>&);
+  void (*backward_fb)(const BackwardArgs<float>&);
+  void (*backward_b)(const BackwardArgs<float, BF16>&);
 };
 
 template <typename Cell>
@@ -317,10 +540,14 @@ CellKernels make_kernels() {
           Cell::kCellState,
           Cell::kProjection,
           Cell::kDghDiffers,
-          &forward_walk<Cell, float>,
-          &forward_walk<Cell, double>,
-          &backward_walk<Cell, float>,
-          &backward_walk<Cell, double>};
+          &forward_walk<Cell, PrecF64>,
+          &forward_walk<Cell, PrecF32>,
+          &forward_walk<Cell, PrecF32Bf16Gemm>,
+          &forward_walk<Cell, PrecBf16>,
+          &backward_walk<Cell, PrecF64>,
+          &backward_walk<Cell, PrecF32>,
+          &backward_walk<Cell, PrecF32Bf16Gemm>,
+          &backward_walk<Cell, PrecBf16>};
 }
 
 // Defined by the per-cell sources.

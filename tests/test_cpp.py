@@ -5,6 +5,8 @@ RuntimeError; zero hidden size through the modules against torch.nn."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from torch import nn
@@ -256,6 +258,162 @@ def test_half_precision_matches_reference(cell, P, bs, reverse, dtype):
         else:
             assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
             assert_close(a, x, name=name, rtol=tol, atol=tol)
+
+
+# ---- bfloat16 kernels (float32 state and accumulation, bfloat16 GEMM operands on AMX) ----
+
+BF16 = torch.bfloat16
+# Relative (Frobenius) error of a bfloat16 kernel against float64 on the same inputs: a few roundings of 2^-9
+# (h_{t-1} and d_gates enter the GEMMs rounded, outputs are rounded); a wrong block, row or step is off by O(1).
+BF16_REL_TOL = 1e-2
+
+
+def _rel_err(val: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative Frobenius error: an aggregate, so a comparison does not hinge on one rounding."""
+    r = ref.double()
+    return ((val.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+
+
+def _skipped_rows_zero(t: torch.Tensor, active: torch.Tensor, name: str) -> None:
+    if t.numel():
+        assert (t[~active] == 0).all(), f"{name}: rows a step skips must be zero"
+
+
+@pytest.mark.parametrize("amx", ["1", "0"], ids=["amx", "mkl"])
+@pytest.mark.parametrize("cell,T,B,H,P,bs,reverse,bias", CASES)
+def test_bf16_contract_matches_float64(cell, T, B, H, P, bs, reverse, bias, amx, monkeypatch):
+    """bfloat16 calls against the reference in float64 on the same (bfloat16-valued) inputs: forward outputs and saved
+    tensors, then backward on the kernel's own forward results (its out and saved float32 gates), so that a relu kink
+    which rounding moves is not counted as a kernel error. dtypes: bfloat16 results, float32 saved tensors.
+    amx=0 runs the GEMMs through MKL instead (FASTRNN_CPP_AMX=0), as on a CPU without AMX."""
+    monkeypatch.setenv("FASTRNN_CPP_AMX", amx)
+    c = spec(cell)
+    gx, state0, weights = contract_inputs(cell, T, B, H, P, F32, bias)
+    gx, state0, weights = gx.to(BF16), _to(state0, BF16), _to(weights, BF16)
+    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
+    active = torch.arange(B)[None, :] < torch.tensor(bs if bs is not None else [B] * T)[:, None]  # [T, B]
+    out, st, saved = cpp.forward(c, gx, state0, weights, batch_sizes, reverse, True)
+    e_out, e_st, e_saved = ref.forward(c, gx.double(), _to(state0, F64), _to(weights, F64), batch_sizes, reverse, True)
+    for name, a, e in zip(("out", *c.states), (out, *st), (e_out, *e_st)):
+        assert a.dtype == BF16, f"{name}: dtype {a.dtype}"
+        err = _rel_err(a, e)
+        assert err <= BF16_REL_TOL, f"forward {name}: relative error {err:.3g} > {BF16_REL_TOL}"
+    _skipped_rows_zero(out, active, "out")
+    for name, a, e in zip(Saved._fields, saved, e_saved, strict=True):
+        assert a.dtype == F32, f"saved {name}: dtype {a.dtype}, expected float32 (cells.saved_dtype)"
+        assert a.shape == e.shape, f"saved {name}: shape {tuple(a.shape)} != {tuple(e.shape)}"
+        if e.numel():
+            err = _rel_err(a[active], e[active])
+            assert err <= BF16_REL_TOL, f"saved {name}: relative error {err:.3g} > {BF16_REL_TOL}"
+            _skipped_rows_zero(a, active, f"saved {name}")
+    d_out, d_state_n = _cotangents(c, out, state0)
+    g = cpp.backward(c, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved)
+    e = ref.backward(
+        c, d_out.double(), _to(d_state_n, F64), _to(state0, F64), _to(weights, F64), batch_sizes, reverse,
+        out.double(), Saved(*(t.double() for t in saved)),
+    )  # fmt: skip
+    for name, a, x in zip(GRAD_NAMES, _flat(g), _flat(e), strict=True):
+        if x is None:
+            assert a is None, f"{name}: expected None"
+            continue
+        assert a.dtype == BF16, f"{name}: dtype {a.dtype}"
+        err = _rel_err(a, x)
+        assert err <= BF16_REL_TOL, f"{name}: relative error {err:.3g} > {BF16_REL_TOL}"
+    _skipped_rows_zero(g.d_gx, active, "d_gx")
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+def test_fp32_bf16_gemm_opt_in(cell, monkeypatch):
+    """FASTRNN_CPP_FP32_BF16_GEMM=1: float32 calls keep float32 tensors but round their step GEMMs' operands to
+    bfloat16, so they land within bfloat16's error of float64 and no longer within float32's; unset, float32 is exact
+    to float32 again."""
+    c = spec(cell)
+    T, B, H = 6, 5, 40
+    gx, state0, weights = contract_inputs(cell, T, B, H, H, F32, True)
+    args64 = (c, gx.double(), _to(state0, F64), _to(weights, F64), None, False, True)
+    e_out, _, e_saved = ref.forward(*args64)
+    d_out, d_state_n = _cotangents(c, e_out, state0)
+    d_state_n = _to(d_state_n, F32)
+    errs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("FASTRNN_CPP_FP32_BF16_GEMM", flag)
+        out, _, saved = cpp.forward(c, gx, state0, weights, None, False, True)
+        g = cpp.backward(c, d_out.float(), d_state_n, state0, weights, None, False, out, saved)
+        e = ref.backward(
+            c, d_out.double(), _to(d_state_n, F64), _to(state0, F64), _to(weights, F64), None, False, out.double(),
+            Saved(*(t.double() for t in saved)),
+        )  # fmt: skip
+        assert out.dtype == F32 and g.d_gx.dtype == F32 and g.d_weights.w_hh.dtype == F32
+        errs[flag] = [_rel_err(out, e_out), _rel_err(g.d_gx, e.d_gx), _rel_err(g.d_state0.h, e.d_state0.h)]
+    for name, on, off in zip(("out", "d_gx", "d_h0"), errs["1"], errs["0"], strict=True):
+        assert on <= BF16_REL_TOL, f"{name} with bfloat16 GEMMs: relative error {on:.3g} > {BF16_REL_TOL}"
+        assert off <= 1e-5, f"{name} in float32: relative error {off:.3g}"
+        assert on > 1e-5, f"{name}: FASTRNN_CPP_FP32_BF16_GEMM=1 left float32's error ({on:.3g}): GEMMs not bfloat16?"
+
+
+def _module_results(m: nn.Module, x, hx, lengths, dtype, autocast: bool) -> list[torch.Tensor]:
+    """Output, final states and every gradient (input, states, parameters) for a fixed random cotangent."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    xi = x.detach().clone().to(dtype).requires_grad_()
+    hxs = [h.detach().clone().to(dtype).requires_grad_() for h in hx]
+    inp = pack_padded_sequence(xi, lengths) if lengths is not None else xi
+    with torch.autocast("cpu", BF16, enabled=autocast):
+        out, st = m(inp, tuple(hxs) if len(hxs) == 2 else hxs[0])
+    outs = [out.data if lengths is not None else out] + (list(st) if isinstance(st, tuple) else [st])
+    gen = torch.Generator().manual_seed(3)
+    loss = sum((o.double() * torch.randn(o.shape, generator=gen, dtype=F64)).sum() for o in outs)
+    grads = torch.autograd.grad(loss, [xi, *hxs, *m.parameters()])
+    return [o.detach() for o in outs] + list(grads)
+
+
+BIDIR2 = {"bidirectional": True, "num_layers": 2}
+BF16_MODULES = [
+    pytest.param("LSTM", {}, 6, 4, None, False, id="lstm"),
+    pytest.param("LSTM", {"proj_size": 12}, 5, 3, None, False, id="lstm-proj"),
+    pytest.param("LSTM", BIDIR2, 6, 5, [6, 5, 5, 3, 1], False, id="lstm-2layer-bidir-packed"),
+    pytest.param("LSTM", {}, 7, 1, None, False, id="lstm-B1"),
+    pytest.param("LSTM", {}, 6, 4, None, True, id="lstm-autocast"),
+    pytest.param("GRU", {}, 6, 4, None, False, id="gru"),
+    pytest.param("GRU", {"bidirectional": True}, 6, 5, [6, 4, 4, 2, 1], False, id="gru-bidir-packed"),
+    pytest.param("GRU", {}, 7, 1, None, False, id="gru-B1"),
+    pytest.param("RNN", {}, 6, 4, None, False, id="rnn-tanh"),
+    pytest.param("RNN", {"nonlinearity": "relu"}, 6, 4, None, False, id="rnn-relu"),
+    pytest.param("RNN", {"bidirectional": True}, 6, 5, [6, 5, 3, 3, 2], False, id="rnn-tanh-bidir-packed"),
+    pytest.param("RNN", {}, 7, 1, None, True, id="rnn-tanh-B1-autocast"),
+]
+
+
+@pytest.mark.parametrize("kind,extra,T,B,lengths,autocast", BF16_MODULES)
+def test_bf16_module_error_vs_torch(kind, extra, T, B, lengths, autocast):
+    """bfloat16 modules (and float32 ones under CPU autocast) on the cpp backend: relative error against a float64
+    torch.nn at most 2x that of torch.nn itself in the same setting, for the output, final states and every gradient."""
+    I, H = 24, 48
+    kw = dict(input_size=I, hidden_size=H, **extra)
+    torch.manual_seed(0)
+    ref64 = getattr(nn, kind)(**kw).double()
+    theirs = getattr(nn, kind)(**kw)
+    ours = getattr(fastrnn, kind)(**kw, backend="cpp")
+    theirs.load_state_dict(ref64.state_dict())
+    ours.load_state_dict(ref64.state_dict())
+    dt = F32 if autocast else BF16
+    if not autocast:
+        theirs, ours = theirs.to(BF16), ours.to(BF16)
+    D, L = (2 if extra.get("bidirectional") else 1), extra.get("num_layers", 1)
+    P = extra.get("proj_size") or H
+    x = torch.randn(T, B, I).to(BF16).double()  # bfloat16 values, so every run sees the same input
+    hx = [torch.randn(D * L, B, P).to(BF16).double()]
+    if kind == "LSTM":
+        hx.append(torch.randn(D * L, B, H).to(BF16).double())
+    exact = _module_results(ref64, x, hx, lengths, F64, False)
+    e_torch = _module_results(theirs, x, hx, lengths, dt, autocast)
+    e_ours = _module_results(ours, x, hx, lengths, dt, autocast)
+    for i, (f, t, r) in enumerate(zip(e_ours, e_torch, exact, strict=True)):
+        assert f.dtype == t.dtype, f"{kind} result {i}: dtype {f.dtype} != torch.nn's {t.dtype}"
+        ef, et = _rel_err(f, r), _rel_err(t, r)
+        if os.environ.get("FASTRNN_TEST_REPORT_ERRORS") == "1":
+            print(f"{kind} {extra} result {i}: cpp {ef:.3g} torch.nn {et:.3g} ratio {ef / max(et, 1e-30):.2f}")
+        assert ef <= 2 * et + 1e-6, f"{kind} result {i}: cpp error {ef:.3g} > 2x torch.nn's {et:.3g}"
 
 
 def test_supports_and_available():

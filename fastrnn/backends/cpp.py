@@ -6,12 +6,20 @@ One entry point pair serves every cell: `recurrence_forward` / `recurrence_backw
 Every tensor argument is contiguous and of one dtype and device (ops.py sees to that); the C++ entry points check
 shapes, dtypes, devices and contiguity again before touching memory. Outputs are allocated in C++.
 
-The kernels are float32 and float64. bfloat16 and float16 run the float32 kernels on inputs widened once per call
-and round the results back: the reference's own recipe (state and saved activations in float32, cells.saved_dtype),
-so the numbers match it; the cost is one conversion pass over gx, out and the gradients.
+The kernels are float64, float32 and bfloat16. bfloat16 keeps torch's bf16 recipe: its step GEMMs take bfloat16
+operands (h_{t-1} rounded to bfloat16, as torch's own bf16 RNNs feed it) with float32 accumulation, on AMX where the
+CPU has it; the state (c, the running h of the pointwise pass, the running gradients) and the saved activations are
+float32 (cells.saved_dtype); gx, out, the states and the gradients are bfloat16. float16 runs the float32 kernels on
+inputs widened once per call and rounds the results back (the reference's recipe).
+
+FASTRNN_CPP_FP32_BF16_GEMM=1 (read at every call, off by default) lets float32 calls run their step GEMMs on
+bfloat16 operands as well, as torch's oneDNN float32 matmul precision "bf16" does: tensors, state and weight
+gradients stay float32, each step's h_{t-1} (and d_gates in backward) and W_hh are rounded to bfloat16.
 """
 
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import Tensor
@@ -20,8 +28,9 @@ from fastrnn.backends import optional_import
 from fastrnn.cells import Cell, Grads, Saved, State, Weights
 
 NAME = "cpp"
-KERNEL_DTYPES = (torch.float32, torch.float64)
-WIDENED_DTYPES = (torch.bfloat16, torch.float16)  # computed by the float32 kernels
+KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+WIDENED_DTYPES = (torch.float16,)  # computed by the float32 kernels
+FP32_BF16_GEMM_ENV = "FASTRNN_CPP_FP32_BF16_GEMM"
 
 _NOT_BUILT = "the C++ extension fastrnn._C is not built: run `pip install --no-build-isolation -e .` in the source tree"
 
@@ -39,6 +48,11 @@ def _ext():
 def _cast(ts: State | Weights, dtype: torch.dtype) -> State | Weights:
     """The same named tuple with every tensor converted to dtype (None stays None)."""
     return type(ts)(*(None if t is None else t.to(dtype) for t in ts))
+
+
+def fp32_bf16_gemm() -> bool:
+    """Whether float32 calls run their step GEMMs on bfloat16 operands (FASTRNN_CPP_FP32_BF16_GEMM=1)."""
+    return os.environ.get(FP32_BF16_GEMM_ENV, "0") == "1"
 
 
 def available() -> tuple[bool, str]:
@@ -67,8 +81,9 @@ def forward(
             cell, gx.float(), _cast(state0, f32), _cast(weights, f32), batch_sizes, reverse, need_saved
         )
         return out.to(dt), _cast(st, dt), saved
+    bf16_gemm = dt == torch.float32 and fp32_bf16_gemm()
     out, h_n, c_n, gates, extra = _ext().recurrence_forward(
-        cell.kernel_id, gx, state0.h, state0.c, *weights, batch_sizes, reverse, need_saved
+        cell.kernel_id, gx, state0.h, state0.c, *weights, batch_sizes, reverse, need_saved, bf16_gemm
     )
     return out, State(h_n, c_n), Saved(gates, extra)
 
@@ -83,8 +98,9 @@ def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out,
             out.float(), saved,
         )  # fmt: skip
         return Grads(g.d_gx.to(dt), _cast(g.d_state0, dt), _cast(g.d_weights, dt))
+    bf16_gemm = dt == torch.float32 and fp32_bf16_gemm()
     d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = _ext().recurrence_backward(
         cell.kernel_id, d_out, d_state_n.h, d_state_n.c, state0.h, state0.c, *weights, batch_sizes, reverse, out,
-        saved.gates, saved.extra,
+        saved.gates, saved.extra, bf16_gemm,
     )  # fmt: skip
     return Grads(d_gx, State(d_h0, d_c0), Weights(d_w_hh, d_b_hh, d_w_hr))
