@@ -18,7 +18,7 @@ Presets:
             inference over T in {32, 128} x B in {1, 16, 64} x H in {256, 512, 1024}, plus streaming over the same
             T and H at B = 1; 2 threads; the onnxruntime peer required.
 quick and full time the onnxruntime peer on their inference rows when onnx and onnxruntime are installed
-(peers.py); the gate times only the baseline's implementations.
+(peers.py); the gate times no peers.
 """
 
 from __future__ import annotations
