@@ -296,6 +296,29 @@ void pack_rows_n(const uint16_t* w, int64_t K, int64_t N, int64_t n0, int64_t wi
 
 }  // namespace
 
+void column_sums(const BF16* a, int64_t rows, int64_t cols, float* out) {
+  constexpr int64_t W = Vec<float>::size(), kCols = 4 * W;  // four accumulators a task
+  const int64_t tasks = (cols + kCols - 1) / kCols;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(rows * kCols, 1));
+  at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t c0 = t * kCols, c1 = std::min(cols, c0 + kCols);
+      Vec<float> acc[4] = {Vec<float>(0.f), Vec<float>(0.f), Vec<float>(0.f), Vec<float>(0.f)};
+      for (int64_t r = 0; r < rows; ++r) {
+        const BF16* row = a + r * cols;
+        for (int64_t q = 0; q < 4 && c0 + q * W < c1; ++q) {
+          const int64_t j = c0 + q * W;
+          acc[q] = acc[q] + vload(row + j, std::min(W, c1 - j));
+        }
+      }
+      for (int64_t q = 0; q < 4 && c0 + q * W < c1; ++q) {
+        const int64_t j = c0 + q * W;
+        vstore(acc[q], out + j, std::min(W, c1 - j));
+      }
+    }
+  });
+}
+
 template <typename S>
 Bf16Gemm::Bf16Gemm(const S* w, bool trans, int64_t N, int64_t K, int64_t seg, bool pack)
     : trans_(trans), N_(N), K_(K), Kp_(K + K % 2), seg_(seg), nbs_(seg > 0 ? (seg + kBlock - 1) / kBlock : 0) {

@@ -88,6 +88,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double al
 // cblas_gemm_bf16bf16f32 (AMX where the CPU has it), else ATen in float32.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const BF16* a, int64_t lda,
           const BF16* b, int64_t ldb, float beta, float* c, int64_t ldc);
+// out[j] = sum over rows r of a[r, j], a [rows, cols] bfloat16, float32 sums (d_b_hh of a bfloat16 call): one pass,
+// columns split over threads, where a reduction with a float32 dtype would first copy all of a to float32.
+void column_sums(const BF16* a, int64_t rows, int64_t cols, float* out);
 // True when gemm goes straight to the BLAS linked into torch (sgemm_/dgemm_), false on the at::addmm_ fallback.
 bool has_direct_blas();
 

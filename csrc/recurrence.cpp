@@ -246,7 +246,15 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
     run_backward<Pr>(k, a);
   });
   const Tensor& dg = k.dgh_differs ? d_gh : d_gx;
-  Tensor d_b_hh = b_hh.has_value() && b_hh->defined() ? dg.view({T * B, GH}).sum(0, false, acc_dt) : Tensor();
+  Tensor d_b_hh;
+  if (b_hh.has_value() && b_hh->defined()) {
+    if (same) {
+      d_b_hh = dg.view({T * B, GH}).sum(0);
+    } else {
+      d_b_hh = at::empty({GH}, acc);
+      column_sums(static_cast<const BF16*>(dg.data_ptr()), T * B, GH, d_b_hh.data_ptr<float>());
+    }
+  }
   auto back = [&](const Tensor& t) { return same || !t.defined() ? t : t.to(dt); };
   return {d_gx, back(dh), back(dc), back(d_w_hh), back(d_b_hh), back(d_w_hr)};
 }
