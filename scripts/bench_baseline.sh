@@ -8,5 +8,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -x .venv/bin/python ]; then PY=.venv/bin/python; else PY=${PYTHON:-python3}; fi
 NAME=$("$PY" -c "from fastrnn.bench.machine import machine_name; print(machine_name())")
-"$PY" -m fastrnn.bench run --quick --runs 3 --no-progress --out "benchmarks/baselines/$NAME.json" "$@"
+"$PY" -m fastrnn.bench run --quick --runs 3 --no-progress --peers none --out "benchmarks/baselines/$NAME.json" "$@"
 "$PY" -m fastrnn.bench readme-table "benchmarks/baselines/$NAME.json" --out benchmarks/results.md

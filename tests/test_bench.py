@@ -291,8 +291,8 @@ def test_readme_without_markers_is_one_line(tiny_run, tmp_path, capsys):
 
 
 def test_stored_baseline_is_read_by_compare_gate_and_tables():
-    """The baseline predates the `torch` backend (schema 1 named torch.nn's rows "torch") and the recorded
-    command; it still loads, torch.nn's rows as the yardstick, and tabulates."""
+    """The stored baseline (bash scripts/bench_baseline.sh --peers none) loads, torch.nn's rows as the
+    yardstick, compares with itself as all ok, and tabulates under the command that made it."""
     base = results.load(BASELINE)
     assert base["schema"] == results.SCHEMA
     assert {r["backend"] for r in base["rows"]} == {YARDSTICK, "reference", "cpp", "numba"}
@@ -301,7 +301,7 @@ def test_stored_baseline_is_read_by_compare_gate_and_tables():
     assert all(v.verdict == "ok" for v in verdicts)
     assert len(configs.cases_of_rows(base["rows"])) == sum(r["backend"] == YARDSTICK for r in base["rows"])
     text = tables.tables_file(base, "fastrnn-bench readme-table base.json")
-    assert "# the run's command is not recorded" in text and "| lstm | " in text
+    assert "fastrnn-bench run --quick" in text and "| lstm | " in text
 
 
 def test_reading_verbs_import_neither_torch_nor_fastrnn_modules(tiny_run, tmp_path):
