@@ -17,6 +17,8 @@ _EXPORTS = {
     "LSTMCell": "fastrnn.modules",
     "GRUCell": "fastrnn.modules",
     "RNNCell": "fastrnn.modules",
+    "LayerNormLSTM": "fastrnn.modules",
+    "LayerNormGRU": "fastrnn.modules",
     "convert": "fastrnn.modules",
     "record": "fastrnn.inspect",
     "States": "fastrnn.inspect",
@@ -43,4 +45,14 @@ def __dir__() -> list[str]:
 if os.environ.get("FASTRNN_LAZY_IMPORT") != "1":
     from fastrnn.backends import BackendUnavailableError, available_backends, use_backend  # noqa: F401
     from fastrnn.inspect import States, record  # noqa: F401
-    from fastrnn.modules import GRU, LSTM, RNN, GRUCell, LSTMCell, RNNCell, convert  # noqa: F401
+    from fastrnn.modules import (  # noqa: F401
+        GRU,
+        LSTM,
+        RNN,
+        GRUCell,
+        LayerNormGRU,
+        LayerNormLSTM,
+        LSTMCell,
+        RNNCell,
+        convert,
+    )

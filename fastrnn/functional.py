@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastrnn import backends, ops
-from fastrnn.cells import Saved, spec
+from fastrnn.cells import Norm, Saved, spec
 
 # (w_ih [G*H, I], w_hh [G*H, P], b_ih [G*H] | None, b_hh [G*H] | None, w_hr [P, H] | None)
 LayerWeights = tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]
@@ -75,12 +75,16 @@ def rnn(
     batch_sizes: Tensor | None = None,
     backend: str | None = None,
     record: Recorder | None = None,
+    norms: list[tuple[Tensor, ...]] | None = None,
+    zoneout: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """torch's _VF.lstm / gru / rnn_* on the fastrnn contract.
 
     input: [T, B, I] ([B, T, I] if batch_first) or packed data [N, I] with batch_sizes [T] (int64, CPU)
     hx [L*D, B, P], cx [L*D, B, H] (lstm)  ->  output like input with P*D features, h_n, c_n (lstm)
     record: fastrnn.record's hook, handed every layer and direction's out and saved tensors
+    norms, zoneout: normalised cells only: per layer and direction the parameters of Cell.norm_param_names,
+    and the zoneout rate
     """
     name = backends.select(cell, input.dtype, input.device, backend)
     if name == "torch":  # torch.nn's own kernels, called as torch.nn calls them (autocast included)
@@ -115,10 +119,15 @@ def rnn(
         for d in range(D):
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
-            gx = F.linear(x, w_ih, b_ih)  # [T, B, G*H]: every step's input projection as one GEMM
+            norm = None
+            if norms is not None:  # normalised cell: gx = ln_ih ⊙ N(x W_ih^T) + b_ih, b_hh goes into Norm
+                gx, norm = _norm_inputs(cell, x, w_ih, b_ih, b_hh, norms[k], zoneout, training)
+                b_hh = None
+            else:
+                gx = F.linear(x, w_ih, b_ih)  # [T, B, G*H]: every step's input projection as one GEMM
             out, h, c, *saved = ops.recurrence(
                 name, cell, gx, hx[k], None if cx is None else cx[k], w_hh, b_hh, w_hr, batch_sizes, d == 1,
-                save=record is not None,
+                save=record is not None, norm=norm,
             )  # fmt: skip
             outs.append(out)
             h_n.append(h)
@@ -127,7 +136,11 @@ def rnn(
                 recorded.append((out, saved[0]))
         x = outs[0] if D == 1 else torch.cat(outs, 2)
         if dropout > 0 and training and layer < num_layers - 1:
-            x = F.dropout(x, dropout, True)
+            if batch_sizes is None:
+                x = F.dropout(x, dropout, True)
+            else:  # as torch.nn: the packed rows are dropped out (so the masks drawn are torch's), not the padding
+                rows = F.dropout(x.reshape(T * B, -1).index_select(0, idx), dropout, True)
+                x = x.new_zeros(T * B, x.shape[2]).index_copy(0, idx, rows).view(T, B, -1)
     if record is not None:
         record(recorded, batch_sizes)
     if batch_sizes is not None:
@@ -136,6 +149,19 @@ def rnn(
         output = x.transpose(0, 1) if batch_first else x
     stack = (lambda xs: xs[0].unsqueeze(0)) if len(h_n) == 1 else torch.stack  # one layer: a view, no copy
     return output, stack(h_n), (stack(c_n) if spec(cell).has_cell_state else None)
+
+
+def _norm_inputs(cell, x, w_ih, b_ih, b_hh, norm, zoneout, training):
+    """A normalised cell's gx [T, B, G*H] and cells.Norm: the input projection normalised, b_ih added after it;
+    ln_hh, b_hh (zeros without bias) and ln_c packed into Norm.params; zoneout's mask (training) or keep (eval)."""
+    GH = w_ih.shape[0]
+    H = GH // spec(cell).G
+    gx = F.layer_norm(F.linear(x, w_ih), (GH,), norm[0], b_ih, 1e-5)
+    params = torch.cat([norm[1], b_hh if b_hh is not None else norm[1].new_zeros(GH), *norm[2:]])
+    if training and zoneout > 0:
+        mask = torch.bernoulli(x.new_full((x.shape[0], x.shape[1], H), 1 - zoneout))
+        return gx, Norm(params, mask, 1.0)
+    return gx, Norm(params, None, 1.0 - zoneout)
 
 
 def cell_step(

@@ -100,10 +100,16 @@ class _RNNBaseMixin(_FastMixin):
                 out.append((g("weight_ih"), g("weight_hh"), g("bias_ih"), g("bias_hh"), g("weight_hr")))
         return out
 
+    def _cell_name(self) -> str:
+        return MODE_TO_CELL[self.mode]
+
+    def _norm_args(self) -> dict:
+        return {}
+
     def forward(self, input, hx=None):
         if hasattr(self, "_update_flat_weights"):
             self._update_flat_weights()
-        cell = MODE_TO_CELL[self.mode]
+        cell = self._cell_name()
         lstm = spec(cell).has_cell_state  # hx is an (h, c) pair
         D = 2 if self.bidirectional else 1
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -172,6 +178,7 @@ class _RNNBaseMixin(_FastMixin):
             batch_sizes,
             self.backend,
             record,
+            **self._norm_args(),
         )
         hidden = (h_n, c_n) if lstm else h_n
         if isinstance(orig_input, PackedSequence):
@@ -203,6 +210,92 @@ class RNN(_RNNBaseMixin, nn.RNN):
         nn.RNN.__doc__ or ""
     )
     _torch_class = nn.RNN
+
+
+class _LayerNormMixin(_RNNBaseMixin):
+    """Layer-normalised LSTM/GRU with zoneout (cells.py, "Normalised cells"): torch.nn.LSTM's or GRU's arguments,
+    checks, parameters, initialisation and forward, plus ln_* parameters per layer and direction and `zoneout`."""
+
+    _cell: str
+
+    def __init__(self, input_size, hidden_size, num_layers=1, bias=True, batch_first=False, dropout=0.0,
+                 bidirectional=False, zoneout=0.0, device=None, dtype=None, backend=None):  # fmt: skip
+        if isinstance(zoneout, bool) or not isinstance(zoneout, (int, float)) or not 0 <= zoneout <= 1:
+            raise ValueError(f"zoneout should be a number in range [0, 1] representing the probability of a unit "
+                             f"keeping its previous state, got {zoneout!r}")  # fmt: skip
+        c = spec(self._cell)
+        nn.RNNBase.__init__(self, c.torch_base, input_size, hidden_size, num_layers, bias, batch_first,
+                            float(dropout), bidirectional, device=device, dtype=dtype)  # fmt: skip
+        self.backend = _check_backend_arg(backend)
+        self.zoneout = float(zoneout)
+        G, H, z = c.G, hidden_size, dict(device=device, dtype=dtype)
+        for layer in range(num_layers):
+            for d in range(2 if bidirectional else 1):
+                sfx = f"_l{layer}{'_reverse' if d else ''}"
+                for name in c.norm_param_names():
+                    n = H if name.startswith("ln_c") else G * H
+                    self.register_parameter(name + sfx, nn.Parameter(torch.empty(n, **z)))
+        self._reset_norm()
+
+    def _reset_norm(self) -> None:
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if name.startswith("ln_"):
+                    p.fill_(0.0 if name.startswith("ln_c_bias") else 1.0)
+
+    def reset_parameters(self) -> None:
+        nn.RNNBase.reset_parameters(self)  # torch.nn's init for the weights and biases (its RNG draws too)
+        self._reset_norm()
+
+    def _cell_name(self) -> str:
+        return self._cell
+
+    def _norm_args(self) -> dict:
+        names = spec(self._cell).norm_param_names()
+        D = 2 if self.bidirectional else 1
+        sfx = [f"_l{k // D}{'_reverse' if k % D else ''}" for k in range(self.num_layers * D)]
+        return {"norms": [tuple(getattr(self, n + s) for n in names) for s in sfx], "zoneout": self.zoneout}
+
+    def extra_repr(self) -> str:
+        s = super().extra_repr()
+        return s + (f", zoneout={self.zoneout}" if self.zoneout else "")
+
+    def __setstate__(self, d):
+        super().__setstate__(d)
+        self.__dict__.setdefault("zoneout", 0.0)
+
+    @classmethod
+    def from_torch(cls, module, backend=None):
+        raise TypeError(f"{cls.__name__} has no torch.nn counterpart to convert from")
+
+    def to_torch(self):
+        raise TypeError(f"{type(self).__name__} has no torch.nn counterpart (torch.nn has no layer-normalised cells)")
+
+    def __prepare_scriptable__(self):
+        raise RuntimeError(
+            f"{type(self).__name__} cannot be scripted (torch.nn has no layer-normalised cell to script instead); "
+            "use torch.export or torch.jit.trace"
+        )
+
+
+class LayerNormLSTM(_LayerNormMixin, nn.RNNBase):
+    """Layer-normalised LSTM (Ba et al. 2016) with zoneout on h: nn.LSTM's arguments (no proj_size) plus
+    zoneout=0.0 and backend=None. Per layer and direction, besides nn.LSTM's parameters: ln_ih_weight,
+    ln_hh_weight [4H] (init 1), ln_c_weight [H] (1), ln_c_bias [H] (0). Maths: fastrnn/cells.py."""
+
+    _cell = "ln_lstm"
+    _torch_class = nn.LSTM  # whose argument checks and hx layout it shares
+    check_forward_args = nn.LSTM.check_forward_args
+    get_expected_cell_size = nn.LSTM.get_expected_cell_size
+    permute_hidden = nn.LSTM.permute_hidden
+
+
+class LayerNormGRU(_LayerNormMixin, nn.RNNBase):
+    """Layer-normalised GRU with zoneout on h: nn.GRU's arguments plus zoneout=0.0 and backend=None. Per layer
+    and direction, besides nn.GRU's parameters: ln_ih_weight, ln_hh_weight [3H] (init 1). Maths: fastrnn/cells.py."""
+
+    _cell = "ln_gru"
+    _torch_class = nn.GRU
 
 
 class _CellMixin(_FastMixin):
@@ -271,7 +364,7 @@ class RNNCell(_CellMixin, nn.RNNCell):
 # torch.nn class -> fastrnn class, for convert(); exact types only, so user subclasses with their own
 # forward are left alone.
 _CONVERT = {c._torch_class: c for c in (LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell)}
-FASTRNN_CLASSES = tuple(_CONVERT.values())
+FASTRNN_CLASSES = (*_CONVERT.values(), LayerNormLSTM, LayerNormGRU)
 
 
 def convert(module: nn.Module, backend: str | None = None) -> nn.Module:

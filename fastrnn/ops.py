@@ -1,9 +1,12 @@
 """The op layer: the kernel contract as torch.library custom ops, the ONE place a backend is called.
 
-    fastrnn::recurrence_fwd  (backend, cell, gx, h0, c0?, w_hh, b_hh?, w_hr?, batch_sizes?, reverse, need_saved)
+    fastrnn::recurrence_fwd  (backend, cell, gx, h0, c0?, w_hh, b_hh?, w_hr?, norm?, zmask?, zkeep, batch_sizes?,
+                              reverse, need_saved)
                              -> out [T,B,P], h_n [B,P], c_n [B,H] (empty unless lstm), gates, extra
-    fastrnn::recurrence_bwd  (backend, cell, d_out, d_h_n, d_c_n?, h0, c0?, w_hh, b_hh?, w_hr?, batch_sizes?,
-                              reverse, out, gates, extra) -> d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr
+    fastrnn::recurrence_bwd  (backend, cell, d_out, d_h_n, d_c_n?, h0, c0?, w_hh, b_hh?, w_hr?, norm?, zmask?, zkeep,
+                              batch_sizes?, reverse, out, gates, extra) -> d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr,
+                                                                          d_norm
+norm, zmask, zkeep are cells.Norm (params, mask, keep): normalised cells only (cells.py, "Normalised cells").
 
 Absent optional outputs are empty tensors (custom ops cannot return None). The backend name is an argument
 so torch.compile sees one opaque, traceable op whatever runs under it; fake implementations give shapes from
@@ -21,6 +24,7 @@ import torch
 from torch import Tensor
 
 from fastrnn import backends, cells
+from fastrnn.backends.reference import norm_grads
 
 
 def _c(t: Tensor | None) -> Tensor | None:
@@ -31,22 +35,26 @@ def _opt(t: Tensor | None, like: Tensor) -> Tensor:
     return like.new_empty(0) if t is None else t
 
 
-def _forward_impl(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved):
+def _norm(norm: Tensor | None, zmask: Tensor | None, zkeep: float) -> cells.Norm | None:
+    return None if norm is None else cells.Norm(norm.contiguous(), _c(zmask), float(zkeep))
+
+
+def _forward_impl(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, norm, zmask, zkeep, batch_sizes, reverse, need_saved):
     spec = cells.spec(cell)
     if gx.numel() == 0:  # no steps, rows or hidden units (torch.nn accepts each): nothing for a kernel to run
         backend = "reference"
     if spec.has_cell_state and c0 is None:
         c0 = gx.new_zeros(gx.shape[1], w_hh.shape[0] // spec.G)
     state0 = cells.State(h0.contiguous(), _c(c0))
-    weights = cells.Weights(w_hh.contiguous(), _c(b_hh), _c(w_hr))
+    weights = cells.Weights(w_hh.contiguous(), _c(b_hh), _c(w_hr), _norm(norm, zmask, zkeep))
     out, state_n, saved = backends.get(backend).forward(
         spec, gx.contiguous(), state0, weights, batch_sizes, reverse, need_saved
     )
     return out, state_n.h, _opt(state_n.c, gx), saved.gates, saved.extra
 
 
-def _backward_impl(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates,
-                   extra):  # fmt: skip
+def _backward_impl(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, norm, zmask, zkeep, batch_sizes,
+                   reverse, out, gates, extra):  # fmt: skip
     spec = cells.spec(cell)
     if out.numel() == 0:
         backend = "reference"
@@ -57,29 +65,31 @@ def _backward_impl(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr,
         d_c_n = out.new_zeros(out.shape[1], H) if d_c_n is None else d_c_n.contiguous()
     g = backends.get(backend).backward(
         spec, d_out.contiguous(), cells.State(d_h_n.contiguous(), d_c_n), cells.State(h0.contiguous(), c0),
-        cells.Weights(w_hh.contiguous(), _c(b_hh), _c(w_hr)), batch_sizes, reverse, out.contiguous(),
-        cells.Saved(gates.contiguous(), extra.contiguous()),
+        cells.Weights(w_hh.contiguous(), _c(b_hh), _c(w_hr), _norm(norm, zmask, zkeep)), batch_sizes, reverse,
+        out.contiguous(), cells.Saved(gates.contiguous(), extra.contiguous()),
     )  # fmt: skip
     d_c0 = g.d_state0.c if c0_given else None
-    return tuple(_opt(t, out) for t in (g.d_gx, g.d_state0.h, d_c0, *g.d_weights))
+    d_norm = norm_grads(spec, g.d_gx, g.d_extra, extra).to(norm.dtype) if norm is not None else None
+    return tuple(_opt(t, out) for t in (g.d_gx, g.d_state0.h, d_c0, *g.d_weights[:3], d_norm))
 
 
 # The schemas spelled out once here (the impls are the plain functions above; Tensor? is an optional tensor).
 _FWD_SCHEMA = (
     "(str backend, str cell, Tensor gx, Tensor h0, Tensor? c0, Tensor w_hh, Tensor? b_hh, Tensor? w_hr, "
-    "Tensor? batch_sizes, bool reverse, bool need_saved) -> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? norm, Tensor? zmask, float zkeep, Tensor? batch_sizes, bool reverse, bool need_saved) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(str backend, str cell, Tensor d_out, Tensor d_h_n, Tensor? d_c_n, Tensor h0, Tensor? c0, Tensor w_hh, "
-    "Tensor? b_hh, Tensor? w_hr, Tensor? batch_sizes, bool reverse, Tensor out, Tensor gates, Tensor extra) "
-    "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
+    "Tensor? b_hh, Tensor? w_hr, Tensor? norm, Tensor? zmask, float zkeep, Tensor? batch_sizes, bool reverse, "
+    "Tensor out, Tensor gates, Tensor extra) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)"
 )
 recurrence_fwd = torch.library.custom_op("fastrnn::recurrence_fwd", _forward_impl, mutates_args=(), schema=_FWD_SCHEMA)
 recurrence_bwd = torch.library.custom_op("fastrnn::recurrence_bwd", _backward_impl, mutates_args=(), schema=_BWD_SCHEMA)
 
 
 @recurrence_fwd.register_fake
-def _(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved):
+def _(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, norm, zmask, zkeep, batch_sizes, reverse, need_saved):
     spec = cells.spec(cell)
     T, B = gx.shape[0], gx.shape[1]
     H = w_hh.shape[0] // spec.G
@@ -91,7 +101,8 @@ def _(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_sa
 
 
 @recurrence_bwd.register_fake
-def _(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, out, gates, extra):
+def _(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, norm, zmask, zkeep, batch_sizes, reverse, out,
+      gates, extra):  # fmt: skip
     spec = cells.spec(cell)
     T, B = out.shape[0], out.shape[1]
     e = out.new_empty(0)
@@ -102,28 +113,31 @@ def _(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes,
         torch.empty_like(w_hh),
         torch.empty_like(b_hh) if b_hh is not None else e.clone(),
         torch.empty_like(w_hr) if w_hr is not None else e.clone(),
+        torch.empty_like(norm) if norm is not None else e.clone(),
     )
 
 
 def _setup_context(ctx, inputs, output, keep_gx=False):
-    backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need_saved = inputs
+    backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, norm, zmask, zkeep, batch_sizes, reverse, need_saved = inputs
     out, _, _, gates, extra = output
-    ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved = backend, cell, reverse, need_saved
-    ctx.save_for_backward(h0, c0, w_hh, b_hh, w_hr, batch_sizes, out, gates, extra, gx if keep_gx else None)
+    ctx.backend, ctx.cell, ctx.reverse, ctx.need_saved, ctx.zkeep = backend, cell, reverse, need_saved, zkeep
+    ctx.save_for_backward(
+        h0, c0, w_hh, b_hh, w_hr, norm, zmask, batch_sizes, out, gates, extra, gx if keep_gx else None
+    )
 
 
 def _grads(ctx, d_out, d_h_n, d_c_n, bwd):
     """Gradients of recurrence_fwd's inputs, in its argument order, by `bwd` (the custom op when traced)."""
-    h0, c0, w_hh, b_hh, w_hr, batch_sizes, out, gates, extra, _ = ctx.saved_tensors
+    h0, c0, w_hh, b_hh, w_hr, norm, zmask, batch_sizes, out, gates, extra, _ = ctx.saved_tensors
     if not ctx.need_saved:
         raise RuntimeError(
             "fastrnn: backward through a recurrence that was run with need_saved=False "
             "(the forward ran without grad mode but its inputs require grad)"
         )
     d_c_n = d_c_n if cells.spec(ctx.cell).has_cell_state else None
-    d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = bwd(
-        ctx.backend, ctx.cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, batch_sizes, ctx.reverse, out,
-        gates, extra,
+    d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_norm = bwd(
+        ctx.backend, ctx.cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr, norm, zmask, ctx.zkeep, batch_sizes,
+        ctx.reverse, out, gates, extra,
     )  # fmt: skip
     return (
         None,
@@ -134,6 +148,9 @@ def _grads(ctx, d_out, d_h_n, d_c_n, bwd):
         d_w_hh,
         d_b_hh if b_hh is not None else None,
         d_w_hr if w_hr is not None else None,
+        d_norm if norm is not None else None,
+        None,
+        None,
         None,
         None,
         None,
@@ -168,14 +185,20 @@ def _differentiable_grads(ctx, d_out, d_h_n, d_c_n):
     """The gradients as a differentiable function of the inputs and cotangents, for double backward
     (gradient penalties, gradgradcheck): the reference maths rerun under autograd on the saved inputs and
     differentiated with create_graph. Slow, like every second derivative of a recurrence, but exact."""
-    h0, c0, w_hh, b_hh, w_hr, batch_sizes, _, _, _, gx = ctx.saved_tensors
+    h0, c0, w_hh, b_hh, w_hr, norm, zmask, batch_sizes, _, _, _, gx = ctx.saved_tensors
     spec = cells.spec(ctx.cell)
-    args = (gx, h0, c0, w_hh, b_hh, w_hr)
+    args = (gx, h0, c0, w_hh, b_hh, w_hr, norm)
     wrt = [i for i, t in enumerate(args) if t is not None and t.requires_grad]
     c0_ = c0 if c0 is not None or not spec.has_cell_state else gx.new_zeros(gx.shape[1], w_hh.shape[0] // spec.G)
     with torch.enable_grad():
         out, state_n, _ = backends.get("reference").forward(
-            spec, gx, cells.State(h0, c0_), cells.Weights(w_hh, b_hh, w_hr), batch_sizes, ctx.reverse, False
+            spec,
+            gx,
+            cells.State(h0, c0_),
+            cells.Weights(w_hh, b_hh, w_hr, _norm(norm, zmask, ctx.zkeep)),
+            batch_sizes,
+            ctx.reverse,
+            False,
         )
     outs, cots = [out, state_n.h], [d_out, d_h_n]
     if spec.has_cell_state:
@@ -185,15 +208,18 @@ def _differentiable_grads(ctx, d_out, d_h_n, d_c_n):
     grads: list[Tensor | None] = [None] * len(args)
     for i, g in zip(wrt, got):
         grads[i] = torch.zeros_like(args[i]) if g is None else g
-    return (None, None, *grads, None, None, None)
+    return (None, None, *grads, None, None, None, None, None)
 
 
-def recurrence(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, save=False):
+def recurrence(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, save=False, norm=None):
     """One layer, one direction -> out, h_n, c_n (None without a cell state). Saves for backward only when
     autograd will need it; `save` (fastrnn.record) makes the kernel save in any case and appends the saved
-    tensors, cells.Saved(gates, extra) in the cells.py layout, to what is returned."""
-    need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gx, h0, c0, w_hh, b_hh, w_hr))
-    args = (backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse, need or save)
+    tensors, cells.Saved(gates, extra) in the cells.py layout, to what is returned. norm: a cells.Norm
+    (normalised cells)."""
+    params, zmask, zkeep = norm if norm is not None else (None, None, 1.0)
+    ts = (gx, h0, c0, w_hh, b_hh, w_hr, params)
+    need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    args = (backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, params, zmask, zkeep, batch_sizes, reverse, need or save)
     if torch.compiler.is_compiling():
         out, h_n, c_n, gates, extra = recurrence_fwd(*args)
     elif need:

@@ -24,8 +24,11 @@ def _args(cell, backend, device, packed, reverse, proj, T=4, B=3, H=5, dtype=tor
         r(B, P),
         r(B, H) if c.has_cell_state else None,
         r(G * H, P),
-        r(G * H),
+        None if c.norm else r(G * H),
         r(P, H) if proj else None,
+        r(c.norm_width * H) if c.norm else None,  # Norm.params
+        (torch.rand(T, B, H, dtype=dtype, device=device) > 0.3).to(dtype) if c.norm else None,  # zoneout mask
+        0.7,
         torch.tensor([3, 3, 2, 1])[:T] if packed else None,
         reverse,
         True,
@@ -38,6 +41,8 @@ OPCHECK_CASES = [
     pytest.param("gru", True, False, False, id="gru-packed"),
     pytest.param("rnn_tanh", False, True, False, id="rnn_tanh-reverse"),
     pytest.param("rnn_relu", False, False, False, id="rnn_relu"),
+    pytest.param("ln_lstm", True, True, False, id="ln_lstm-packed-reverse"),
+    pytest.param("ln_gru", True, False, False, id="ln_gru-packed"),
 ]
 
 

@@ -144,9 +144,9 @@ def deploying() -> bool:
 def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | None = None) -> str:
     """The backend that runs this call (see the module docstring for the rules). Under torch.compile it is
     evaluated once while tracing and its answer baked into the graph."""
-    if deploying():
-        return "torch"
     cell = spec(cell)
+    if deploying():  # torch.nn has no normalised cells: the reference's plain torch ops are what gets traced
+        return "reference" if cell.norm else "torch"
     name = requested(explicit)
     if name is not None:
         ok, why = is_available(name)

@@ -66,6 +66,8 @@ def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool
         return False, f"the cpp backend runs on CPU tensors only, got device {device}"
     if dtype not in KERNEL_DTYPES + WIDENED_DTYPES:
         return False, f"the cpp backend supports float32, float64, bfloat16 and float16, got {dtype}"
+    if cell.norm:
+        return False, f"{cell.name} is not implemented in this backend yet"
     return True, ""
 
 
@@ -83,7 +85,7 @@ def forward(
         return out.to(dt), _cast(st, dt), saved
     bf16_gemm = dt == torch.float32 and fp32_bf16_gemm()
     out, h_n, c_n, gates, extra = _ext().recurrence_forward(
-        cell.kernel_id, gx, state0.h, state0.c, *weights, batch_sizes, reverse, need_saved, bf16_gemm
+        cell.kernel_id, gx, state0.h, state0.c, *weights[:3], batch_sizes, reverse, need_saved, bf16_gemm
     )
     return out, State(h_n, c_n), Saved(gates, extra)
 
@@ -100,7 +102,7 @@ def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out,
         return Grads(g.d_gx.to(dt), _cast(g.d_state0, dt), _cast(g.d_weights, dt))
     bf16_gemm = dt == torch.float32 and fp32_bf16_gemm()
     d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = _ext().recurrence_backward(
-        cell.kernel_id, d_out, d_state_n.h, d_state_n.c, state0.h, state0.c, *weights, batch_sizes, reverse, out,
+        cell.kernel_id, d_out, d_state_n.h, d_state_n.c, state0.h, state0.c, *weights[:3], batch_sizes, reverse, out,
         saved.gates, saved.extra, bf16_gemm,
     )  # fmt: skip
     return Grads(d_gx, State(d_h0, d_c0), Weights(d_w_hh, d_b_hh, d_w_hr))

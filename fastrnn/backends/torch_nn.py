@@ -9,13 +9,21 @@ backend is not measured faster, and what deployment paths (scripting, tracing, e
 
 from __future__ import annotations
 
+import torch
 from torch import _VF, Tensor
 
-from fastrnn.backends.reference import available, supports  # noqa: F401 - as reference: always, any float dtype
+from fastrnn.backends import reference
+from fastrnn.backends.reference import available  # noqa: F401 - as reference: always
 from fastrnn.cells import Cell
 
 NAME = "torch"
 WHOLE_CALL = True  # functional.py calls rnn()/cell() below instead of the per-direction contract
+
+
+def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
+    if cell.torch_mode is None:
+        return False, f"torch.nn has no {cell.layer} to run"
+    return reference.supports(cell, dtype, device)
 
 
 def flat_weights(weights) -> list[Tensor]:

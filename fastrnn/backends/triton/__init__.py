@@ -41,6 +41,8 @@ def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool
         return False, "triton runs on CUDA tensors; CPU only under TRITON_INTERPRET=1"
     if dtype not in DTYPES:
         return False, f"triton backend supports float32, float16 and bfloat16, not {dtype} (use the reference backend)"
+    if cell.norm:
+        return False, f"{cell.name} is not implemented in this backend yet"
     return True, ""
 
 
