@@ -208,3 +208,57 @@ def test_float32_auto_backend(kind):
     zeros = torch.zeros(2, 3, 16, dtype=torch.float64)
     ref = ln_oracle.run(kind, m64, x.transpose(0, 1), [24] * 3, zeros, zeros if kind == "lstm" else None, [0.8, 0.8])
     assert_close(out, ref[0].transpose(0, 1), dtype=torch.float32, T=24)
+
+
+def _haste_forward(kind, sd, x, h0, c0, zoneout):
+    """haste's layers in eval mode, in haste's own layout (kernel [I, G*H], its gate order), written from the
+    maths its documentation states; x [T, B, I]."""
+    G = 4 if kind == "lstm" else 3
+    H = sd["recurrent_kernel"].shape[0]
+
+    def ln(v, w, b=None):
+        return nn.functional.layer_norm(v, (v.shape[-1],), w, b, 1e-5)
+
+    wx = ln(x @ sd["kernel"], sd["gamma"][0])
+    h, c, outs = h0, c0, []
+    for t in range(x.shape[0]):
+        if kind == "lstm":
+            v = ln(h @ sd["recurrent_kernel"], sd["gamma"][1]) + wx[t] + sd["bias"]
+            i, g, f, o = v.chunk(G, 1)
+            c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+            new = o.sigmoid() * ln(c, sd["gamma_h"], sd["beta_h"]).tanh()
+        else:
+            vx = (wx[t] + sd["bias"]).chunk(G, 1)
+            vh = (ln(h @ sd["recurrent_kernel"], sd["gamma"][1]) + sd["recurrent_bias"]).chunk(G, 1)
+            z, r = (vx[0] + vh[0]).sigmoid(), (vx[1] + vh[1]).sigmoid()
+            new = z * h + (1 - z) * (vx[2] + r * vh[2]).tanh()
+        h = zoneout * h + (1 - zoneout) * new
+        outs.append(h)
+    assert H == h.shape[1]
+    return torch.stack(outs)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_haste_state_dict_round_trip(kind):
+    """haste -> fastrnn -> haste is the identity, and fastrnn loaded from haste computes haste's function."""
+    from fastrnn import haste
+
+    G, I, H = (4 if kind == "lstm" else 3), 3, 5
+    torch.manual_seed(0)
+    r = lambda *s: torch.randn(*s, dtype=torch.float64)  # noqa: E731
+    sd = {"kernel": r(I, G * H), "recurrent_kernel": r(H, G * H), "bias": r(G * H), "gamma": 1 + 0.3 * r(2, G * H)}
+    if kind == "lstm":
+        sd["gamma_h"], sd["beta_h"] = 1 + 0.3 * r(H), 0.3 * r(H)
+    else:
+        sd["recurrent_bias"] = r(G * H)
+    m = KINDS[kind][0](I, H, zoneout=0.25, dtype=torch.float64).eval()
+    m.load_state_dict(haste.from_haste(sd, kind))  # strict: every parameter of the module, nothing else
+    back = haste.to_haste(m.state_dict(), kind)
+    assert back.keys() == sd.keys() and all(torch.equal(back[k], sd[k]) for k in sd)
+    x, h0 = r(6, 2, I), r(2, H)
+    c0 = r(2, H) if kind == "lstm" else None
+    out = m(x, (h0[None], c0[None]) if kind == "lstm" else h0[None])[0]
+    assert_close(out, _haste_forward(kind, sd, x, h0, c0, 0.25))
+    again = KINDS[kind][0](I, H, zoneout=0.25, dtype=torch.float64).eval()  # fastrnn -> haste -> fastrnn: same function
+    again.load_state_dict(haste.from_haste(haste.to_haste(m.state_dict(), kind), kind))
+    assert_close(again(x, (h0[None], c0[None]) if kind == "lstm" else h0[None])[0], out)
