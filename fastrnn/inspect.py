@@ -170,7 +170,8 @@ def _states(
         if cell.saved_widths[0]:  # saved gates [T, B, G*H], activated, in torch's order
             H = layers[0][1].gates.shape[-1] // cell.G
             gates = {g: stack([s.gates[..., i * H : (i + 1) * H] for _, s in layers]) for i, g in enumerate(cell.gates)}
-        c = stack([s.extra for _, s in layers]) if cell.has_cell_state else None  # a cell state is saved as extra
+        # a cell state is saved as (the first H columns of) extra
+        c = stack([s.extra[..., : s.gates.shape[-1] // cell.G] for _, s in layers]) if cell.has_cell_state else None
         if batch_sizes is None:
             lengths = torch.full((B,), T, dtype=torch.int64)
         else:  # rows sorted by length: row b runs while b < batch_sizes[t]

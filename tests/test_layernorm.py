@@ -262,3 +262,33 @@ def test_haste_state_dict_round_trip(kind):
     again = KINDS[kind][0](I, H, zoneout=0.25, dtype=torch.float64).eval()  # fastrnn -> haste -> fastrnn: same function
     again.load_state_dict(haste.from_haste(haste.to_haste(m.state_dict(), kind), kind))
     assert_close(again(x, (h0[None], c0[None]) if kind == "lstm" else h0[None])[0], out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_record_gates_and_states(kind):
+    """fastrnn.record() keeps every gate and state at every step of the normalised cells: h is the output, c and
+    the gates are what the formulas give (recomputed here from the recorded h and c of the step before)."""
+    m = _module(kind, "reference", num_layers=2, bidirectional=True).eval()
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    with fastrnn.record() as rec:
+        out, _ = m(x)
+    st = rec[m]
+    H = 4
+    assert st.h.shape == (2, 2, 5, 2, H) and set(st.gates) == set(fastrnn.cells.spec(KINDS[kind][1]).gates)
+    assert torch.equal(st.h[1].permute(1, 2, 0, 3).reshape(5, 2, 2 * H), out)
+    p = {n[: -len("_l0")]: v for n, v in m.named_parameters() if n.endswith("_l0")}
+    N = ln_oracle.N
+    h_prev = torch.zeros(2, H, dtype=torch.float64)
+    for t in range(2):  # layer 0, forward direction, the first steps
+        if kind == "lstm":
+            a = p["ln_ih_weight"] * N(x[t] @ p["weight_ih"].t()) + p["bias_ih"]
+            a = a + p["ln_hh_weight"] * N(h_prev @ p["weight_hh"].t()) + p["bias_hh"]
+            i, f, g, o = a.chunk(4, -1)
+            assert_close(st.gates["f"][0, 0, t], f.sigmoid(), name="f")
+            assert_close(st.gates["g"][0, 0, t], g.tanh(), name="g")
+            assert st.c is not None and st.c.shape == st.h.shape
+        else:
+            ax = p["ln_ih_weight"] * N(x[t] @ p["weight_ih"].t()) + p["bias_ih"]
+            ah = p["ln_hh_weight"] * N(h_prev @ p["weight_hh"].t()) + p["bias_hh"]
+            assert_close(st.gates["z"][0, 0, t], (ax + ah).chunk(3, -1)[1].sigmoid(), name="z")
+        h_prev = st.h[0, 0, t]
