@@ -713,3 +713,18 @@ def test_merged_runs_pool_the_ratio_against_ort():
     cpp = merged["cpp"]
     assert cpp["ratio_vs_ort_q25"] == pytest.approx(1.0) and cpp["ratio_vs_ort_q75"] == pytest.approx(3.0)
     assert cpp["ratio_vs_ort"] == pytest.approx(2.0) and cpp["ort_median_ms"] == pytest.approx(2.0)
+
+
+@pytest.mark.parametrize("cell", fastrnn.cells.NORM_CELLS)
+def test_normalised_cells_time_against_the_eager_loop(cell, monkeypatch):
+    """The normalised cells' yardstick is the plain-PyTorch loop (torch.nn has none): the fastrnn rows pass the
+    correctness gate against it, and a wrong norm-parameter gradient is FAILING."""
+    case = Case(cell, "training", 3, 2, 8, 8, threads=1)
+    rows = {r["backend"]: r for r in runner.measure_case(case, ["reference", "auto"], QUICK, None)}
+    assert rows[YARDSTICK]["status"] == "ok" and rows["reference"]["status"] == "ok" and rows["auto"]["status"] == "ok"
+    from fastrnn import ops
+
+    real = ops.norm_grads
+    monkeypatch.setattr(ops, "norm_grads", lambda *a: real(*a) * 1.01)
+    bad = runner.measure_case(case, ["reference"], QUICK, None)[-1]
+    assert bad["status"] == "FAILING" and "differs from torch.nn: grad_" in bad["note"]

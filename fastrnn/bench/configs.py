@@ -17,6 +17,10 @@ Presets:
     ort     the ONNX Runtime comparison of the issue "CPU speed where users run": lstm and gru, float32,
             inference over T in {32, 128} x B in {1, 16, 64} x H in {256, 512, 1024}, plus streaming over the same
             T and H at B = 1; 2 threads; the onnxruntime peer required.
+    layernorm the layer-normalised cells (torch.nn has none: their yardstick is a plain-PyTorch eager loop of the
+            same maths, bench/lnloop.py, and `compile` is torch.compile of its step) and fastrnn's own LSTM and GRU
+            at the same shapes: T=32, B in {1, 16, 64}, H in {64, 256, 512}, inference and training, 2 threads,
+            torch.compile timed.
 quick and full time the onnxruntime peer on their inference rows when onnx and onnxruntime are installed
 (peers.py); the gate times no peers.
 """
@@ -29,11 +33,11 @@ from dataclasses import asdict, dataclass, field
 
 from fastrnn.bench.results import ORT
 from fastrnn.bench.timing import Settings
-from fastrnn.cells import CELLS, Cell, spec
+from fastrnn.cells import CELLS, NORM_CELLS, Cell, spec
 
 CELL_CLASS_SUFFIX = "_cell"
 CELL_CLASSES = tuple(c + CELL_CLASS_SUFFIX for c in CELLS)
-ALL_CELLS = CELLS + CELL_CLASSES
+ALL_CELLS = CELLS + CELL_CLASSES + NORM_CELLS  # the normalised cells: layers only (no Cell class)
 STREAMING = "streaming"
 MODES = ("inference", "forward", "training", STREAMING)
 NO_GRAD_MODES = ("inference", STREAMING)  # the modes run under torch.no_grad (and the ones peers can time)
@@ -147,6 +151,15 @@ PRESETS: dict[str, Preset] = {
         settings=Settings(warmup=1, repeats=15, min_repeats=5, max_seconds=4.0, min_sample_ms=5.0),
         peers=(ORT,),
         peers_required=True,
+    ),
+    "layernorm": Preset(
+        cells=NORM_CELLS + tuple(spec(c).torch_base.lower() for c in NORM_CELLS),
+        modes=("inference", "training"),
+        T=(32,),
+        B=(1, 16, 64),
+        H=(64, 256, 512),
+        settings=Settings(warmup=2, repeats=11, min_repeats=5, max_seconds=4.0, min_sample_ms=5.0),
+        with_compile=True,
     ),
 }
 

@@ -2,8 +2,10 @@
 deep copies of it run by torch.nn, by torch.compile, or converted to fastrnn on a chosen backend.
 
 Implementations (the `backend` field of a row):
-    torch.nn      torch.nn itself (results.YARDSTICK): every ratio's denominator, always timed
-    compile       torch.compile of a plain-torch step loop, the step being the reference backend's
+    torch.nn      torch.nn itself (results.YARDSTICK): every ratio's denominator, always timed; for the normalised
+                  cells, which torch.nn lacks, the plain-PyTorch eager loop of bench/lnloop.py in its place
+    compile       torch.compile of a plain-torch step loop, the step being the reference backend's (lnloop's
+                  step for the normalised cells)
     auto          a fastrnn module with backend=None: what fastrnn chooses by itself (the row's note says what)
     <backend>     a fastrnn module with that backend, any of fastrnn.backends.BACKENDS (`torch`: torch.nn's own
                   kernels behind fastrnn's module, which shows what fastrnn's module layer costs)
@@ -23,7 +25,7 @@ from torch import Tensor, nn
 import fastrnn
 from fastrnn import backends as fr_backends
 from fastrnn.backends import BACKENDS, KERNEL_BACKENDS
-from fastrnn.bench import peers
+from fastrnn.bench import lnloop, peers
 from fastrnn.bench.configs import NO_GRAD_MODES, STREAMING, Case, Preset, cell_spec, is_cell_class
 from fastrnn.bench.results import ORT, YARDSTICK, BenchError
 
@@ -100,7 +102,7 @@ def for_case(case: Case, names: Sequence[str], explicit: bool) -> list[str]:
     """The implementations that time `case`: the reference backend only on tiny shapes unless named; the
     onnxruntime peer only on the layers' no-grad modes (it has no training, and the Cell classes are not its)."""
     quick = explicit or (case.H <= REFERENCE_MAX_H and case.T <= REFERENCE_MAX_T)
-    ort = case.mode in NO_GRAD_MODES and not is_cell_class(case.cell)
+    ort = case.mode in NO_GRAD_MODES and not is_cell_class(case.cell) and not cell_spec(case.cell).norm
     return [b for b in names if (b != "reference" or quick) and (b != ORT or ort)]
 
 
@@ -135,12 +137,16 @@ def _compiled_step(cell: str) -> Callable:
         import torch._dynamo
 
         from fastrnn.backends import reference
+        from fastrnn.bench import lnloop
 
         pointwise = reference._STEPS[cell].forward  # the readable statement of each cell's step
 
         def step(gx_t: Tensor, h: Tensor, c: Tensor | None, w_hh: Tensor, b_hh: Tensor):
             hbar, c_t, _, _ = pointwise(gx_t, F.linear(h, w_hh, b_hh), h, c)
             return hbar, c_t
+
+        if cell_spec(cell).norm:
+            step = lnloop.ln_lstm_step if cell_spec(cell).has_cell_state else lnloop.ln_gru_step
 
         for name in ("cache_size_limit", "recompile_limit"):  # one graph per shape, and the full grid has many
             if hasattr(torch._dynamo.config, name):
@@ -159,7 +165,10 @@ class Workload:
         self.is_cell_class = is_cell_class(case.cell)
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
-        cls = getattr(nn, self.spec.cell_class if self.is_cell_class else self.spec.layer)
+        if self.spec.norm:  # fastrnn's own layer: torch.nn has none
+            cls = getattr(fastrnn, self.spec.layer)
+        else:
+            cls = getattr(nn, self.spec.cell_class if self.is_cell_class else self.spec.layer)
         kw = {"nonlinearity": self.spec.nonlinearity} if self.spec.nonlinearity else {}
         self.module = cls(case.I, case.H, **kw).to(device=case.device, dtype=self.dtype)
         z = {"dtype": self.dtype, "device": case.device}
@@ -174,6 +183,8 @@ class Workload:
         if name == ORT:
             streaming = self.case.mode == STREAMING
             return peers.OrtLayer(m, self.spec.has_cell_state, self.x, streaming, self.case.threads)
+        if name == YARDSTICK and self.spec.norm:
+            return lnloop.LayerNormLoop(m)
         if name in NOT_FASTRNN:
             return m
         return fastrnn.convert(m, backend=None if name == AUTO else name)
@@ -201,6 +212,8 @@ class Workload:
 
     def _forward_compiled(self, m: nn.Module, x: Tensor, h0: Tensor, c0: Tensor | None):
         step = _compiled_step(self.spec.name)
+        if self.spec.norm:
+            return lnloop.run(m, x, h0, c0, step)
         sfx = "" if self.is_cell_class else "_l0"
         w_ih, w_hh = getattr(m, "weight_ih" + sfx), getattr(m, "weight_hh" + sfx)
         b_ih, b_hh = getattr(m, "bias_ih" + sfx), getattr(m, "bias_hh" + sfx)
