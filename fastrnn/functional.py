@@ -227,8 +227,8 @@ def _record_by_rerun(rerun: Callable[[Recorder], tuple], record: Recorder, outpu
     """Record a call that torch's kernels ran (they expose no gates) by running it again on a kernel backend,
     without autograd and leaving the random generator as torch's call left it. With inter-layer
     dropout (`rng`: the generator's state before torch's call) the rerun draws its masks from that state, and
-    is recorded only if it reproduces torch's output: torch's CPU kernels draw the same masks for padded
-    input, but draw them in the packed layout for packed input, and cuDNN draws from its own state."""
+    is recorded only if it reproduces torch's output: torch's CPU kernels draw the same masks as fastrnn (on the
+    packed rows for packed input, as fastrnn does), while cuDNN draws from its own state."""
     got: list = []
     device = output.device
     with torch.no_grad(), torch.random.fork_rng([device] if device.type == "cuda" else [], enabled=rng is not None):
@@ -240,7 +240,7 @@ def _record_by_rerun(rerun: Callable[[Recorder], tuple], record: Recorder, outpu
     if rng is not None and (again.float() - output.float()).norm() > 1e-2 * output.float().norm():
         raise RuntimeError(
             "fastrnn.record: torch.nn's kernels drew dropout masks between layers that cannot be reproduced here "
-            "(packed input, or cuDNN), so the states of the layers above the first are unknown; record with a "
+            "(cuDNN), so the states of the layers above the first are unknown; record with a "
             "kernel backend (backend='cpp', 'triton', 'numba' or 'reference'), with dropout=0, or in eval mode"
         )
     record(*got[0])

@@ -267,6 +267,15 @@ def test_dropout(backend, kind, extra):
         assert_close(a, e, F64, 5, "train-mode dropout output")
     with torch.no_grad():
         assert not torch.allclose(fast.eval()(x)[0], out_fast[0]), "train mode must apply dropout"
+    # packed input: torch.nn drops out the packed rows between layers, and so must fastrnn (same draws)
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, [5, 3])
+    ref.train(), fast.train()
+    torch.manual_seed(9)
+    out_ref = flat(ref(packed))
+    torch.manual_seed(9)
+    out_fast = flat(fast(packed))
+    for a, e in zip(out_fast, out_ref):
+        assert_close(getattr(a, "data", a), getattr(e, "data", e), F64, 5, "train-mode dropout, packed input")
 
 
 @pytest.mark.parametrize("kind,extra", LAYER_CASES)
