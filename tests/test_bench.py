@@ -128,7 +128,7 @@ def test_console_entry_point_prints_no_traceback():
     assert "Traceback" not in r.stderr
     assert r.stderr.strip() == (
         "fastrnn-bench: error: unknown cell 'nope'; expected one of "
-        "lstm, gru, rnn_tanh, rnn_relu, lstm_cell, gru_cell, rnn_tanh_cell, rnn_relu_cell"
+        "lstm, gru, rnn_tanh, rnn_relu, lstm_cell, gru_cell, rnn_tanh_cell, rnn_relu_cell, ln_lstm, ln_gru"
     )
 
 
