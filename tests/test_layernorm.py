@@ -292,3 +292,22 @@ def test_record_gates_and_states(kind):
             ah = p["ln_hh_weight"] * N(h_prev @ p["weight_hh"].t()) + p["bias_hh"]
             assert_close(st.gates["z"][0, 0, t], (ax + ah).chunk(3, -1)[1].sigmoid(), name="z")
         h_prev = st.h[0, 0, t]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_export_and_compile(kind):
+    """torch.export traces the reference's plain torch ops (torch.nn has no such cell to call); torch.compile
+    (fullgraph) runs fastrnn's custom op, forward and backward, equal to eager."""
+    m = _module(kind, None, torch.float32, num_layers=2).eval()
+    x = torch.randn(5, 2, 3)
+    want = m(x)[0]
+    assert_close(torch.export.export(m, (x,)).module()(x)[0], want, rtol=1e-6, atol=1e-6, name="export")
+    xg = x.clone().requires_grad_()
+    got = torch.compile(m, fullgraph=True)(xg)[0]
+    assert_close(got, want, rtol=1e-6, atol=1e-6, name="compile")
+    (g,) = torch.autograd.grad(got.sum(), xg)
+    xe = x.clone().requires_grad_()
+    (e,) = torch.autograd.grad(m(xe)[0].sum(), xe)
+    assert_close(g, e, rtol=1e-5, atol=1e-6, name="compile d input")
+    with pytest.raises(RuntimeError, match="cannot be scripted"):
+        torch.jit.script(m)
