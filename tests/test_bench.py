@@ -669,11 +669,11 @@ def test_ort_rows_are_not_gated(ort_run, tmp_path, capsys):
             r.update(ratio_vs_torch=r["ratio_vs_torch"] / 4, ratio_q25=r["ratio_q25"] / 4, ratio_q75=r["ratio_q75"] / 4)
     assert all(not v.fails for v in report.compare(base, slower_peer))
     out = tmp_path / "gate.json"
-    assert (
-        cli.main(["gate", "--baseline", str(ort_run), "--backends", "reference", "--no-progress", "--out", str(out)])
-        == 0
-    )
-    assert "GATE OK" in capsys.readouterr().out
+    # the verdict on fastrnn's own rows depends on this machine's load (two repeats of tiny shapes): not checked
+    rc = cli.main(["gate", "--baseline", str(ort_run), "--backends", "reference", "--no-progress", "--out", str(out)])
+    assert rc in (0, 1)
+    verdicts = [line for line in capsys.readouterr().out.splitlines() if "thr=" in line]
+    assert verdicts and not any(ORT in line for line in verdicts)
     assert ORT not in {r["backend"] for r in results.load(out)["rows"]}
 
 

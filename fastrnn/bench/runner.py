@@ -25,31 +25,17 @@ from fastrnn.bench.results import ORT, YARDSTICK
 from fastrnn.bench.timing import Settings, Timer
 
 
+# a row's measured fields, None until measured (repeats and number: 0)
+_MEASURED = (
+    "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "torch_median_ms", "ratio_vs_torch", "ratio_q25", "ratio_q75",
+    "gflops", "gemm_gflops", "peak_mem_bytes", "peak_mem_kind", "max_err", *timing.VS_ORT_FIELDS,
+)  # fmt: skip
+
+
 def _row(case: Case, backend: str, status: str, note: str = "", **fields) -> dict:
     row = case.as_dict()
-    row.update(
-        backend=backend,
-        status=status,
-        note=note,
-        flops=case.flops(),
-        median_ms=None,
-        q25_ms=None,
-        q75_ms=None,
-        min_ms=None,
-        max_ms=None,
-        repeats=0,
-        number=0,
-        torch_median_ms=None,
-        ratio_vs_torch=None,
-        ratio_q25=None,
-        ratio_q75=None,
-        gflops=None,
-        gemm_gflops=None,
-        peak_mem_bytes=None,
-        peak_mem_kind=None,
-        max_err=None,
-        **dict.fromkeys(timing.VS_ORT_FIELDS),
-    )
+    row.update(backend=backend, status=status, note=note, flops=case.flops(), repeats=0, number=0)
+    row.update(dict.fromkeys(_MEASURED))
     row.update(fields)
     return row
 
