@@ -24,7 +24,6 @@ from fastrnn.bench.configs import Case
 from fastrnn.bench.results import ORT, YARDSTICK
 from fastrnn.bench.timing import Settings, Timer
 
-
 # a row's measured fields, None until measured (repeats and number: 0)
 _MEASURED = (
     "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "torch_median_ms", "ratio_vs_torch", "ratio_q25", "ratio_q75",
