@@ -7,7 +7,9 @@ activations, the state update and saving what backward needs (cells.py's layout)
 pass and one GEMM per step, keeps d_gates of every step and forms d_w_hh, d_b_hh, d_w_hr as single large
 GEMMs at the end (torch.mm). With N threads (FASTRNN_NUMBA_THREADS, else torch.get_num_threads(); see
 common.threads) a step whose GEMM is large enough is split into N blocks of hidden units run on numba's
-threads (prange), each calling single-threaded BLAS on its block.
+threads (prange), each calling single-threaded BLAS on its block. The layer-normalised cells (ln_lstm, ln_gru)
+normalise over all hidden units of a row: their fused passes run over whole rows after the blocks' GEMMs (the
+rows on numba's threads), with cells.Norm's parameters and zoneout mask, and backward returns Grads.d_extra.
 
 This package shares its name with the numba library: every import of the library here is absolute, and the
 kernel modules are imported only once `numba` is known to be importable.
@@ -81,8 +83,8 @@ def forward(
 
 
 def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved) -> Grads:
-    """-> Grads(d_gx [T,B,G*H], State(d_h0 [B,P], d_c0 [B,H]), Weights(d_w_hh, d_b_hh, d_w_hr)); None where the
-    input was None or the cell has no cell state."""
+    """-> Grads(d_gx [T,B,G*H], State(d_h0 [B,P], d_c0 [B,H]), Weights(d_w_hh, d_b_hh, d_w_hr), d_extra [T,B,H]);
+    None where the input was None, the cell has no cell state, or (d_extra) no normalisation."""
     from fastrnn.backends.numba import launcher
     from fastrnn.backends.numba.common import single_threaded_blas
 
