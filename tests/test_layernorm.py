@@ -304,10 +304,10 @@ def test_export_and_compile(kind):
     assert_close(torch.export.export(m, (x,)).module()(x)[0], want, rtol=1e-6, atol=1e-6, name="export")
     xg = x.clone().requires_grad_()
     got = torch.compile(m, fullgraph=True)(xg)[0]
-    assert_close(got, want, rtol=1e-6, atol=1e-6, name="compile")
+    assert_close(got, want, torch.float32, 5, name="compile")  # inductor's layer norm of W_ih x rounds its own way
     (g,) = torch.autograd.grad(got.sum(), xg)
     xe = x.clone().requires_grad_()
     (e,) = torch.autograd.grad(m(xe)[0].sum(), xe)
-    assert_close(g, e, rtol=1e-5, atol=1e-6, name="compile d input")
+    assert_close(g, e, torch.float32, 5, name="compile d input")
     with pytest.raises(RuntimeError, match="cannot be scripted"):
         torch.jit.script(m)

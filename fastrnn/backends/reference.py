@@ -103,9 +103,9 @@ def _norm_bwd(dy: Tensor, vhat: Tensor, rstd: Tensor) -> Tensor:
     return rstd * (dy - dy.mean(-1, keepdim=True) - vhat * (dy * vhat).mean(-1, keepdim=True))
 
 
-def _norm_parts(params: Tensor, GH: int, H: int) -> tuple[Tensor, ...]:
-    """Norm.params split: ln_hh_weight, b_hh, then ln_c_weight, ln_c_bias where present."""
-    return params.split([GH, GH] + ([H, H] if params.shape[0] > 2 * GH else []))
+def _norm_parts(params: Tensor, GH: int, H: int | None) -> tuple[Tensor, ...]:
+    """Norm.params split: ln_hh_weight, b_hh, then ln_c_weight, ln_c_bias (H given: cells with a cell state)."""
+    return params.split([GH, GH] + ([H, H] if H is not None else []))
 
 
 def _zoneout(hbar: Tensor, hp: Tensor, m) -> Tensor:
@@ -141,7 +141,7 @@ def _ln_lstm_bwd(dh, dc, hp, cp, h, gates, extra, nz):
 
 def _ln_gru_fwd(x, raw, hp, cp, nz):
     params, m = nz
-    ln_hh, b_hh = _norm_parts(params, raw.shape[1], 0)
+    ln_hh, b_hh = _norm_parts(params, raw.shape[1], None)
     xr, xz, xn = x.chunk(3, 1)
     hr, hz, hn = (ln_hh * _norm(raw)[0] + b_hh).chunk(3, 1)
     r = (xr + hr).sigmoid()
@@ -171,8 +171,7 @@ def norm_grads(cell: Cell, d_gx: Tensor, d_extra: Tensor, extra: Tensor) -> Tens
     H = d_extra.shape[-1]
     GH = cell.G * H
     acc = extra.dtype
-    d_gx, d_extra = d_gx.to(acc).reshape(-1, GH), d_extra.to(acc).reshape(-1, H)
-    extra = extra.reshape(-1, extra.shape[-1])
+    d_gx, d_extra, extra = d_gx.to(acc).flatten(0, 1), d_extra.to(acc).flatten(0, 1), extra.flatten(0, 1)
     d_ah = d_gx if cell.has_cell_state else torch.cat([d_gx[:, : GH - H], d_extra], 1)
     rhat = _norm(extra[:, H:])[0]
     parts = [(d_ah * rhat).sum(0), d_ah.sum(0)]
