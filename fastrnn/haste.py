@@ -25,14 +25,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-# haste's gate blocks in fastrnn's (torch's) order: fastrnn gate k is haste block ORDER[k]
-_ORDER = {"lstm": (0, 2, 1, 3), "gru": (1, 0, 2)}  # lstm: i f g o <- i g f o ; gru: r z n <- z r h
+from fastrnn.cells import Cell, spec
+
+# haste's gate names, in its order, for fastrnn's normalised cells
+_HASTE_GATES = {"lstm": ("i", "g", "f", "o"), "gru": ("z", "r", "n")}
 
 
-def _kind(kind: str) -> str:
-    if kind not in _ORDER:
+def _cell(kind: str) -> tuple[Cell, tuple[int, ...]]:
+    """fastrnn's cell for haste's layer `kind`, and haste's gate blocks in fastrnn's (torch's) order: fastrnn gate k
+    is haste block order[k]."""
+    if kind not in _HASTE_GATES:
         raise ValueError(f"kind must be 'lstm' or 'gru', got {kind!r}")
-    return kind
+    cell = spec(f"ln_{kind}")
+    return cell, tuple(_HASTE_GATES[kind].index(g) for g in cell.gates)
 
 
 def _permute(v: Tensor, order: tuple[int, ...], dim: int) -> Tensor:
@@ -47,18 +52,19 @@ def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
 def from_haste(state_dict: dict[str, Tensor], kind: str, layer: int = 0, reverse: bool = False) -> dict[str, Tensor]:
     """A haste LayerNormLSTM ("lstm") or LayerNormGRU ("gru") state dict as fastrnn parameters of one layer and
     direction (suffix _l{layer}[_reverse]), ready for load_state_dict (strict when the module has one layer)."""
-    order = _ORDER[_kind(kind)]
+    cell, order = _cell(kind)
     sd = state_dict
     sfx = f"_l{layer}{'_reverse' if reverse else ''}"
     out = {
         "weight_ih": _permute(sd["kernel"], order, 1).t(),
         "weight_hh": _permute(sd["recurrent_kernel"], order, 1).t(),
         "bias_ih": _permute(sd["bias"], order, 0),
-        "bias_hh": _permute(sd["recurrent_bias"], order, 0) if kind == "gru" else torch.zeros_like(sd["bias"]),
+        # haste's LSTM has one bias (b_ih + b_hh), its GRU two
+        "bias_hh": torch.zeros_like(sd["bias"]) if cell.has_cell_state else _permute(sd["recurrent_bias"], order, 0),
         "ln_ih_weight": _permute(sd["gamma"][0], order, 0),
         "ln_hh_weight": _permute(sd["gamma"][1], order, 0),
     }
-    if kind == "lstm":
+    if cell.has_cell_state:
         out["ln_c_weight"], out["ln_c_bias"] = sd["gamma_h"], sd["beta_h"]
     return {k + sfx: v.clone().contiguous() for k, v in out.items()}
 
@@ -66,7 +72,8 @@ def from_haste(state_dict: dict[str, Tensor], kind: str, layer: int = 0, reverse
 def to_haste(state_dict: dict[str, Tensor], kind: str, layer: int = 0, reverse: bool = False) -> dict[str, Tensor]:
     """One layer and direction of a fastrnn LayerNormLSTM / LayerNormGRU state dict in haste's layout. A module
     built with bias=False converts with zero biases (haste always has them)."""
-    inv = _inverse(_ORDER[_kind(kind)])
+    cell, order = _cell(kind)
+    inv = _inverse(order)
     sfx = f"_l{layer}{'_reverse' if reverse else ''}"
 
     def get(name: str) -> Tensor:
@@ -79,11 +86,11 @@ def to_haste(state_dict: dict[str, Tensor], kind: str, layer: int = 0, reverse: 
     out = {
         "kernel": _permute(w_ih.t(), inv, 1),
         "recurrent_kernel": _permute(w_hh.t(), inv, 1),
-        "bias": _permute(b_ih if kind == "gru" else b_ih + b_hh, inv, 0),
+        "bias": _permute(b_ih + b_hh if cell.has_cell_state else b_ih, inv, 0),
         "gamma": torch.stack([_permute(get("ln_ih_weight"), inv, 0), _permute(get("ln_hh_weight"), inv, 0)]),
     }
-    if kind == "gru":
-        out["recurrent_bias"] = _permute(b_hh, inv, 0)
-    else:
+    if cell.has_cell_state:
         out["gamma_h"], out["beta_h"] = get("ln_c_weight"), get("ln_c_bias")
+    else:
+        out["recurrent_bias"] = _permute(b_hh, inv, 0)
     return {k: v.clone().contiguous() for k, v in out.items()}
