@@ -10,13 +10,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &fastrnn::build_info, "compiler, OpenMP, vector ISA and thread count of this build");
   m.def("has_direct_blas", &fastrnn::has_direct_blas, "whether GEMMs call torch's BLAS directly");
   m.def("cell_info", &fastrnn::cell_info, arg("cell_id"),
-        "-> name, G, saved gates width, saved extra width (in H), has cell state, has projection");
+        "-> name, G, saved gates width, saved extra width (in H), has cell state, has projection, norm width (in H)");
   m.def("recurrence_forward", &fastrnn::recurrence_forward, arg("cell_id"), arg("gx"), arg("h0"), arg("c0"),
         arg("w_hh"), arg("b_hh"), arg("w_hr"), arg("batch_sizes"), arg("reverse"), arg("need_saved"),
-        arg("bf16_gemm") = false,
+        arg("bf16_gemm") = false, arg("norm") = py::none(), arg("zmask") = py::none(), arg("zkeep") = 1.0,
         "-> out, h_n, c_n|None, gates, extra (the last two empty unless need_saved)");
   m.def("recurrence_backward", &fastrnn::recurrence_backward, arg("cell_id"), arg("d_out"), arg("d_h_n"),
         arg("d_c_n"), arg("h0"), arg("c0"), arg("w_hh"), arg("b_hh"), arg("w_hr"), arg("batch_sizes"),
-        arg("reverse"), arg("out"), arg("gates"), arg("extra"), arg("bf16_gemm") = false,
-        "-> d_gx, d_h0, d_c0|None, d_w_hh, d_b_hh|None, d_w_hr|None");
+        arg("reverse"), arg("out"), arg("gates"), arg("extra"), arg("bf16_gemm") = false, arg("norm") = py::none(),
+        arg("zmask") = py::none(), arg("zkeep") = 1.0,
+        "-> d_gx, d_h0, d_c0|None, d_w_hh, d_b_hh|None, d_w_hr|None, d_extra|None");
 }

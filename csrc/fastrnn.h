@@ -1,7 +1,7 @@
 // fastrnn C++ extension: shared declarations and helpers. Sources: the time walk once (walk.h), one file per cell
-// with its pointwise step (lstm.cpp, gru.cpp, rnn.cpp), the entry points and their checks (recurrence.cpp),
-// bindings only in bindings.cpp. The contract (shapes, saved layout) is fastrnn/cells.py; the maths is
-// fastrnn/backends/reference.py, which every kernel here computes step for step.
+// with its pointwise step (lstm.cpp, gru.cpp, rnn.cpp, ln_lstm.cpp, ln_gru.cpp), the entry points and their checks
+// (recurrence.cpp), bindings only in bindings.cpp. The contract (shapes, saved layout) is fastrnn/cells.py; the maths
+// is fastrnn/backends/reference.py, which every kernel here computes step for step.
 #pragma once
 
 // at::vec picks its implementation from these macros; torch's own objects set them per dispatch target, an
@@ -36,7 +36,8 @@ using BF16 = at::BFloat16;
 std::string build_info();
 
 // ---- entry points (recurrence.cpp), one pair for every cell. cell_id is cells.py's kernel_id (lstm 0, gru 1,
-// rnn_tanh 2, rnn_relu 3). Shapes: T steps, B rows, H hidden, P = proj_size or H, G gates (cells.py). ----
+// rnn_tanh 2, rnn_relu 3, ln_lstm 4, ln_gru 5). Shapes: T steps, B rows, H hidden, P = proj_size or H, G gates
+// (cells.py). ----
 // dtypes: float64, float32 or bfloat16, one for every tensor argument, except that the saved gates and extra are
 // float32 in a bfloat16 call (cells.saved_dtype): bfloat16 keeps its state (c, the running gradients) and its
 // accumulation in float32, reads and writes its tensors in bfloat16 and runs its GEMMs on bfloat16 operands (AMX
@@ -44,22 +45,28 @@ std::string build_info();
 // state stay float32.
 // gx [T,B,G*H], h0 [B,P], c0 [B,H] (cells with a cell state, else None), w_hh [G*H,P], b_hh [G*H]?, w_hr [P,H]?
 // (cells with a projection), batch_sizes [T] int64?
+// The normalised cells (cells.py "Normalised cells"; float64 and float32 only, b_hh None) also take cells.Norm as
+// norm [norm_width*H] (Norm.params), zmask [T,B,H]? (the zoneout keep mask, gx's dtype) and zkeep (the keep used for
+// every element where zmask is None); the other cells refuse norm and zmask.
 //   -> out [T,B,P], h_n [B,P], c_n [B,H] (undefined without a cell state), gates, extra (cells.py's saved layout;
 //      empty when need_saved is false or the cell saves none)
 std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const Tensor& h0, const OptTensor& c0,
                                        const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
                                        const OptTensor& batch_sizes, bool reverse, bool need_saved,
-                                       bool bf16_gemm = false);
-//   -> d_gx [T,B,G*H], d_h0 [B,P], d_c0 [B,H], d_w_hh [G*H,P], d_b_hh [G*H], d_w_hr [P,H]; each undefined where its
-//      input was absent
+                                       bool bf16_gemm = false, const OptTensor& norm = c10::nullopt,
+                                       const OptTensor& zmask = c10::nullopt, double zkeep = 1.0);
+//   -> d_gx [T,B,G*H], d_h0 [B,P], d_c0 [B,H], d_w_hh [G*H,P], d_b_hh [G*H], d_w_hr [P,H], d_extra [T,B,H]
+//      (Grads.d_extra, normalised cells); each undefined where its input was absent (d_extra: a plain cell)
 std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, const Tensor& d_h_n,
                                         const OptTensor& d_c_n, const Tensor& h0, const OptTensor& c0,
                                         const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
                                         const OptTensor& batch_sizes, bool reverse, const Tensor& out,
-                                        const Tensor& gates, const Tensor& extra, bool bf16_gemm = false);
-// What the kernel table holds for cell_id: name, G, saved widths (gates, extra), cell state, projection (the tests
-// compare it with fastrnn.cells).
-std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool> cell_info(int64_t cell_id);
+                                        const Tensor& gates, const Tensor& extra, bool bf16_gemm = false,
+                                        const OptTensor& norm = c10::nullopt, const OptTensor& zmask = c10::nullopt,
+                                        double zkeep = 1.0);
+// What the kernel table holds for cell_id: name, G, saved widths (gates, extra), cell state, projection, norm width
+// (the tests compare it with fastrnn.cells).
+std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool, int64_t> cell_info(int64_t cell_id);
 
 // ---- argument checks: every entry point runs these before it reads or writes any tensor memory ----
 

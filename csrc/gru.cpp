@@ -12,6 +12,7 @@ struct Gru {
   static constexpr int64_t kSavedGates = 3, kSavedExtra = 1;
   // d_gh's n block is d_gx's scaled by r; z*dh reaches h_{t-1} directly
   static constexpr bool kCellState = false, kProjection = false, kDghDiffers = true, kDirectDh = true;
+  static constexpr bool kNorm = false;
   static constexpr int64_t kRowWork = 3;
 
   // gh may alias gates: each gate element is read before it is overwritten by its activation.

@@ -11,6 +11,7 @@ struct Lstm {
   static constexpr int64_t G = 4;
   static constexpr int64_t kSavedGates = 4, kSavedExtra = 1;
   static constexpr bool kCellState = true, kProjection = true, kDghDiffers = false, kDirectDh = false;
+  static constexpr bool kNorm = false;
   static constexpr int64_t kRowWork = 4;
 
   // gh may alias gates: each gate element is read before it is overwritten by its activation.

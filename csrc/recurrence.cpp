@@ -3,6 +3,7 @@
 // tensor memory, allocates the outputs and runs the cell's walk (walk.h) on raw pointers.
 #include "walk.h"
 
+#include <cmath>
 #include <iterator>
 
 namespace fastrnn {
@@ -10,8 +11,8 @@ namespace {
 
 // The kernel table: index = kernel_id.
 const CellKernels* cell_or_null(int64_t cell_id) {
-  static const CellKernels* const table[] = {&lstm_kernels(), &gru_kernels(), &rnn_tanh_kernels(),
-                                             &rnn_relu_kernels()};
+  static const CellKernels* const table[] = {&lstm_kernels(),     &gru_kernels(),     &rnn_tanh_kernels(),
+                                             &rnn_relu_kernels(), &ln_lstm_kernels(), &ln_gru_kernels()};
   if (cell_id < 0 || cell_id >= int64_t(std::size(table))) return nullptr;
   TORCH_INTERNAL_ASSERT(table[cell_id]->id == cell_id, "fastrnn: the kernel table holds ", table[cell_id]->name,
                         " at ", cell_id);
@@ -30,7 +31,7 @@ std::string width_sym(int64_t w) { return w == 1 ? "H" : std::to_string(w) + "H"
 // The arguments' names with their symbolic shapes for the check messages ("gx [T, B, 4H]"), built once per cell so a
 // call does not pay for strings it only needs when it fails.
 struct ArgNames {
-  std::string gx, h0, w_hh, b_hh, out, d_out, d_h_n, gates, extra;
+  std::string gx, h0, w_hh, b_hh, out, d_out, d_h_n, gates, extra, norm;
 };
 
 std::string saved_name(const CellKernels& k, const char* name, int64_t width) {
@@ -45,9 +46,11 @@ const ArgNames& arg_names(const CellKernels& k) {
       const CellKernels* c = cell_or_null(id);
       if (c == nullptr) return v;
       const std::string gh = width_sym(c->G), p = c->projection ? "P" : "H";
+      const std::string norm = "norm [" + width_sym(c->norm_width) + "] (Norm.params: ln_hh_weight | b_hh" +
+                               (c->cell_state ? " | ln_c_weight | ln_c_bias)" : ")");
       v.push_back({"gx [T, B, " + gh + "]", "h0 [B, " + p + "]", "w_hh [" + gh + ", " + p + "]", "b_hh [" + gh + "]",
                    "out [T, B, " + p + "]", "d_out [T, B, " + p + "]", "d_h_n [B, " + p + "]",
-                   saved_name(*c, "gates", c->saved_gates), saved_name(*c, "extra", c->saved_extra)});
+                   saved_name(*c, "gates", c->saved_gates), saved_name(*c, "extra", c->saved_extra), norm});
     }
   }();
   return table[k.id];
@@ -146,12 +149,36 @@ void check_bf16_gemm(bool bf16_gemm, at::ScalarType dt) {
               "fastrnn: bf16_gemm is for float32 (bfloat16 calls always run bfloat16 GEMMs), got ", dt);
 }
 
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
+
+// The normalised cells' arguments (cells.Norm: params, mask, keep), refused by the other cells. A normalised cell
+// runs float64 and float32 only (its layer norms need whole rows, which the bfloat16 GEMMs' tasks do not have:
+// fastrnn.backends.cpp widens bfloat16 to float32 for it) and takes its b_hh inside norm.
+void check_norm(const CellKernels& k, const ArgNames& names, const Sizes& s, at::ScalarType dt, bool bf16_gemm,
+                const OptTensor& b_hh, const OptTensor& norm, const OptTensor& zmask, double zkeep) {
+  if (!k.norm) {
+    TORCH_CHECK(!given(norm), "fastrnn: ", k.name, " is not layer-normalised: norm must be None");
+    TORCH_CHECK(!given(zmask), "fastrnn: ", k.name, " has no zoneout: zmask must be None");
+    return;
+  }
+  TORCH_CHECK(dt != at::kBFloat16, "fastrnn: ", k.name, " has no bfloat16 kernel: its layer norms need whole rows ",
+              "(fastrnn.backends.cpp runs bfloat16 on the float32 kernels)");
+  TORCH_CHECK(!bf16_gemm, "fastrnn: ", k.name, " runs no bfloat16 GEMMs (its layer norms need whole rows): ",
+              "bf16_gemm must be false");
+  TORCH_CHECK(!given(b_hh), "fastrnn: ", k.name, " takes its b_hh inside norm (Norm.params): b_hh must be None");
+  TORCH_CHECK(given(norm), "fastrnn: ", names.norm, " is required for ", k.name, " (expected shape [",
+              k.norm_width * s.H, "])");
+  check_tensor(*norm, names.norm.c_str(), {k.norm_width * s.H}, dt);
+  check_opt(zmask, "zmask [T, B, H] (the zoneout keep mask)", {s.T, s.B, s.H}, dt);
+  TORCH_CHECK(std::isfinite(zkeep), "fastrnn: zkeep (the zoneout keep constant) must be finite, got ", zkeep);
+}
+
 }  // namespace
 
 std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const Tensor& h0, const OptTensor& c0,
                                        const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
-                                       const OptTensor& batch_sizes, bool reverse, bool need_saved,
-                                       bool bf16_gemm) {
+                                       const OptTensor& batch_sizes, bool reverse, bool need_saved, bool bf16_gemm,
+                                       const OptTensor& norm, const OptTensor& zmask, double zkeep) {
   const CellKernels& k = kernels_for(cell_id);
   const ArgNames& names = arg_names(k);
   check_dtype(gx, names.gx.c_str());
@@ -165,6 +192,7 @@ std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const 
   check_tensor(w_hh, names.w_hh.c_str(), {GH, P}, dt);
   check_opt(b_hh, names.b_hh.c_str(), {GH}, dt);
   check_bf16_gemm(bf16_gemm, dt);
+  check_norm(k, names, s, dt, bf16_gemm, b_hh, norm, zmask, zkeep);
   const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
 
   const auto opts = gx.options(), acc = opts.dtype(acc_type(dt));
@@ -174,12 +202,14 @@ std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const 
   Tensor c = k.cell_state ? c0->to(acc, false, true) : Tensor();  // running cell state (acc), c_n at the end
   Tensor gates = need_saved && k.saved_gates ? new_output(saved_shape(k.saved_gates, s), acc) : at::empty({0}, acc);
   Tensor extra = need_saved && k.saved_extra ? new_output(saved_shape(k.saved_extra, s), acc) : at::empty({0}, acc);
-  const bool gh_home = (need_saved && gh_in_gates(k.G, k.saved_gates)) || gh_in_h(k.G, s.proj, same);
+  const bool gh_home = (need_saved && (gh_in_extra(k.norm) || gh_in_gates(k.G, k.saved_gates))) ||
+                       (!gh_in_extra(k.norm) && gh_in_h(k.G, s.proj, same));
   Tensor gh_buf = gh_home ? Tensor() : at::empty({B, GH}, acc);
   Tensor hbar = s.proj ? at::empty({B, H}, opts) : Tensor();
   Tensor pout = s.proj && !same ? at::empty({B, P}, acc) : Tensor();
   Tensor bias = b_hh.has_value() && b_hh->defined() ? b_hh->to(acc) : at::zeros({GH}, acc);
   const Tensor w_hr_t = s.proj ? *w_hr : Tensor();
+  const Tensor norm_t = k.norm ? *norm : Tensor(), mask_t = k.norm && given(zmask) ? *zmask : Tensor();
   dispatch(dt, bf16_gemm, [&](auto pr) {
     using Pr = decltype(pr);
     using T_ = typename Pr::T;
@@ -187,7 +217,8 @@ std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const 
     const ForwardArgs<T_, S_> a{w, H, P, s.proj, need_saved, sptr<T_, S_>(gx), sptr<T_, S_>(h0),
                                 sptr<T_, S_>(w_hh), sptr<T_, S_>(w_hr_t), sptr<T_, T_>(bias), mptr<S_>(out),
                                 mptr<S_>(h_n), mptr<T_>(c), mptr<T_>(gates), mptr<T_>(extra), mptr<T_>(gh_buf),
-                                mptr<S_>(hbar), mptr<T_>(pout)};
+                                mptr<S_>(hbar), mptr<T_>(pout), sptr<T_, T_>(norm_t), sptr<T_, S_>(mask_t),
+                                T_(zkeep)};
     run_forward<Pr>(k, a);
   });
   return {out, h_n, same ? c : (c.defined() ? c.to(dt) : c), gates, extra};
@@ -197,7 +228,8 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
                                         const OptTensor& d_c_n, const Tensor& h0, const OptTensor& c0,
                                         const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,
                                         const OptTensor& batch_sizes, bool reverse, const Tensor& out,
-                                        const Tensor& gates, const Tensor& extra, bool bf16_gemm) {
+                                        const Tensor& gates, const Tensor& extra, bool bf16_gemm,
+                                        const OptTensor& norm, const OptTensor& zmask, double zkeep) {
   const CellKernels& k = kernels_for(cell_id);
   const ArgNames& names = arg_names(k);
   check_dtype(out, names.out.c_str());
@@ -218,6 +250,7 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
   check_tensor(gates, names.gates.c_str(), saved_shape(k.saved_gates, s), acc_dt);
   check_tensor(extra, names.extra.c_str(), saved_shape(k.saved_extra, s), acc_dt);
   check_bf16_gemm(bf16_gemm, dt);
+  check_norm(k, names, s, dt, bf16_gemm, b_hh, norm, zmask, zkeep);
   const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
 
   const auto opts = out.options(), acc = opts.dtype(acc_dt);
@@ -233,7 +266,9 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
   Tensor hbar = s.proj ? at::empty({T, B, H}, opts) : Tensor();
   Tensor dhbar = s.proj ? at::empty({B, H}, acc) : Tensor();
   Tensor dg0 = at::empty({B, GH}, opts);
+  Tensor d_extra = k.norm ? new_output({T, B, H}, opts) : Tensor();
   const Tensor w_hr_t = s.proj ? *w_hr : Tensor();
+  const Tensor norm_t = k.norm ? *norm : Tensor(), mask_t = k.norm && given(zmask) ? *zmask : Tensor();
   dispatch(dt, bf16_gemm, [&](auto pr) {
     using Pr = decltype(pr);
     using T_ = typename Pr::T;
@@ -242,7 +277,8 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
                                  sptr<T_, S_>(w_hh), sptr<T_, S_>(w_hr_t), sptr<T_, S_>(out), sptr<T_, T_>(gates),
                                  sptr<T_, T_>(extra), mptr<T_>(dh), mptr<T_>(dc), mptr<S_>(d_gx), mptr<S_>(d_gh),
                                  mptr<T_>(d_w_hh), mptr<T_>(d_w_hr), mptr<S_>(dhfull), mptr<S_>(hbar),
-                                 mptr<T_>(dhbar), mptr<S_>(dg0)};
+                                 mptr<T_>(dhbar), mptr<S_>(dg0), sptr<T_, T_>(norm_t), sptr<T_, S_>(mask_t),
+                                 T_(zkeep), mptr<S_>(d_extra)};
     run_backward<Pr>(k, a);
   });
   const Tensor& dg = k.dgh_differs ? d_gh : d_gx;
@@ -256,12 +292,12 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
     }
   }
   auto back = [&](const Tensor& t) { return same || !t.defined() ? t : t.to(dt); };
-  return {d_gx, back(dh), back(dc), back(d_w_hh), back(d_b_hh), back(d_w_hr)};
+  return {d_gx, back(dh), back(dc), back(d_w_hh), back(d_b_hh), back(d_w_hr), d_extra};
 }
 
-std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool> cell_info(int64_t cell_id) {
+std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool, int64_t> cell_info(int64_t cell_id) {
   const CellKernels& k = kernels_for(cell_id);
-  return {k.name, k.G, k.saved_gates, k.saved_extra, k.cell_state, k.projection};
+  return {k.name, k.G, k.saved_gates, k.saved_extra, k.cell_state, k.projection, k.norm_width};
 }
 
 }  // namespace fastrnn

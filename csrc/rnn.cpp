@@ -13,6 +13,7 @@ struct Rnn {
   static constexpr int64_t G = 1;
   static constexpr int64_t kSavedGates = 0, kSavedExtra = 0;
   static constexpr bool kCellState = false, kProjection = false, kDghDiffers = false, kDirectDh = false;
+  static constexpr bool kNorm = false;
   static constexpr int64_t kRowWork = 4;  // a tanh an element: chunk rows as for 4H plain elements
 
   // s.gh may be s.h: it then holds h_{t-1} W_hh^T on entry and the new state on exit.

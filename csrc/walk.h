@@ -1,17 +1,19 @@
 // The time walk, written once for every cell: steps in order or reversed, packed rows (batch_sizes), rows joining
 // from h0, final states, the backward walk and the weight-gradient GEMMs (cells.py: steps, prev_rows; the
-// reference backend's forward/backward). A cell is a policy type (lstm.cpp, gru.cpp, rnn.cpp) that supplies only its
-// pointwise forward and backward rows and describes its layout:
+// reference backend's forward/backward). A cell is a policy type (lstm.cpp, gru.cpp, rnn.cpp, ln_lstm.cpp, ln_gru.cpp)
+// that supplies only its pointwise forward and backward rows and describes its layout:
 //
 //   struct Cell {
 //     static constexpr int64_t kId;                 // cells.py kernel_id
 //     static constexpr const char* kName;           // cells.py name
 //     static constexpr int64_t G;                   // gates: gh = h_{t-1} W_hh^T is [B, G*H]
 //     static constexpr int64_t kSavedGates, kSavedExtra;  // cells.py saved_widths, in multiples of H
-//     static constexpr bool kCellState;             // a second state c [B, H]; its saved extra is c_t [B, H]
+//     static constexpr bool kCellState;             // a second state c [B, H]; its saved extra begins with c_t
 //     static constexpr bool kProjection;            // takes w_hr [P, H] (h = hbar W_hr^T)
 //     static constexpr bool kDghDiffers;            // the gradient reaching W_hh/b_hh differs from d_gx
 //     static constexpr bool kDirectDh;              // part of d h_{t-1} bypasses W_hh (backward_rows writes it)
+//     static constexpr bool kNorm;                  // layer-normalised with zoneout (cells.py "Normalised cells"),
+//                                                   //   see below
 //     static constexpr int64_t kRowWork;            // pointwise cost of a row in units of H (parallel grain)
 //     // rows [r0, r1) x hidden units [j0, j1) of a step (every gate of those units)
 //     template <typename T, typename S> static void forward_rows(const FwdRows<T, S>&, r0, r1, j0, j1);
@@ -20,6 +22,13 @@
 //
 // T is the type of the state and of all arithmetic, S that of the call's tensors (gx, out, states, weights,
 // gradients): both float64 or both float32, or S = bfloat16 over T = float32 (Prec below).
+//
+// A kNorm cell (ln_lstm.cpp, ln_gru.cpp) gets Norm.params and the zoneout keep mask (or constant) in its rows, the
+// step's GEMM without bias (gh is raw_t = h_{t-1} W_hh^T, written straight into the saved extra's raw columns when
+// saving, row stride ldg), writes d_extra in backward and d raw_t into d_gh (kDghDiffers). Its layer norms reduce
+// over every unit of a row, so its rows are always called with [j0, j1) = [0, H): it runs on the BLAS schedule only
+// (float64, float32; the bfloat16 schedule's tasks see one block of units, and make_kernels leaves those entries
+// null). Everything the other cells do not use costs them nothing: the walk tests kNorm at compile time.
 //
 // Per step the serial work is one GEMM and one fused pointwise pass. float32/float64 (MKL/BLAS GEMMs): a small step
 // runs as row blocks that each do their own GEMM and pointwise pass in one parallel region (row_blocks), a large one as
@@ -84,6 +93,7 @@ struct FwdRows {
   int64_t k;       // rows [0, k) continue from hsrc, rows [k, n) start from h0
   const S* gx;     // [B, G*H] input projection of step t (incl. b_ih)
   const T* gh;     // [B, G*H] h_{t-1} W_hh^T; may alias gates or h (a step reads each element before it writes it)
+  int64_t ldg;     // gh's row stride: G*H, or kSavedExtra*H where a kNorm cell's gh lies in its saved extra
   const T* bias;   // [G*H] b_hh (zeros without bias)
   const S* hsrc;   // [B, P] out[src(t)]
   const S* h0;     // [B, P]
@@ -91,6 +101,10 @@ struct FwdRows {
   S* h;            // [B, H] the new h before any projection
   T* gates;        // [B, kSavedGates*H] saved for backward, or null
   T* extra;        // [B, kSavedExtra*H] saved for backward, or null
+  // kNorm only (else null / unused):
+  const T* norm;   // [norm_width*H] Norm.params
+  const S* mask;   // [B, H] zoneout keep mask of step t, or null: every element keeps `keep`
+  T keep;
   const S* hprev(int64_t r) const { return r < k ? hsrc + r * P : h0 + r * P; }  // h_{t-1} of row r
 };
 
@@ -105,7 +119,8 @@ struct BwdRows {
   const S* h;           // [B, P] out[t]
   const T* gates;       // [B, kSavedGates*H] saved at step t
   const T* extra;       // [B, kSavedExtra*H] saved at step t
-  const T* extra_src;   // saved extra of step src(t) (kCellState: c_{t-1} for rows < k)
+  const T* extra_src;   // saved extra of step src(t) (kCellState: c_{t-1} for rows < k, its first H columns)
+  int64_t lde;          // the saved extra's row stride, kSavedExtra*H
   const T* c0;          // [B, H] (kCellState)
   const S* hsrc;        // [B, P] out[src(t)]
   const S* h0;          // [B, P]
@@ -113,8 +128,13 @@ struct BwdRows {
   S* d_gx;              // [B, G*H]
   S* d_gh;              // [B, G*H] gradient of gh (kDghDiffers; else the same buffer as d_gx)
   S* hbar;              // [B, H] the pre-projection h, recomputed for d_w_hr (kProjection), else null
+  // kNorm only (else null / unused):
+  const T* norm;        // [norm_width*H] Norm.params
+  const S* mask;        // [B, H] zoneout keep mask of step t, or null: `keep`
+  T keep;
+  S* d_extra;           // [B, H] Grads.d_extra of step t
   const S* hprev(int64_t r) const { return r < k ? hsrc + r * P : h0 + r * P; }
-  const T* cprev(int64_t r) const { return r < k ? extra_src + r * H : c0 + r * H; }
+  const T* cprev(int64_t r) const { return r < k ? extra_src + r * lde : c0 + r * H; }
 };
 
 // ---- raw arguments of one call (recurrence.cpp fills them after its checks; outputs allocated there) ----
@@ -132,6 +152,9 @@ struct ForwardArgs {
   T* gh;                           // [B, G*H] scratch when gh has no home in gates or out (see forward_walk)
   S* hbar;                         // [B, H] scratch (projection)
   T* pout;                         // [B, P] scratch (projection, S != T): the projection before rounding to S
+  const T* norm;                   // [norm_width*H] Norm.params (kNorm), else null
+  const S* mask;                   // [T, B, H] zoneout keep mask (kNorm), or null: `keep`
+  T keep;
 };
 
 template <typename T, typename S = T>
@@ -152,6 +175,10 @@ struct BackwardArgs {
   S *dhfull, *hbar;     // [T, B, P], [T, B, H] scratch (projection)
   T* dhbar;             // [B, H] scratch (projection)
   S* dg0;               // [B, G*H] scratch
+  const T* norm;        // [norm_width*H] Norm.params (kNorm), else null
+  const S* mask;        // [T, B, H] zoneout keep mask (kNorm), or null: `keep`
+  T keep;
+  S* d_extra;           // [T, B, H] Grads.d_extra (kNorm), else null
 };
 
 // ---- helpers of the walk ----
@@ -244,6 +271,68 @@ inline void store_rows(const T* src, S* dst, int64_t ld, int64_t r0, int64_t r1,
     vec_range<T>(c0, c1, [&](int64_t j, int64_t cnt) { vstore(vload(src + r * ld + j, cnt), dst + r * ld + j, cnt); });
 }
 
+// ---- the normalised cells' rows (ln_lstm.cpp, ln_gru.cpp): N(v) = (v - mean v) / sqrt(var v + eps) over a row ----
+
+constexpr double kNormEps = 1e-5;  // reference.EPS
+
+// The sum of a vector's lanes.
+template <typename T>
+inline T hsum(const Vec<T>& v) {
+  T tmp[Vec<T>::size()];
+  v.store(tmp);
+  T s = T(0);
+  for (int64_t i = 0; i < Vec<T>::size(); ++i) s += tmp[i];
+  return s;
+}
+
+// v with the lanes [cnt, size) zeroed: a vec_range tail's lanes past the row, before they enter a row's sum.
+template <typename T>
+inline Vec<T> vhead(const Vec<T>& v, int64_t cnt) {
+  return cnt == Vec<T>::size() ? v : Vec<T>::set(Vec<T>(T(0)), v, cnt);
+}
+
+// A row's layer-norm statistics: mean and 1 / sqrt(biased variance + eps) (two passes, as reference._norm).
+template <typename T>
+struct RowStats {
+  T mu, rstd;
+  Vec<T> hat(const Vec<T>& v) const { return (v - Vec<T>(mu)) * Vec<T>(rstd); }  // N(v) of these lanes
+};
+
+template <typename T>
+inline RowStats<T> row_stats(const T* v, int64_t n) {
+  if (n <= 0) return {T(0), T(1) / std::sqrt(T(kNormEps))};
+  Vec<T> acc(T(0));
+  vec_range<T>(0, n, [&](int64_t j, int64_t cnt) { acc = acc + vload(v + j, cnt); });  // a short load is zero-filled
+  const T mu = hsum(acc) / T(n);
+  const Vec<T> m(mu);
+  Vec<T> sq(T(0));
+  vec_range<T>(0, n, [&](int64_t j, int64_t cnt) {
+    const Vec<T> d = vhead(vload(v + j, cnt) - m, cnt);
+    sq = sq + d * d;
+  });
+  return {mu, T(1) / std::sqrt(hsum(sq) / T(n) + T(kNormEps))};
+}
+
+// The sums a layer norm's backward needs (reference._norm_bwd): sum dy and sum dy * N(v) over a row, gathered piece
+// by piece; then dv = rstd * (dy - mean dy - N(v) * mean(dy N(v))).
+template <typename T>
+struct NormBack {
+  Vec<T> s1{T(0)}, s2{T(0)};
+  void add(const Vec<T>& dy, const Vec<T>& vhat, int64_t cnt) {
+    const Vec<T> d = vhead(dy, cnt);
+    s1 = s1 + d;
+    s2 = s2 + d * vhead(vhat, cnt);
+  }
+  struct Means {
+    Vec<T> dy, dyhat, rstd;
+    Vec<T> dv(const Vec<T>& dy_, const Vec<T>& vhat) const { return rstd * (dy_ - dy - vhat * dyhat); }
+  };
+  Means means(int64_t n, T rstd) const {
+    const T inv = n > 0 ? T(1) / T(n) : T(0);
+    return {Vec<T>(hsum(s1) * inv), Vec<T>(hsum(s2) * inv), Vec<T>(rstd)};
+  }
+};
+
 // ---- the bfloat16-GEMM schedule: a step's region is tasks of one block of hidden units (Bf16Gemm::kBlock columns
 // of every gate) x one chunk of rows ----
 
@@ -296,11 +385,14 @@ inline UnitTasks unit_tasks(int64_t n, int64_t nb, int64_t flops_per_row) {
 
 // ---- the walk ----
 
-// Where a step's gh = h_{t-1} W_hh^T goes: into the saved gates of step t when they have gh's layout, or into the
-// new h of a one-gate cell without projection whose out has gh's type, the step activating it in place there; else
-// into a scratch [B, G*H]. (recurrence.cpp allocates the scratch from the same two rules.)
+// Where a step's gh = h_{t-1} W_hh^T goes: into the saved extra of a normalised cell (which saves it as raw_t), into
+// the saved gates of step t when they have gh's layout, or into the new h of a one-gate cell without projection whose
+// out has gh's type, the step activating it in place there; else into a scratch [B, G*H]. (recurrence.cpp allocates
+// the scratch from the same rules.)
 constexpr bool gh_in_gates(int64_t G, int64_t saved_gates) { return saved_gates == G; }
 constexpr bool gh_in_h(int64_t G, bool proj, bool same_type) { return G == 1 && !proj && same_type; }
+// A normalised cell saves raw_t = gh itself (extra's columns [H, (G+1)H)): when saving, the GEMM writes it there.
+constexpr bool gh_in_extra(bool norm) { return norm; }
 
 template <typename Cell, typename Pr>
 void forward_walk(const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
@@ -311,17 +403,25 @@ void forward_walk(const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
   const Walk& w = a.w;
   const int64_t B = w.B, H = a.H, P = a.P, GH = G * H, WG = Cell::kSavedGates * H, WE = Cell::kSavedExtra * H;
   const bool proj = Cell::kProjection && a.proj;
+  // gh's row stride: a kNorm cell's saved extra holds raw_t = gh after its first H columns
+  const int64_t ldg = gh_in_extra(Cell::kNorm) && a.save ? WE : GH;
   auto step_ptrs = [&](int64_t t, S*& ot, S*& hdst, T*& st, T*& et, T*& gh) {
     ot = a.out + t * B * P;
     hdst = proj ? a.hbar : ot;
     st = a.save && WG ? a.gates + t * B * WG : nullptr;
     et = a.save && WE ? a.extra + t * B * WE : nullptr;
-    gh = gh_in_gates(G, Cell::kSavedGates) && a.save ? st : a.gh;
-    if constexpr (kSame) {
-      if (!(gh_in_gates(G, Cell::kSavedGates) && a.save) && gh_in_h(G, proj, true)) gh = hdst;
+    if constexpr (gh_in_extra(Cell::kNorm)) {
+      gh = a.save ? et + H : a.gh;
+    } else {
+      gh = gh_in_gates(G, Cell::kSavedGates) && a.save ? st : a.gh;
+      if constexpr (kSame) {
+        if (!(gh_in_gates(G, Cell::kSavedGates) && a.save) && gh_in_h(G, proj, true)) gh = hdst;
+      }
     }
   };
+  auto mask_of = [&](int64_t t) -> const S* { return Cell::kNorm && a.mask ? a.mask + t * B * H : nullptr; };
   if constexpr (Pr::kBf16Gemm) {
+    static_assert(!Cell::kNorm, "a normalised cell needs whole rows: it has no bfloat16-GEMM schedule");
     const bool pack = repays_packing(w);
     const Bf16Gemm whh(a.w_hh, true, GH, P, H, pack), whr(a.w_hr, true, proj ? P : 0, H, P, pack);
     for (int64_t i = 0; i < w.T; ++i) {
@@ -330,7 +430,8 @@ void forward_walk(const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
       S *ot, *hdst;
       T *st, *et, *gh;
       step_ptrs(t, ot, hdst, st, et, gh);
-      const FwdRows<T, S> s{H, P, k, a.gx + t * B * GH, gh, a.bias, hsrc, a.h0, a.c, hdst, st, et};
+      const FwdRows<T, S> s{H, P, k, a.gx + t * B * GH, gh, GH, a.bias, hsrc, a.h0, a.c, hdst, st, et,
+                            nullptr, nullptr, T(1)};
       const GemmRows A = gemm_rows(whh, hsrc, a.h0, k, n, P);
       const UnitTasks ut = unit_tasks(n, whh.blocks(), 2 * P * G * kB);
       at::parallel_for(0, ut.count, ut.grain, [&](int64_t i0, int64_t i1) {
@@ -371,14 +472,15 @@ void forward_walk(const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
       const T* hsrc = k > 0 ? a.out + w.src(t) * B * P : nullptr;
       T *ot, *hdst, *st, *et, *gh;
       step_ptrs(t, ot, hdst, st, et, gh);
-      const FwdRows<T> s{H, P, k, a.gx + t * B * GH, gh, a.bias, hsrc, a.h0, a.c, hdst, st, et};
+      const FwdRows<T> s{H, P, k, a.gx + t * B * GH, gh, ldg, a.bias, hsrc, a.h0, a.c, hdst, st, et,
+                         a.norm, mask_of(t), a.keep};
       if (row_blocks(n, P, GH)) {
         at::parallel_for(0, n, fused_grain(P, GH), [&](int64_t r0, int64_t r1) {
-          gemm_prev_rows(whh, hsrc, a.h0, k, r0, r1, P, gh, GH);
+          gemm_prev_rows(whh, hsrc, a.h0, k, r0, r1, P, gh, ldg);
           Cell::forward_rows(s, r0, r1, 0, H);
         });
       } else {
-        gemm_prev(whh, hsrc, a.h0, k, n, P, gh, GH);
+        gemm_prev(whh, hsrc, a.h0, k, n, P, gh, ldg);
         at::parallel_for(0, n, row_grain(Cell::kRowWork * H), [&](int64_t r0, int64_t r1) {
           Cell::forward_rows(s, r0, r1, 0, H);
         });
@@ -397,7 +499,8 @@ void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
   using T = typename Pr::T;
   using S = typename Pr::S;
   static_assert(!(Cell::kProjection && Cell::kDirectDh), "a direct d h_{t-1} would live in P-space with a projection");
-  static_assert(!Cell::kCellState || Cell::kSavedExtra == 1, "a cell state is saved as extra c_t [T, B, H]");
+  static_assert(!Cell::kCellState || Cell::kSavedExtra == 1 || Cell::kNorm,
+                "a cell state is saved as extra c_t [T, B, H] (a normalised cell's: its first H columns)");
   constexpr int64_t G = Cell::G, kB = Bf16Gemm::kBlock;
   const Walk& w = a.w;
   const int64_t B = w.B, H = a.H, P = a.P, GH = G * H, WG = Cell::kSavedGates * H, WE = Cell::kSavedExtra * H;
@@ -406,16 +509,21 @@ void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
   auto rows_of = [&](int64_t t, int64_t k) {
     const S* src_out = k > 0 ? a.out + w.src(t) * B * P : nullptr;
     const T* src_extra = k > 0 ? a.extra + w.src(t) * B * WE : nullptr;
+    const S* mask = Cell::kNorm && a.mask ? a.mask + t * B * H : nullptr;
+    S* d_extra = Cell::kNorm ? a.d_extra + t * B * H : nullptr;
     return BwdRows<T, S>{H, P, k, proj ? a.dhbar : a.dh, a.d_out + t * B * P, !proj, a.out + t * B * P,
-                         a.gates + t * B * WG, a.extra + t * B * WE, src_extra, a.c0, src_out, a.h0, a.dc,
-                         a.d_gx + t * B * GH, d_gh + t * B * GH, proj ? a.hbar + t * B * H : nullptr};
+                         a.gates + t * B * WG, a.extra + t * B * WE, src_extra, WE, a.c0, src_out, a.h0, a.dc,
+                         a.d_gx + t * B * GH, d_gh + t * B * GH, proj ? a.hbar + t * B * H : nullptr,
+                         a.norm, mask, a.keep, d_extra};
   };
   auto zero_step = [&](int64_t t, int64_t n) {
     zero_rows(a.d_gx + t * B * GH, n, B, GH);
     if (Cell::kDghDiffers) zero_rows(d_gh + t * B * GH, n, B, GH);
+    if (Cell::kNorm) zero_rows(a.d_extra + t * B * H, n, B, H);
     if (proj) zero_rows(a.hbar + t * B * H, n, B, H);
   };
   if constexpr (Pr::kBf16Gemm) {
+    static_assert(!Cell::kNorm, "a normalised cell needs whole rows: it has no bfloat16-GEMM schedule");
     // d h_{t-1} = d_gh_t W_hh (+ the direct part kDirectDh left in dh) runs in the next step's region: a task first
     // forms the columns of d h its units need, from the rows of the step walked before ("pending").
     const bool pack = repays_packing(w);
@@ -520,6 +628,9 @@ struct CellKernels {
   const char* name;
   int64_t G, saved_gates, saved_extra;
   bool cell_state, projection, dgh_differs;
+  bool norm;           // layer-normalised with zoneout: takes Norm.params and a keep mask, returns d_extra
+  int64_t norm_width;  // Norm.params [norm_width * H] (cells.py norm_width), 0 without norm
+  // null where the cell has no kernel of that precision (a normalised cell's bfloat16-GEMM ones)
   void (*forward_d)(const ForwardArgs<double>&);
   void (*forward_f)(const ForwardArgs<float>&);
   void (*forward_fb)(const ForwardArgs<float>&);  // float32, bfloat16 GEMMs
@@ -529,6 +640,18 @@ struct CellKernels {
   void (*backward_fb)(const BackwardArgs<float>&);
   void (*backward_b)(const BackwardArgs<float, BF16>&);
 };
+
+// The walks of one precision, or null where the cell has none (kNorm on the bfloat16-GEMM schedule).
+template <typename Cell, typename Pr>
+constexpr auto forward_fn() -> void (*)(const ForwardArgs<typename Pr::T, typename Pr::S>&) {
+  if constexpr (Cell::kNorm && Pr::kBf16Gemm) return nullptr;
+  else return &forward_walk<Cell, Pr>;
+}
+template <typename Cell, typename Pr>
+constexpr auto backward_fn() -> void (*)(const BackwardArgs<typename Pr::T, typename Pr::S>&) {
+  if constexpr (Cell::kNorm && Pr::kBf16Gemm) return nullptr;
+  else return &backward_walk<Cell, Pr>;
+}
 
 template <typename Cell>
 CellKernels make_kernels() {
@@ -540,14 +663,16 @@ CellKernels make_kernels() {
           Cell::kCellState,
           Cell::kProjection,
           Cell::kDghDiffers,
-          &forward_walk<Cell, PrecF64>,
-          &forward_walk<Cell, PrecF32>,
-          &forward_walk<Cell, PrecF32Bf16Gemm>,
-          &forward_walk<Cell, PrecBf16>,
-          &backward_walk<Cell, PrecF64>,
-          &backward_walk<Cell, PrecF32>,
-          &backward_walk<Cell, PrecF32Bf16Gemm>,
-          &backward_walk<Cell, PrecBf16>};
+          Cell::kNorm,
+          Cell::kNorm ? 2 * Cell::G + (Cell::kCellState ? 2 : 0) : 0,
+          forward_fn<Cell, PrecF64>(),
+          forward_fn<Cell, PrecF32>(),
+          forward_fn<Cell, PrecF32Bf16Gemm>(),
+          forward_fn<Cell, PrecBf16>(),
+          backward_fn<Cell, PrecF64>(),
+          backward_fn<Cell, PrecF32>(),
+          backward_fn<Cell, PrecF32Bf16Gemm>(),
+          backward_fn<Cell, PrecBf16>()};
 }
 
 // Defined by the per-cell sources.
@@ -555,5 +680,7 @@ const CellKernels& lstm_kernels();
 const CellKernels& gru_kernels();
 const CellKernels& rnn_tanh_kernels();
 const CellKernels& rnn_relu_kernels();
+const CellKernels& ln_lstm_kernels();
+const CellKernels& ln_gru_kernels();
 
 }  // namespace fastrnn

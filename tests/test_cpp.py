@@ -1,7 +1,8 @@
 """The cpp backend (fastrnn._C) against the reference backend: the contract itself (outputs, saved gates/extra,
 every backward gradient) for every cell, proj_size, packed batch_sizes, reverse, float64 and float32, odd and zero
-sizes; the extension's kernel table against fastrnn.cells; the raw entry points refusing bad arguments with
-RuntimeError; zero hidden size through the modules against torch.nn."""
+sizes; the normalised cells' contract (Norm params, zoneout mask or keep, d_extra) on the C++ schedules; the
+extension's kernel table against fastrnn.cells; the raw entry points refusing bad arguments with RuntimeError; zero
+hidden size through the modules against torch.nn."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ pytest.importorskip("fastrnn._C", reason="the C++ extension fastrnn._C is not bu
 import fastrnn  # noqa: E402
 from fastrnn import _C  # noqa: E402
 from fastrnn.backends import get  # noqa: E402
-from fastrnn.cells import TABLE, Saved, State, Weights, cell_for, spec  # noqa: E402
+from fastrnn.cells import NORM_CELLS, TABLE, Norm, Saved, State, Weights, cell_for, spec  # noqa: E402
 from tests.helpers import assert_close, assert_contract_matches_reference, contract_inputs  # noqa: E402
 
 cpp, ref = get("cpp"), get("reference")
@@ -64,11 +65,107 @@ def test_contract_matches_reference(cell, T, B, H, P, bs, reverse, bias, dtype):
     assert_contract_matches_reference(cpp, cell, T, B, H, P, bs, reverse, bias, dtype)
 
 
+def _inputs(cell: str, T: int, B: int, H: int, P: int, dtype=F64, bias=True, mask=True, keep=0.7):
+    """contract_inputs, and for a normalised cell its b_hh dropped and cells.Norm added (gains and biases off their
+    init, a Bernoulli keep mask or, mask=False, the constant keep)."""
+    c = spec(cell)
+    gx, state0, weights = contract_inputs(cell, T, B, H, P, dtype, bias and not c.norm)
+    if not c.norm:
+        return gx, state0, weights
+    params = 1 + 0.3 * torch.randn(c.norm_width * H, dtype=dtype)
+    m = torch.bernoulli(torch.full((T, B, H), 0.6, dtype=dtype)) if mask else None
+    return gx, state0, weights._replace(norm=Norm(params, m, keep))
+
+
+def _to(ts, dtype):
+    """A State, Weights or Norm with every tensor (a nested Norm's too) converted to dtype."""
+    conv = lambda t: _to(t, dtype) if isinstance(t, Norm) else t.to(dtype) if isinstance(t, torch.Tensor) else t  # noqa: E731
+    return type(ts)(*(conv(t) for t in ts))
+
+
+def _grad_names(c) -> tuple[str, ...]:
+    return GRAD_NAMES + (("d_extra",) if c.norm else ())
+
+
+# Normalised cells (b_hh None, Norm params, zoneout mask or keep): the C++ schedules (row blocks, one BLAS GEMM then
+# the pointwise pass, rows split over threads), packed and reverse walks, odd and unit hidden sizes.
+NORM_CASES = [
+    pytest.param(4, 3, 5, None, False, True, 1.0, id="T4-B3-H5-mask"),
+    pytest.param(4, 3, 5, [3, 3, 2, 1], True, True, 1.0, id="packed-reverse-mask"),
+    pytest.param(4, 3, 5, [3, 3, 2, 1], False, False, 0.7, id="packed-keep0.7"),
+    pytest.param(4, 3, 1, [3, 3, 2, 1], True, False, 1.0, id="H1-packed-reverse-keep1"),
+    pytest.param(5, 4, 7, [4, 2, 2, 1, 0], True, True, 1.0, id="empty-step-reverse"),
+    pytest.param(4, 40, 33, [40, 27, 11, 3], True, True, 1.0, id="row-blocks-packed-reverse"),
+    pytest.param(3, 64, 256, [64, 60, 30], False, False, 0.8, id="large-step-packed"),
+]
+
+
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("T,B,H,bs,reverse,mask,keep", NORM_CASES)
+@pytest.mark.parametrize("cell", NORM_CELLS)
+def test_norm_contract_matches_reference(cell, T, B, H, bs, reverse, mask, keep, dtype):
+    """The normalised cells against the reference on one call: out, final states, saved gates and extra (skipped rows
+    zero), every gradient and d_extra (skipped rows zero); d_b_hh is None as b_hh is."""
+    c = spec(cell)
+    gx, state0, weights = _inputs(cell, T, B, H, H, dtype, mask=mask, keep=keep)
+    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
+    active = torch.arange(B)[None, :] < torch.tensor(bs if bs is not None else [B] * T)[:, None]  # [T, B]
+    args = (c, gx, state0, weights, batch_sizes, reverse, True)
+    (out, st, saved), (e_out, e_st, e_saved) = cpp.forward(*args), ref.forward(*args)
+    assert_close(out, e_out, dtype, T, "out")
+    for name, a, e in zip(c.states, st, e_st):
+        assert_close(a, e, dtype, T, f"{name}_n")
+    for name, a, e in zip(Saved._fields, saved, e_saved, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype, f"saved {name}: {a.shape} {a.dtype} != {e.shape} {e.dtype}"
+        assert_close(a[active], e[active], dtype, T, f"saved {name}")
+        _skipped_rows_zero(a, active, f"saved {name}")
+    d_out, d_state_n = _cotangents(c, e_out, state0)
+    bargs = (c, d_out, d_state_n, state0, weights, batch_sizes, reverse, e_out, e_saved)
+    g, e = cpp.backward(*bargs), ref.backward(*bargs)
+    for name, a, x in zip(_grad_names(c), _flat(g), _flat(e), strict=True):
+        if x is None:
+            assert a is None, f"{name}: expected None"
+        else:
+            assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+            assert_close(a, x, dtype, T * B if name == "d_w_hh" else T, name)
+    _skipped_rows_zero(g.d_gx, active, "d_gx")
+    _skipped_rows_zero(g.d_extra, active, "d_extra")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("cell", NORM_CELLS)
+def test_norm_half_precision_runs_widened(cell, dtype):
+    """Half types of a normalised cell run the float32 kernels on widened inputs (bfloat16 too: its own kernels see
+    blocks of units, a layer norm needs whole rows): the reference's recipe, so nearly the same bits; results come back
+    in the call's dtype, saved tensors in float32."""
+    c = spec(cell)
+    gx, state0, weights = _inputs(cell, 5, 5, 16, 16, F32)
+    gx, state0, weights = gx.to(dtype), _to(state0, dtype), _to(weights, dtype)
+    batch_sizes = torch.tensor(PACKED, dtype=torch.int64)
+    args = (c, gx, state0, weights, batch_sizes, True, True)
+    (out, st, saved), (e_out, e_st, e_saved) = cpp.forward(*args), ref.forward(*args)
+    tol = HALF_TOL[dtype]
+    n = len(c.states)
+    for name, a, e in zip(("out", *c.states, "gates", "extra"), (out, *st[:n], *saved), (e_out, *e_st[:n], *e_saved)):
+        assert a.dtype == e.dtype, f"{name}: dtype {a.dtype} != {e.dtype}"
+        assert_close(a, e, name=f"forward {name}", rtol=tol, atol=tol)
+    d_out, d_state_n = _cotangents(c, e_out, state0)
+    bargs = (c, d_out, d_state_n, state0, weights, batch_sizes, True, e_out, e_saved)
+    g, e = cpp.backward(*bargs), ref.backward(*bargs)
+    for name, a, x in zip(_grad_names(c), _flat(g), _flat(e), strict=True):
+        if x is None:
+            assert a is None, f"{name}: expected None"
+        else:
+            assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
+            assert_close(a, x, name=name, rtol=tol, atol=tol)
+
+
 @pytest.mark.parametrize("cell", list(TABLE))
 def test_kernel_table_matches_cells(cell):
     """The C++ table, indexed by kernel_id, describes each cell exactly as fastrnn.cells does."""
     c = spec(cell)
-    assert _C.cell_info(c.kernel_id) == (c.name, c.G, *c.saved_widths, c.has_cell_state, c.projection)
+    expected = (c.name, c.G, *c.saved_widths, c.has_cell_state, c.projection, c.norm_width)
+    assert _C.cell_info(c.kernel_id) == expected
 
 
 @pytest.mark.parametrize("cell_id", [-1, len(TABLE)])
@@ -79,10 +176,10 @@ def test_unknown_cell_id_is_refused(cell_id):
         _C.recurrence_forward(**{**_fwd_args("gru"), "cell_id": cell_id})
 
 
-@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh"])
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn_tanh", *NORM_CELLS])
 def test_inference_saves_nothing(cell):
     c = spec(cell)
-    gx, state0, weights = contract_inputs(cell, 4, 3, 8, 8, F64, True)
+    gx, state0, weights = _inputs(cell, 4, 3, 8, 8, F64, True)
     out, st, saved = cpp.forward(c, gx, state0, weights, None, False, False)
     assert saved.gates.numel() == 0 and saved.extra.numel() == 0
     exp_out, exp_st, _ = ref.forward(c, gx, state0, weights, None, False, False)
@@ -95,8 +192,9 @@ GRAD_NAMES = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr")
 
 
 def _flat(g) -> tuple:
-    """Grads in GRAD_NAMES order."""
-    return (g.d_gx, *g.d_state0, *g.d_weights)
+    """Grads in GRAD_NAMES order (kernels leave d_weights.norm None), then d_extra for the normalised cells."""
+    assert g.d_weights.norm is None, "a kernel's d_weights.norm is None (ops.norm_grads forms it)"
+    return (g.d_gx, *g.d_state0, *g.d_weights[:3]) + (() if g.d_extra is None else (g.d_extra,))
 
 
 def _cotangents(c, out: torch.Tensor, state0: State) -> tuple[torch.Tensor, State]:
@@ -105,11 +203,16 @@ def _cotangents(c, out: torch.Tensor, state0: State) -> tuple[torch.Tensor, Stat
 
 
 def _sized_inputs(cell: str, T: int, B: int, H: int):
-    """contract_inputs, also for H == 0 (empty slices of an H == 1 call)."""
+    """_inputs, also for H == 0 (empty slices of an H == 1 call)."""
     if H:
-        return contract_inputs(cell, T, B, H, H, F64, True)
-    gx, (h0, c0), (w_hh, b_hh, _) = contract_inputs(cell, T, B, 1, 1, F64, True)
-    return gx[..., :0], State(h0[:, :0], None if c0 is None else c0[:, :0]), Weights(w_hh[:0, :0], b_hh[:0])
+        return _inputs(cell, T, B, H, H)
+    gx, (h0, c0), weights = _inputs(cell, T, B, 1, 1)
+    norm = weights.norm
+    if norm is not None:
+        norm = Norm(norm.params[:0], norm.mask[..., :0], norm.keep)
+    b_hh = None if weights.b_hh is None else weights.b_hh[:0]
+    state0 = State(h0[:, :0], None if c0 is None else c0[:, :0])
+    return gx[..., :0], state0, Weights(weights.w_hh[:0, :0], b_hh, None, norm)
 
 
 @pytest.mark.parametrize("cell", list(TABLE))
@@ -134,11 +237,13 @@ def test_degenerate_sizes(cell, T, B, H, bs, reverse):
     d_out, d_state_n = _cotangents(c, e_out, state0)
     g = cpp.backward(c, d_out, d_state_n, state0, weights, batch_sizes, reverse, e_out, e_saved)
     if min(T, B, H) == 0:
-        exp = (torch.zeros_like(gx), *d_state_n, *(torch.zeros_like(w) for w in weights[:2]), None)
+        zero = lambda w: None if w is None else torch.zeros_like(w)  # noqa: E731
+        exp = (zero(gx), *d_state_n, *(zero(w) for w in weights[:2]), None)
+        exp += (gx.new_zeros(T, B, H),) if c.norm else ()
     else:
         e = ref.backward(c, d_out, d_state_n, state0, weights, batch_sizes, reverse, e_out, e_saved)
         exp = _flat(e)
-    for name, a, e in zip(GRAD_NAMES, _flat(g), exp, strict=True):
+    for name, a, e in zip(_grad_names(c), _flat(g), exp, strict=True):
         if e is None:
             assert a is None, f"{name}: expected None"
         else:
@@ -150,7 +255,7 @@ def test_degenerate_sizes(cell, T, B, H, bs, reverse):
 def test_zero_width_projection(reverse, dtype):
     """w_hr [0, H] (P == 0): the cell state still runs, h is empty; nothing is written past an empty out."""
     c = spec("lstm")
-    gx, (_, c0), (w_hh, b_hh, _) = contract_inputs(c.name, 3, 2, 4, 4, dtype, True)
+    gx, (_, c0), (w_hh, b_hh, *_) = contract_inputs(c.name, 3, 2, 4, 4, dtype, True)
     state0, weights = State(c0[:, :0], c0), Weights(w_hh[:, :0], b_hh, torch.randn(0, 4, dtype=dtype))
     args = (c, gx, state0, weights, None, reverse, True)
     (out, st, saved), (e_out, e_st, e_saved) = cpp.forward(*args), ref.forward(*args)
@@ -168,10 +273,11 @@ def test_trailing_empty_steps_change_nothing(cell, reverse):
     """Steps with no active row (batch_sizes ending in zeros) add zero rows to out and d_gx and change nothing else:
     the same call on the leading steps alone (by the reference) is the oracle."""
     c = spec(cell)
-    gx, state0, weights = contract_inputs(cell, 4, 3, 6, 6, F64, True)
+    gx, state0, weights = _inputs(cell, 4, 3, 6, 6)
     bs, n = [3, 2, 0, 0], 2  # the first n steps have rows
     (out, st, saved) = cpp.forward(c, gx, state0, weights, torch.tensor(bs), reverse, True)
-    e_out, e_st, e_saved = ref.forward(c, gx[:n], state0, weights, torch.tensor(bs[:n]), reverse, True)
+    w_n = weights if not c.norm else weights._replace(norm=weights.norm._replace(mask=weights.norm.mask[:n]))
+    e_out, e_st, e_saved = ref.forward(c, gx[:n], state0, w_n, torch.tensor(bs[:n]), reverse, True)
     assert_close(out[:n], e_out, F64, n, "out")
     assert (out[n:] == 0).all(), "out of an empty step must be zero"
     for name, a, e in zip(c.states, st, e_st):
@@ -183,10 +289,13 @@ def test_trailing_empty_steps_change_nothing(cell, reverse):
     d_out, d_state_n = _cotangents(c, out, state0)
     g = cpp.backward(c, d_out, d_state_n, state0, weights, torch.tensor(bs), reverse, out, saved)
     e_saved_n = Saved(*(t[:n] if t.numel() else t for t in saved))
-    e = ref.backward(c, d_out[:n], d_state_n, state0, weights, torch.tensor(bs[:n]), reverse, out[:n], e_saved_n)
+    e = ref.backward(c, d_out[:n], d_state_n, state0, w_n, torch.tensor(bs[:n]), reverse, out[:n], e_saved_n)
     assert_close(g.d_gx[:n], e.d_gx, F64, n, "d_gx")
     assert (g.d_gx[n:] == 0).all(), "d_gx of an empty step must be zero"
-    for name, a, x in zip(GRAD_NAMES[1:], _flat(g)[1:], _flat(e)[1:], strict=True):
+    if c.norm:
+        assert_close(g.d_extra[:n], e.d_extra, F64, n, "d_extra")
+        assert (g.d_extra[n:] == 0).all(), "d_extra of an empty step must be zero"
+    for name, a, x in zip(GRAD_NAMES[1:], _flat(g)[1:6], _flat(e)[1:6], strict=True):
         if x is None:
             assert a is None, f"{name}: expected None"
         else:
@@ -218,10 +327,6 @@ def test_relu_nan_propagates_like_torch():
 
 
 HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
-
-
-def _to(ts, dtype):
-    return type(ts)(*(None if t is None else t.to(dtype) for t in ts))
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
@@ -419,7 +524,8 @@ def test_bf16_module_error_vs_torch(kind, extra, T, B, lengths, autocast):
 def test_supports_and_available():
     assert cpp.available() == (True, "")
     for dtype in (F32, F64, torch.bfloat16, torch.float16):
-        assert cpp.supports(spec("gru"), dtype, CPU)[0]
+        for cell in ("gru", *NORM_CELLS):
+            assert cpp.supports(spec(cell), dtype, CPU)[0]
     ok, why = cpp.supports(spec("gru"), torch.int32, CPU)
     assert not ok and "int32" in why
     ok, why = cpp.supports(spec("lstm"), F32, torch.device("meta"))
@@ -488,20 +594,25 @@ def test_zero_steps_raises_like_torch(kind):
 
 
 def _fwd_args(cell: str, T=4, B=3, H=5, P=None, dtype=F32) -> dict:
-    """Keyword arguments of _C.recurrence_forward for a valid call."""
+    """Keyword arguments of _C.recurrence_forward for a valid call (a normalised cell's with norm, zmask, zkeep)."""
     c = spec(cell)
-    gx, state0, weights = contract_inputs(cell, T, B, H, P or H, dtype, True)
-    return dict(
-        cell_id=c.kernel_id, gx=gx, h0=state0.h, c0=state0.c, **weights._asdict(), batch_sizes=None, reverse=False,
-        need_saved=True,
+    gx, state0, (w_hh, b_hh, w_hr, norm) = _inputs(cell, T, B, H, P or H, dtype, True)
+    kw = dict(
+        cell_id=c.kernel_id, gx=gx, h0=state0.h, c0=state0.c, w_hh=w_hh, b_hh=b_hh, w_hr=w_hr, batch_sizes=None,
+        reverse=False, need_saved=True,
     )  # fmt: skip
+    if norm is not None:
+        kw.update(norm=norm.params, zmask=norm.mask, zkeep=norm.keep)
+    return kw
 
 
 def _bwd_args(cell: str) -> dict:
     """Keyword arguments of _C.recurrence_backward for a valid call, on what forward returned."""
     kw = _fwd_args(cell)
     out, h_n, c_n, gates, extra = _C.recurrence_forward(**kw)
+    norm = {k: kw[k] for k in ("norm", "zmask", "zkeep") if k in kw}
     return dict(
+        **norm,
         cell_id=kw["cell_id"],
         d_out=torch.randn_like(out),
         d_h_n=torch.randn_like(h_n),
@@ -551,6 +662,30 @@ BAD = [
     pytest.param("rnn_tanh", "w_hh", lambda t: torch.randn(5, 4), "w_hh", id="rnn-w_hh"),
     pytest.param("rnn_tanh", "gx", lambda t: t[:, :, :-1], "gx", id="rnn-gx"),
     pytest.param("rnn_tanh", "gx", lambda t: t.to(torch.int64), "float32 or float64", id="rnn-gx-int"),
+    # the normalised cells' Norm arguments, and Norm refused by the other cells
+    pytest.param("ln_lstm", "norm", lambda t: t[:-1], r"norm \[10H\]", id="ln_lstm-norm-length"),
+    pytest.param("ln_lstm", "norm", lambda t: torch.randn(6 * 5), r"norm \[10H\]", id="ln_lstm-norm-gru-width"),
+    pytest.param("ln_lstm", "norm", lambda t: None, "norm .* is required", id="ln_lstm-norm-missing"),
+    pytest.param("ln_lstm", "norm", lambda t: t.double(), "dtype", id="ln_lstm-norm-dtype"),
+    pytest.param("ln_lstm", "norm", lambda t: t.to(torch.device("meta")), "CPU", id="ln_lstm-norm-meta"),
+    pytest.param(
+        "ln_lstm", "norm", lambda t: torch.stack([t, t], 1)[:, 0], "contiguous", id="ln_lstm-norm-noncontiguous"
+    ),
+    pytest.param("ln_lstm", "zmask", lambda t: t[:, :, :-1], "zmask", id="ln_lstm-zmask-width"),
+    pytest.param("ln_lstm", "zmask", lambda t: t[:-1], "zmask", id="ln_lstm-zmask-steps"),
+    pytest.param("ln_lstm", "zmask", lambda t: t.double(), "zmask .* dtype", id="ln_lstm-zmask-dtype"),
+    pytest.param("ln_lstm", "zmask", _wide, "zmask .* contiguous", id="ln_lstm-zmask-noncontiguous"),
+    pytest.param("ln_lstm", "zkeep", lambda t: float("nan"), "zkeep", id="ln_lstm-zkeep-nan"),
+    pytest.param("ln_lstm", "b_hh", lambda t: torch.zeros(20), "b_hh must be None", id="ln_lstm-b_hh-given"),
+    pytest.param("ln_lstm", "c0", lambda t: None, "c0 .* is required", id="ln_lstm-c0-missing"),
+    pytest.param("ln_lstm", "w_hr", lambda t: torch.randn(5, 5), "no projection", id="ln_lstm-w_hr-given"),
+    pytest.param("ln_gru", "norm", lambda t: t[:-1], r"norm \[6H\]", id="ln_gru-norm-length"),
+    pytest.param("ln_gru", "norm", lambda t: t.view(6, 5), r"norm \[6H\]", id="ln_gru-norm-2d"),
+    pytest.param("ln_gru", "zmask", lambda t: t[0], "zmask", id="ln_gru-zmask-2d"),
+    pytest.param("ln_gru", "c0", lambda t: torch.randn(3, 5), "no cell state", id="ln_gru-c0-given"),
+    pytest.param("ln_gru", "bf16_gemm", lambda t: True, "bf16_gemm must be false", id="ln_gru-bf16_gemm"),
+    pytest.param("lstm", "norm", lambda t: torch.ones(50), "not layer-normalised", id="lstm-norm-given"),
+    pytest.param("gru", "zmask", lambda t: torch.ones(4, 3, 5), "no zoneout", id="gru-zmask-given"),
 ]
 
 
@@ -558,9 +693,19 @@ BAD = [
 def test_forward_rejects_bad_arguments(cell, arg, bad, msg):
     kw = _fwd_args(cell)
     _C.recurrence_forward(**kw)  # the unchanged arguments are accepted
-    kw[arg] = bad(kw[arg])
+    kw[arg] = bad(kw.get(arg))
     with pytest.raises(RuntimeError, match=msg):
         _C.recurrence_forward(**kw)
+
+
+@pytest.mark.parametrize("cell", NORM_CELLS)
+def test_norm_bfloat16_is_refused_by_the_kernels(cell):
+    """The extension has no bfloat16 kernel for a normalised cell (whole-row layer norms): a bfloat16 call is refused
+    by name, and fastrnn.backends.cpp runs it on the float32 kernels instead."""
+    kw = _fwd_args(cell)
+    bf = {k: v.bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kw.items()}
+    with pytest.raises(RuntimeError, match=f"{cell} has no bfloat16 kernel"):
+        _C.recurrence_forward(**bf)
 
 
 def test_missing_tensor_is_a_type_error():
@@ -583,6 +728,15 @@ BAD_BWD = [
     pytest.param("rnn_relu", "out", lambda t: t[:, :-1], "out", id="rnn-out-rows"),
     pytest.param("rnn_relu", "d_out", _wide, "d_out", id="rnn-d_out-noncontiguous"),
     pytest.param("rnn_relu", "gates", lambda t: torch.zeros(4, 3, 5), "gates", id="rnn-gates-not-empty"),
+    pytest.param("ln_lstm", "extra", lambda t: t[..., :5], r"extra \[T, B, 5H\]", id="ln_lstm-extra-width"),
+    pytest.param("ln_lstm", "gates", lambda t: t[..., :15], "gates", id="ln_lstm-gates-width"),
+    pytest.param("ln_lstm", "norm", lambda t: None, "norm .* is required", id="ln_lstm-norm-missing"),
+    pytest.param("ln_lstm", "norm", lambda t: t[:-5], r"norm \[10H\]", id="ln_lstm-norm-length"),
+    pytest.param("ln_lstm", "zmask", lambda t: t[:, :-1], "zmask", id="ln_lstm-zmask-rows"),
+    pytest.param("ln_gru", "extra", lambda t: t[..., :5], r"extra \[T, B, 4H\]", id="ln_gru-extra-width"),
+    pytest.param("ln_gru", "zmask", lambda t: t.double(), "zmask .* dtype", id="ln_gru-zmask-dtype"),
+    pytest.param("ln_gru", "b_hh", lambda t: torch.zeros(15), "b_hh must be None", id="ln_gru-b_hh-given"),
+    pytest.param("gru", "norm", lambda t: torch.ones(30), "not layer-normalised", id="gru-norm-given"),
 ]
 
 
@@ -590,6 +744,6 @@ BAD_BWD = [
 def test_backward_rejects_bad_arguments(cell, arg, bad, msg):
     b = _bwd_args(cell)
     _C.recurrence_backward(**b)  # the unchanged arguments are accepted
-    b[arg] = bad(b[arg])
+    b[arg] = bad(b.get(arg))
     with pytest.raises(RuntimeError, match=msg):
         _C.recurrence_backward(**b)

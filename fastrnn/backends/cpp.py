@@ -12,6 +12,11 @@ CPU has it; the state (c, the running h of the pointwise pass, the running gradi
 float32 (cells.saved_dtype); gx, out, the states and the gradients are bfloat16. float16 runs the float32 kernels on
 inputs widened once per call and rounds the results back (the reference's recipe).
 
+The normalised cells (ln_lstm, ln_gru: cells.Norm travels as norm, zmask, zkeep) have float64 and float32 kernels only:
+their layer norms reduce over whole rows, which the bfloat16 kernels' per-unit-block tasks never see, so bfloat16
+runs them as float16 does, on the float32 kernels with widened inputs (float32 GEMMs, whatever
+FASTRNN_CPP_FP32_BF16_GEMM says).
+
 FASTRNN_CPP_FP32_BF16_GEMM=1 (read at every call, off by default) lets float32 calls run their step GEMMs on
 bfloat16 operands as well, as torch's oneDNN float32 matmul precision "bf16" does: tensors, state and weight
 gradients stay float32, each step's h_{t-1} (and d_gates in backward) and W_hh are rounded to bfloat16.
@@ -25,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fastrnn.backends import optional_import
-from fastrnn.cells import Cell, Grads, Saved, State, Weights
+from fastrnn.cells import Cell, Grads, Norm, Saved, State, Weights
 
 NAME = "cpp"
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -45,9 +50,26 @@ def _ext():
     return _module
 
 
-def _cast(ts: State | Weights, dtype: torch.dtype) -> State | Weights:
-    """The same named tuple with every tensor converted to dtype (None stays None)."""
-    return type(ts)(*(None if t is None else t.to(dtype) for t in ts))
+def _cast(ts: State | Weights | Norm, dtype: torch.dtype) -> State | Weights | Norm:
+    """The same named tuple with every tensor converted to dtype, a nested Norm's too (None and Norm.keep stay)."""
+
+    def conv(t):
+        if isinstance(t, Norm):
+            return _cast(t, dtype)
+        return t.to(dtype) if isinstance(t, Tensor) else t
+
+    return type(ts)(*(conv(t) for t in ts))
+
+
+def _widened(cell: Cell, dtype: torch.dtype) -> bool:
+    """Whether a call of this dtype runs on the float32 kernels (inputs widened, results rounded back)."""
+    return dtype in WIDENED_DTYPES or (cell.norm and dtype == torch.bfloat16)
+
+
+def _norm_args(weights: Weights) -> tuple[Tensor | None, Tensor | None, float]:
+    """cells.Norm as the extension takes it: norm, zmask, zkeep (None, None, 1.0 for plain cells)."""
+    nm = weights.norm
+    return (None, None, 1.0) if nm is None else (nm.params, nm.mask, float(nm.keep))
 
 
 def fp32_bf16_gemm() -> bool:
@@ -66,8 +88,6 @@ def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool
         return False, f"the cpp backend runs on CPU tensors only, got device {device}"
     if dtype not in KERNEL_DTYPES + WIDENED_DTYPES:
         return False, f"the cpp backend supports float32, float64, bfloat16 and float16, got {dtype}"
-    if cell.norm:
-        return False, f"{cell.name} is not implemented in this backend yet"
     return True, ""
 
 
@@ -77,32 +97,35 @@ def forward(
     """gx [T,B,G*H], state0 h [B,P] (c [B,H]), weights w_hh [G*H,P], b_hh [G*H]?, w_hr [P,H]?
     -> out [T,B,P], state_n, saved (cells.py layout)."""
     dt = gx.dtype
-    if dt in WIDENED_DTYPES:
+    if _widened(cell, dt):
         f32 = torch.float32
         out, st, saved = forward(
             cell, gx.float(), _cast(state0, f32), _cast(weights, f32), batch_sizes, reverse, need_saved
         )
         return out.to(dt), _cast(st, dt), saved
-    bf16_gemm = dt == torch.float32 and fp32_bf16_gemm()
+    bf16_gemm = dt == torch.float32 and fp32_bf16_gemm() and not cell.norm
     out, h_n, c_n, gates, extra = _ext().recurrence_forward(
-        cell.kernel_id, gx, state0.h, state0.c, *weights[:3], batch_sizes, reverse, need_saved, bf16_gemm
-    )
+        cell.kernel_id, gx, state0.h, state0.c, *weights[:3], batch_sizes, reverse, need_saved, bf16_gemm,
+        *_norm_args(weights),
+    )  # fmt: skip
     return out, State(h_n, c_n), Saved(gates, extra)
 
 
 def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved) -> Grads:
-    """-> d_gx [T,B,G*H], d_state0 (d_h0 [B,P], d_c0 [B,H]), d_weights (None where the weight was None)."""
+    """-> d_gx [T,B,G*H], d_state0 (d_h0 [B,P], d_c0 [B,H]), d_weights (None where the weight was None), d_extra
+    [T,B,H] (normalised cells, else None)."""
     dt = out.dtype
-    if dt in WIDENED_DTYPES:
+    if _widened(cell, dt):
         f32 = torch.float32
         g = backward(
             cell, d_out.float(), _cast(d_state_n, f32), _cast(state0, f32), _cast(weights, f32), batch_sizes, reverse,
             out.float(), saved,
         )  # fmt: skip
-        return Grads(g.d_gx.to(dt), _cast(g.d_state0, dt), _cast(g.d_weights, dt))
-    bf16_gemm = dt == torch.float32 and fp32_bf16_gemm()
-    d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr = _ext().recurrence_backward(
+        d_extra = None if g.d_extra is None else g.d_extra.to(dt)
+        return Grads(g.d_gx.to(dt), _cast(g.d_state0, dt), _cast(g.d_weights, dt), d_extra)
+    bf16_gemm = dt == torch.float32 and fp32_bf16_gemm() and not cell.norm
+    d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_extra = _ext().recurrence_backward(
         cell.kernel_id, d_out, d_state_n.h, d_state_n.c, state0.h, state0.c, *weights[:3], batch_sizes, reverse, out,
-        saved.gates, saved.extra, bf16_gemm,
+        saved.gates, saved.extra, bf16_gemm, *_norm_args(weights),
     )  # fmt: skip
-    return Grads(d_gx, State(d_h0, d_c0), Weights(d_w_hh, d_b_hh, d_w_hr))
+    return Grads(d_gx, State(d_h0, d_c0), Weights(d_w_hh, d_b_hh, d_w_hr), d_extra)
