@@ -201,3 +201,131 @@ def test_half_precision_error(kind, extra, dtype):
     for i, (f, t, r) in enumerate(zip(e_fast, e_torch, exact, strict=True)):
         ef, et = _rel_err(f, r), _rel_err(t, r)
         assert ef <= 2 * et + 1e-6, f"{kind} {dtype} result {i}: triton error {ef:.3g} > 2x torch.nn's {et:.3g}"
+
+
+# (cell, T, B, H, batch_sizes, reverse, zoneout: "mask" or the constant keep): the normalised cells' contract
+NORM_CASES = [
+    pytest.param("ln_lstm", 4, 3, 5, None, False, "mask", id="ln_lstm-mask"),
+    pytest.param("ln_lstm", 4, 3, 5, [3, 3, 2, 1], True, 0.7, id="ln_lstm-packed-reverse-keep0.7"),
+    pytest.param("ln_lstm", 3, 2, 1, [2, 1, 1], False, 1.0, id="ln_lstm-H1-packed"),
+    pytest.param("ln_gru", 4, 3, 5, [3, 3, 2, 1], False, "mask", id="ln_gru-packed-mask"),
+    pytest.param("ln_gru", 4, 3, 5, None, True, 0.7, id="ln_gru-reverse-keep0.7"),
+    pytest.param("ln_gru", 2, 3, 8, [3, 1], True, 1.0, id="ln_gru-packed-reverse"),
+]
+
+
+@pytest.mark.parametrize("cell,T,B,H,bs,reverse,zone", NORM_CASES)
+def test_norm_contract_matches_reference(cell, T, B, H, bs, reverse, zone):
+    """The normalised cells: out, final states, the saved rows (skipped rows zero), every gradient and d_extra."""
+    from fastrnn.cells import Norm, State, Weights, batch_sizes_list
+
+    c = spec(cell)
+    torch.manual_seed(0)
+    gx, state0, weights = contract_inputs(cell, T, B, H, H, F32, False)
+    params = 1 + 0.3 * torch.randn(c.norm_width * H)
+    mask = torch.bernoulli(torch.full((T, B, H), 0.6)) if zone == "mask" else None
+    weights = Weights(weights.w_hh, None, None, Norm(params, mask, 1.0 if mask is not None else zone))
+    batch_sizes = None if bs is None else torch.tensor(bs)
+    args = (c, gx, state0, weights, batch_sizes, reverse, True)
+    (out_g, st_g, sv_g), (out_e, st_e, sv_e) = BE.forward(*args), ref.forward(*args)
+    assert_close(out_g, out_e, F32, T, "out")
+    for name, a, e in zip(c.states, st_g, st_e):
+        assert_close(a, e, F32, T, f"{name}_n")
+    active = torch.arange(B)[None, :] < torch.tensor(batch_sizes_list(batch_sizes, T, B))[:, None]
+    for name, a, e in zip(sv_g._fields, sv_g, sv_e, strict=True):
+        assert a.shape == e.shape and a.dtype == e.dtype, name
+        assert_close(a[active], e[active], F32, T, f"saved {name}")
+        assert (a[~active] == 0).all(), f"saved {name}: rows a step skips must be zero"
+    d_out, d_h_n = torch.randn_like(out_e), torch.randn_like(state0.h)
+    d_state_n = State(d_h_n, torch.randn_like(state0.c) if c.has_cell_state else None)
+    bargs = (c, d_out, d_state_n, state0, weights, batch_sizes, reverse, out_e, sv_e)
+    g_got, g_exp = BE.backward(*bargs), ref.backward(*bargs)
+    names = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr", "d_extra")
+    flat = lambda g: (g.d_gx, *g.d_state0, *g.d_weights[:3], g.d_extra)  # noqa: E731
+    for name, a, e in zip(names, flat(g_got), flat(g_exp), strict=True):
+        if e is None:
+            assert a is None, name
+        else:
+            assert a.dtype == e.dtype, name
+            assert_close(a, e, F32, T * B if name == "d_w_hh" else T, name)
+    assert (g_got.d_extra[~active] == 0).all() and (g_got.d_gx[~active] == 0).all()
+
+
+BACKS = ("triton", "reference")
+
+
+@pytest.mark.parametrize("kind", ["LayerNormLSTM", "LayerNormGRU"])
+def test_norm_module_matches_reference(kind):
+    """Through the module (two layers, bidirectional, packed, zoneout in training) against the reference backend on
+    the same device (the same zoneout masks): every result and gradient."""
+    T, B, I, H = 3, 2, 3, 5
+    torch.manual_seed(0)
+    mods = {b: getattr(fastrnn, kind)(I, H, num_layers=2, bidirectional=True, zoneout=0.3, backend=b) for b in BACKS}
+    with torch.no_grad():  # gains and biases off their init, so a wrong index shows
+        for name, p in mods["triton"].named_parameters():
+            if name.startswith("ln_"):
+                p.add_(0.3 * torch.randn_like(p))
+    mods["reference"].load_state_dict(mods["triton"].state_dict())
+    x = torch.randn(T, B, I, device=DEVICE)
+    hx = [torch.randn(4, B, H, device=DEVICE) for _ in range(2 if kind == "LayerNormLSTM" else 1)]
+    res = {}
+    for b, m in mods.items():
+        torch.manual_seed(5)  # the same zoneout masks
+        res[b] = run_module(m.to(DEVICE), x, hx, [3, 2])
+    for i, (a, e) in enumerate(zip(res["triton"], res["reference"], strict=True)):
+        assert_close(a, e, F32, T * B, f"{kind} result {i}")
+
+
+def test_norm_hidden_cap():
+    from fastrnn.backends.triton.common import NORM_MAX_H, norm_tiles
+
+    assert norm_tiles(3, NORM_MAX_H).block_h == NORM_MAX_H
+    with pytest.raises(ValueError, match=f"at most {NORM_MAX_H}"):
+        norm_tiles(3, NORM_MAX_H + 1)
+
+
+_SM90_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from fastrnn.backends.triton import walk
+from fastrnn.cells import spec
+
+LOW = {  # the pointers in the input dtype (the rest are the launchers' float32 buffers)
+    True: ("gx_ptr", "h0_ptr", "w_ptr", "b_ptr", "out_ptr", "p_ptr", "m_ptr"),
+    False: ("w_ptr", "dhn_ptr", "dout_ptr", "c0_ptr", "hs_ptr", "h0_ptr", "h_ptr", "p_ptr", "m_ptr"),
+}
+CASES = [("ln_lstm", 5, "*fp32"), ("ln_lstm", 1024, "*fp32"), ("ln_gru", 5, "*fp32"), ("ln_gru", 64, "*bf16")]
+for cell, H, dt in CASES:
+    c = spec(cell)
+    for fwd in (True, False):
+        meta = dict(walk._shape(c, 3, H, H if fwd else c.G * H)[1])
+        opts = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+        SG, SE = c.saved_widths
+        k = dict(CELL=c.kernel_id, G=c.G, SG=SG, SE=SE, HAS_C=c.has_cell_state, PRECISION="ieee", DOT_F32=False,
+                 NORM=True, HAS_MASK=True, **meta)
+        k.update(HAS_BIAS=False, WRITE_OUT=True) if fwd else k.update(S=0, DIRECT=True, CARRY=True)
+        jit = walk._fwd_step if fwd else walk._bwd_step
+        sig = {a: "constexpr" if a in k else "i32" if a in ("n", "k", "kc", "H", "P") else "fp32" if a == "keep"
+               else dt if a in LOW[fwd] else "*fp32" for a in jit.arg_names}
+        src = triton.compiler.ASTSource(fn=jit, signature=sig, constexprs=k)
+        shared = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts).metadata.shared
+        assert shared <= 101376, f"{cell} H={H}: {shared} bytes of shared memory, over sm_86's 99 KB"
+print("compiled")
+"""
+
+
+@pytest.mark.skipif(CUDA, reason="on CUDA the kernels run for real")
+def test_norm_kernels_compile_for_sm90():
+    """Without a GPU the interpreter never compiles a kernel: compile the normalised cells' steps for sm_90 (the
+    launchers' own tile choice, smallest and largest tiles, a bfloat16 variant), within sm_86's shared memory."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.nvidia.compiler import CUDABackend  # noqa: F401
+    except Exception as e:  # noqa: BLE001 - any reason the CUDA compiler is missing
+        pytest.skip(f"triton's CUDA compiler is unavailable: {e}")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]

@@ -8,6 +8,10 @@ that fuses the GEMM d_h = d_gates W_hh (tl.dot) with the pointwise backward step
 and forms d_w_hh, d_b_hh, d_w_hr as single large GEMMs at the end. State and saved tensors are float32 whatever
 the input dtype; float16 / bfloat16 multiply in their own dtype with float32 accumulation.
 
+The layer-normalised cells (ln_lstm, ln_gru: ln_lstm.py, ln_gru.py) run the same two kernels with one program
+holding every hidden unit of its rows, so the layer norms reduce inside it: hidden_size at most
+common.NORM_MAX_H (1024), a ValueError beyond.
+
 This package shares its name with the triton library: every import of the library here is absolute, and
 the kernel modules are imported only once `triton` is known to be importable.
 
@@ -41,8 +45,6 @@ def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool
         return False, "triton runs on CUDA tensors; CPU only under TRITON_INTERPRET=1"
     if dtype not in DTYPES:
         return False, f"triton backend supports float32, float16 and bfloat16, not {dtype} (use the reference backend)"
-    if cell.norm:
-        return False, f"{cell.name} is not implemented in this backend yet"
     return True, ""
 
 
@@ -57,7 +59,7 @@ def forward(
 
 
 def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved) -> Grads:
-    """-> Grads(d_gx [T,B,G*H], State(d_h0 [B,P], d_c0 [B,H]?), Weights(d_w_hh, d_b_hh?, d_w_hr?))."""
+    """-> Grads(d_gx [T,B,G*H], State(d_h0 [B,P], d_c0 [B,H]?), Weights(d_w_hh, d_b_hh?, d_w_hr?), d_extra?)."""
     from fastrnn.backends.triton import walk
 
     return walk.backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved)

@@ -1,7 +1,7 @@
 """What the walk and the cells' steps share: jit helpers (accurate tanh, the tl.dot wrapper, the two-source load of
-the previous state, backward's carried gradient), how a cell's backward step is wired into the walk (`Wiring`),
-and the host-side bookkeeping (tile sizes, which rows continue, final states, d_h0 and the weight gradients as
-large GEMMs at the end).
+the previous state, backward's carried gradient, the normalised cells' row statistics and norm parameters), how a
+cell's backward step is wired into the walk (`Wiring`), and the host-side bookkeeping (tile sizes, which rows
+continue, final states, d_h0 and the weight gradients as large GEMMs at the end).
 
 Imported only once triton is known to be importable (fastrnn/backends/triton/__init__.py sees to that).
 """
@@ -17,10 +17,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from fastrnn.backends.reference import EPS
 from fastrnn.cells import prev_rows, steps
 
 TF32_VAR = "FASTRNN_TRITON_TF32"
 MIN_PROGRAMS = 128  # about one program per SM of an H100 (132)
+# The normalised cells reduce over all G*H features of a row, so one program holds every hidden unit of its rows:
+# one tile of the next power of two >= H columns, at most this many.
+NORM_MAX_H = 1024
+LN_EPS = tl.constexpr(EPS)
 
 
 class Wiring(NamedTuple):
@@ -65,6 +70,85 @@ def load_prev(src_ptr, h0_ptr, rows, cols, n, k, ld, cmask):
     a = tl.load(src_ptr + offs, mask=cont, other=0.0).to(tl.float32)
     b = tl.load(h0_ptr + offs, mask=fresh, other=0.0).to(tl.float32)
     return a + b
+
+
+@triton.jit
+def load_prev2(src_ptr, lds, h0_ptr, ld0, rows, cols, n, k, cmask):
+    """load_prev with row stride lds in src and ld0 in h0 (c_{t-1} read from a wider saved extra row)."""
+    cont = (rows < k)[:, None] & cmask[None, :]
+    fresh = ((rows >= k) & (rows < n))[:, None] & cmask[None, :]
+    a = tl.load(src_ptr + rows[:, None] * lds + cols[None, :], mask=cont, other=0.0).to(tl.float32)
+    b = tl.load(h0_ptr + rows[:, None] * ld0 + cols[None, :], mask=fresh, other=0.0).to(tl.float32)
+    return a + b
+
+
+@triton.jit
+def param(p_ptr, j: tl.constexpr, cols, cmask, H):
+    """Block j (H values) of Norm.params as a [1, BLOCK_H] fp32 row, 0 past H."""
+    return tl.load(p_ptr + j * H + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+
+
+@triton.jit
+def row_norm(v0, v1, v2, v3, cmask, G: tl.constexpr, H):
+    """Layer norm over the G*H features of each row, the first G of the [BLOCK_B, BLOCK_H] tiles v0..v3 (one tile
+    holds every hidden unit; columns >= H are left out) -> N(v) per tile (0 past H and for tiles >= G) and
+    rstd = 1 / sqrt(var + eps) [BLOCK_B, 1]. Two passes (mean, then the biased variance), in fp32."""
+    cm = cmask[None, :]
+    zero = tl.zeros_like(v0)
+    nf = G * H
+    s = tl.sum(tl.where(cm, v0, 0.0), axis=1)
+    if G > 1:
+        s += tl.sum(tl.where(cm, v1, 0.0), axis=1)
+    if G > 2:
+        s += tl.sum(tl.where(cm, v2, 0.0), axis=1)
+    if G > 3:
+        s += tl.sum(tl.where(cm, v3, 0.0), axis=1)
+    mu = (s / nf)[:, None]
+    d0 = tl.where(cm, v0 - mu, 0.0)
+    q = tl.sum(d0 * d0, axis=1)
+    d1, d2, d3 = zero, zero, zero
+    if G > 1:
+        d1 = tl.where(cm, v1 - mu, 0.0)
+        q += tl.sum(d1 * d1, axis=1)
+    if G > 2:
+        d2 = tl.where(cm, v2 - mu, 0.0)
+        q += tl.sum(d2 * d2, axis=1)
+    if G > 3:
+        d3 = tl.where(cm, v3 - mu, 0.0)
+        q += tl.sum(d3 * d3, axis=1)
+    rstd = (1.0 / tl.sqrt_rn(q / nf + LN_EPS))[:, None]
+    return d0 * rstd, d1 * rstd, d2 * rstd, d3 * rstd, rstd
+
+
+@triton.jit
+def row_norm_bwd(dy0, dy1, dy2, dy3, vh0, vh1, vh2, vh3, rstd, cmask, G: tl.constexpr, H):
+    """d v from dy = d N(v) (row_norm's layout; vh = N(v)): rstd * (dy - mean(dy) - vh * mean(dy * vh)), the
+    means over the G*H features of each row. Tiles >= G come back 0; columns >= H hold anything."""
+    cm = cmask[None, :]
+    zero = tl.zeros_like(dy0)
+    nf = G * H
+    a = tl.sum(tl.where(cm, dy0, 0.0), axis=1)
+    b = tl.sum(tl.where(cm, dy0 * vh0, 0.0), axis=1)
+    if G > 1:
+        a += tl.sum(tl.where(cm, dy1, 0.0), axis=1)
+        b += tl.sum(tl.where(cm, dy1 * vh1, 0.0), axis=1)
+    if G > 2:
+        a += tl.sum(tl.where(cm, dy2, 0.0), axis=1)
+        b += tl.sum(tl.where(cm, dy2 * vh2, 0.0), axis=1)
+    if G > 3:
+        a += tl.sum(tl.where(cm, dy3, 0.0), axis=1)
+        b += tl.sum(tl.where(cm, dy3 * vh3, 0.0), axis=1)
+    ma = (a / nf)[:, None]
+    mb = (b / nf)[:, None]
+    d0 = rstd * (dy0 - ma - vh0 * mb)
+    d1, d2, d3 = zero, zero, zero
+    if G > 1:
+        d1 = rstd * (dy1 - ma - vh1 * mb)
+    if G > 2:
+        d2 = rstd * (dy2 - ma - vh2 * mb)
+    if G > 3:
+        d3 = rstd * (dy3 - ma - vh3 * mb)
+    return d0, d1, d2, d3
 
 
 @triton.jit
@@ -115,6 +199,37 @@ def tiles(n: int, H: int) -> tuple[int, int]:
 
 def block_k(K: int) -> int:
     return min(64, max(16, triton.next_power_of_2(K)))
+
+
+class NormTiles(NamedTuple):
+    """Launch shape of the normalised cells' steps: one column program holds all H units of its rows."""
+
+    block_b: int
+    block_h: int
+    block_k: int  # cap on the K block (the W tiles are [BLOCK_K, BLOCK_H], one per gate)
+    num_warps: int
+    num_stages: int
+
+
+def norm_tiles(n: int, H: int) -> NormTiles:
+    """Rows per program (>= 16 for tl.dot, at most 2048 tile elements), every hidden unit in one tile (the layer
+    norm reduces over a whole row); ValueError past NORM_MAX_H. Warps grow with the tile (about 4 elements of
+    each [BLOCK_B, BLOCK_H] tile per thread up to 32 warps, against register spills), and the K block and the
+    software pipeline shrink with BLOCK_H so the staged W tiles stay under ~100 KB of shared memory (sm_86's 99 KB;
+    sizes read off sm_90 compiles with cuobjdump -res-usage)."""
+    if H > NORM_MAX_H:
+        raise ValueError(
+            f"triton: the normalised cells hold a row's {H} hidden units in one program, at most {NORM_MAX_H}; "
+            "use another backend (cpp, numba, reference) for larger hidden_size"
+        )
+    bh = max(16, triton.next_power_of_2(H))
+    bb = max(16, min(64, triton.next_power_of_2(n), 2048 // bh))
+    while bb > 16 and triton.cdiv(n, bb) < MIN_PROGRAMS:
+        bb //= 2
+    nw = min(32, max(4, bb * bh // 128))
+    if bh <= 256:  # one stage ahead: G W tiles in flight
+        return NormTiles(bb, bh, max(16, min(64, 4096 // bh)), nw, 2)
+    return NormTiles(bb, bh, 16, nw, 1)
 
 
 def prev_step(t: int, T: int, reverse: bool) -> int:

@@ -12,6 +12,13 @@ The cell's pointwise code is chosen at compile time by the constexpr CELL (cells
 `cell_fwd` / `cell_bwd`; everything else a kernel needs to know about a cell comes from the table (G, saved
 widths, has_cell_state) or from the cell file's `Wiring`. Rows a step skips (row >= batch_sizes[t]) are never
 written: out, the saved tensors and every d gates start as zeros there when the input is packed.
+
+The normalised cells (constexpr NORM; cells.py, "Normalised cells") take the same two kernels with one program
+per row block holding every hidden unit (common.norm_tiles), so the layer norms over a row's G*H raw features
+(the step GEMM, without bias) and its H cell-state features reduce inside the program; their steps
+(`norm_fwd` / `norm_bwd`) also get Norm.params and the zoneout keep (a mask row or the constant), save
+(c_t | raw) or (ah_n | raw) as extra, and backward hands d raw to the GEMMs (every gate's d gh differs from its
+d gx: Wiring.gh_same = 0) and writes Grads.d_extra.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import triton.language as tl
 from torch import Tensor
 
 from fastrnn.backends import new_output
-from fastrnn.backends.triton import gru, lstm, rnn
+from fastrnn.backends.triton import gru, ln_gru, ln_lstm, lstm, rnn
 from fastrnn.backends.triton.common import (
     Wiring,
     block_k,
@@ -35,7 +42,9 @@ from fastrnn.backends.triton.common import (
     final_h,
     fresh_sum,
     load_prev,
+    load_prev2,
     n_continue,
+    norm_tiles,
     precision,
     prev_step,
     tiles,
@@ -43,7 +52,7 @@ from fastrnn.backends.triton.common import (
 from fastrnn.backends.triton.gemm import step_gemm
 from fastrnn.cells import Cell, Grads, Saved, State, Weights, batch_sizes_list, steps
 
-WIRING: dict[int, Wiring] = {**lstm.WIRING, **gru.WIRING, **rnn.WIRING}  # by kernel_id
+WIRING: dict[int, Wiring] = {**lstm.WIRING, **gru.WIRING, **rnn.WIRING, **ln_lstm.WIRING, **ln_gru.WIRING}
 
 
 # ---- the cells' pointwise steps, selected by kernel_id ----
@@ -81,6 +90,45 @@ def cell_bwd(CELL: tl.constexpr, dh, dc, hp, cp, h, s0, s1, s2, s3, e):
         tl.static_assert(CELL == rnn.RELU_ID, "no triton step for this kernel_id")
         d0, d1, d2, d3, q0, q1, q2, q3, direct, dcp = rnn.rnn_relu_bwd(dh, dc, hp, cp, h, s0, s1, s2, s3, e)
     return d0, d1, d2, d3, q0, q1, q2, q3, direct, dcp
+
+
+# The normalised cells' steps: the arguments above (a_k is the raw h_{t-1} W_hh^T) plus m (zoneout keep), the
+# Norm.params pointer, cols, cmask and H (their tiles hold whole rows); backward also takes the saved raw w0..w3
+# and returns d_extra's row last, its dq_k are d raw.
+
+
+@triton.jit
+def norm_fwd(CELL: tl.constexpr, x0, x1, x2, x3, a0, a1, a2, a3, hp, cp, m, p_ptr, cols, cmask, H):
+    if CELL == ln_lstm.ID:
+        h, c, s0, s1, s2, s3, e = ln_lstm.ln_lstm_fwd(x0, x1, x2, x3, a0, a1, a2, a3, hp, cp, m, p_ptr, cols, cmask, H)
+    else:
+        tl.static_assert(CELL == ln_gru.ID, "no triton step for this kernel_id")
+        h, c, s0, s1, s2, s3, e = ln_gru.ln_gru_fwd(x0, x1, x2, x3, a0, a1, a2, a3, hp, cp, m, p_ptr, cols, cmask, H)
+    return h, c, s0, s1, s2, s3, e
+
+
+@triton.jit
+def norm_bwd(CELL: tl.constexpr, dh, dc, hp, cp, m, s0, s1, s2, s3, e, w0, w1, w2, w3, p_ptr, cols, cmask, H):
+    if CELL == ln_lstm.ID:
+        d0, d1, d2, d3, q0, q1, q2, q3, direct, dcp, dex = ln_lstm.ln_lstm_bwd(
+            dh, dc, hp, cp, m, s0, s1, s2, s3, e, w0, w1, w2, w3, p_ptr, cols, cmask, H
+        )
+    else:
+        tl.static_assert(CELL == ln_gru.ID, "no triton step for this kernel_id")
+        d0, d1, d2, d3, q0, q1, q2, q3, direct, dcp, dex = ln_gru.ln_gru_bwd(
+            dh, dc, hp, cp, m, s0, s1, s2, s3, e, w0, w1, w2, w3, p_ptr, cols, cmask, H
+        )
+    return d0, d1, d2, d3, q0, q1, q2, q3, direct, dcp, dex
+
+
+@triton.jit
+def _keep(m_ptr, keep, hc, m2, zero, HAS_MASK: tl.constexpr):
+    """The zoneout keep of this tile: the step's mask row, or the constant."""
+    if HAS_MASK:
+        m = tl.load(m_ptr + hc, mask=m2, other=0.0).to(tl.float32)
+    else:
+        m = zero + keep
+    return m
 
 
 # ---- tiles of one gate ----
@@ -121,9 +169,13 @@ def _fwd_step(
     out_ptr,  # [B, H] this step's output (WRITE_OUT: no projection)
     gates_ptr,  # [B, SG*H] fp32 saved gates
     extra_ptr,  # [B, SE*H] fp32 saved extra
+    p_ptr,  # [norm_width*H] Norm.params  (NORM)
+    m_ptr,  # [B, H] this step's zoneout keep mask  (NORM and HAS_MASK)
+    keep,  # the constant zoneout keep  (NORM, not HAS_MASK)
     n, k, H, P,
     CELL: tl.constexpr, G: tl.constexpr, SG: tl.constexpr, SE: tl.constexpr, HAS_C: tl.constexpr,
     HAS_BIAS: tl.constexpr, WRITE_OUT: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    NORM: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -159,7 +211,11 @@ def _fwd_step(
     cp = zero
     if HAS_C:
         cp = tl.load(c_ptr + hc, mask=m2, other=0.0)
-    h, c, s0, s1, s2, s3, e = cell_fwd(CELL, x0, x1, x2, x3, a0, a1, a2, a3, hp, cp)
+    if NORM:  # one program holds whole rows (norm_tiles): a0..a3 are all G*H raw features of its rows
+        m = _keep(m_ptr, keep, hc, m2, zero, HAS_MASK)
+        h, c, s0, s1, s2, s3, e = norm_fwd(CELL, x0, x1, x2, x3, a0, a1, a2, a3, hp, cp, m, p_ptr, cols, cmask, H)
+    else:
+        h, c, s0, s1, s2, s3, e = cell_fwd(CELL, x0, x1, x2, x3, a0, a1, a2, a3, hp, cp)
     if HAS_C:
         tl.store(c_ptr + hc, c, mask=m2)
     tl.store(hn_ptr + hc, h, mask=m2)
@@ -173,7 +229,15 @@ def _fwd_step(
         _store_gate(gates_ptr, 2, SG, s2, rows, cols, m2, H)
     if SG > 3:
         _store_gate(gates_ptr, 3, SG, s3, rows, cols, m2, H)
-    if SE > 0:
+    if NORM:
+        if SE > 0:  # (e | raw)
+            _store_gate(extra_ptr, 0, SE, e, rows, cols, m2, H)
+            _store_gate(extra_ptr, 1, SE, a0, rows, cols, m2, H)
+            _store_gate(extra_ptr, 2, SE, a1, rows, cols, m2, H)
+            _store_gate(extra_ptr, 3, SE, a2, rows, cols, m2, H)
+            if G > 3:
+                _store_gate(extra_ptr, 4, SE, a3, rows, cols, m2, H)
+    elif SE > 0:
         tl.store(extra_ptr + hc, e, mask=m2)
 
 
@@ -196,9 +260,14 @@ def _bwd_step(
     h_ptr,  # [B, P] this step's output
     dg_ptr,  # [B, G*H] fp32 d gx of this step
     dq_ptr,  # [B, (G-S)*H] fp32 d gh of this step's gates >= S
+    p_ptr,  # [norm_width*H] Norm.params  (NORM)
+    m_ptr,  # [B, H] this step's zoneout keep mask  (NORM and HAS_MASK)
+    keep,  # the constant zoneout keep  (NORM, not HAS_MASK)
+    dex_ptr,  # [B, H] fp32 this step's d_extra  (NORM)
     n, k, kc, H, P,
     CELL: tl.constexpr, G: tl.constexpr, S: tl.constexpr, SG: tl.constexpr, SE: tl.constexpr,
     HAS_C: tl.constexpr, DIRECT: tl.constexpr, CARRY: tl.constexpr, PRECISION: tl.constexpr, DOT_F32: tl.constexpr,
+    NORM: tl.constexpr, HAS_MASK: tl.constexpr,
     BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -208,14 +277,19 @@ def _bwd_step(
     hc = rows[:, None] * H + cols[None, :]
     zero = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     if CARRY:
-        dht = carry(
-            dgp_ptr, G * H, w_ptr, rows, cols, kc, S * H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K
-        )
-        if S < G:
-            dht += carry(
-                dqp_ptr, (G - S) * H, w_ptr + S * H * H, rows, cols, kc, (G - S) * H, H, cmask, PRECISION, DOT_F32,
-                BLOCK_B, BLOCK_H, BLOCK_K,
-            )  # fmt: skip
+        if S > 0:
+            dht = carry(
+                dgp_ptr, G * H, w_ptr, rows, cols, kc, S * H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K
+            )
+            if S < G:
+                dht += carry(
+                    dqp_ptr, (G - S) * H, w_ptr + S * H * H, rows, cols, kc, (G - S) * H, H, cmask, PRECISION,
+                    DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K,
+                )  # fmt: skip
+        else:  # every gate's d gh is kept apart (the normalised cells' d raw)
+            dht = carry(
+                dqp_ptr, G * H, w_ptr, rows, cols, kc, G * H, H, cmask, PRECISION, DOT_F32, BLOCK_B, BLOCK_H, BLOCK_K
+            )
         if DIRECT:
             dht += tl.load(zd_ptr + hc, mask=(rows < kc)[:, None] & cmask[None, :], other=0.0)
         dht += ended(dhn_ptr, rows, cols, n, kc, H, cmask)
@@ -232,18 +306,36 @@ def _bwd_step(
     if SG > 3:
         s3 = _load_gate(gates_ptr, 3, SG, rows, cols, m2, H)
     e = zero
-    if SE > 0:
+    w0, w1, w2, w3 = zero, zero, zero, zero
+    if NORM:  # saved (e | raw); c_{t-1} is the first block of the previous step's extra row
+        e = _load_gate(extra_ptr, 0, SE, rows, cols, m2, H)
+        w0 = _load_gate(extra_ptr, 1, SE, rows, cols, m2, H)
+        w1 = _load_gate(extra_ptr, 2, SE, rows, cols, m2, H)
+        w2 = _load_gate(extra_ptr, 3, SE, rows, cols, m2, H)
+        if G > 3:
+            w3 = _load_gate(extra_ptr, 4, SE, rows, cols, m2, H)
+    elif SE > 0:
         e = tl.load(extra_ptr + hc, mask=m2, other=0.0)
     cp, dc = zero, zero
     if HAS_C:
-        cp = load_prev(cs_ptr, c0_ptr, rows, cols, n, k, H, cmask)
+        if NORM:
+            cp = load_prev2(cs_ptr, SE * H, c0_ptr, H, rows, cols, n, k, cmask)
+        else:
+            cp = load_prev(cs_ptr, c0_ptr, rows, cols, n, k, H, cmask)
         dc = tl.load(dc_ptr + hc, mask=m2, other=0.0)
     # h_{t-1} and h_t at these columns, for cells that read them (P = H; the compiler drops them elsewhere)
     pmask = cmask & (cols < P)
     hp = load_prev(hs_ptr, h0_ptr, rows, cols, n, k, P, pmask)
     hm = (rows < n)[:, None] & pmask[None, :]
     h = tl.load(h_ptr + rows[:, None] * P + cols[None, :], mask=hm, other=0.0).to(tl.float32)
-    d0, d1, d2, d3, q0, q1, q2, q3, direct, dcp = cell_bwd(CELL, dht, dc, hp, cp, h, s0, s1, s2, s3, e)
+    if NORM:
+        m = _keep(m_ptr, keep, hc, m2, zero, HAS_MASK)
+        d0, d1, d2, d3, q0, q1, q2, q3, direct, dcp, dex = norm_bwd(
+            CELL, dht, dc, hp, cp, m, s0, s1, s2, s3, e, w0, w1, w2, w3, p_ptr, cols, cmask, H
+        )
+        tl.store(dex_ptr + hc, dex, mask=m2)
+    else:
+        d0, d1, d2, d3, q0, q1, q2, q3, direct, dcp = cell_bwd(CELL, dht, dc, hp, cp, h, s0, s1, s2, s3, e)
     _store_gate(dg_ptr, 0, G, d0, rows, cols, m2, H)
     if G > 1:
         _store_gate(dg_ptr, 1, G, d1, rows, cols, m2, H)
@@ -266,6 +358,33 @@ def _bwd_step(
 
 
 # ---- the launchers ----
+
+
+def _shape(cell: Cell, n: int, H: int, K: int) -> tuple[tuple[int, int], dict]:
+    """Grid and tile constexprs of one step over n rows (K: the reduction length of its GEMM)."""
+    if cell.norm:  # one column program: whole rows
+        nt = norm_tiles(n, H)
+        bk = min(block_k(K), nt.block_k)
+        meta = dict(
+            BLOCK_B=nt.block_b, BLOCK_H=nt.block_h, BLOCK_K=bk, num_warps=nt.num_warps, num_stages=nt.num_stages
+        )
+        return (triton.cdiv(n, nt.block_b), 1), meta
+    BB, BH = tiles(n, H)
+    return (triton.cdiv(n, BB), triton.cdiv(H, BH)), dict(BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(K))
+
+
+def _norm_args(cell: Cell, weights: Weights, H: int) -> tuple[Tensor, Tensor | None, float]:
+    """(Norm.params, mask [T, B, H] | None, keep) of a normalised cell; (w_hh, None, 1.0) stand-ins otherwise."""
+    if not cell.norm:
+        return weights.w_hh, None, 1.0
+    nm = weights.norm
+    if nm is None or weights.b_hh is not None or weights.w_hr is not None:
+        raise ValueError(f"triton: {cell.name} takes Weights.norm, and no b_hh or w_hr (cells.py, 'Normalised cells')")
+    if nm.params.shape != (cell.norm_width * H,):
+        raise ValueError(
+            f"triton: {cell.name} Norm.params of shape {tuple(nm.params.shape)}, not ({cell.norm_width * H},)"
+        )
+    return nm.params, nm.mask, float(nm.keep)
 
 
 def forward(
@@ -292,18 +411,19 @@ def forward(
     w_hr = weights.w_hr
     hbar = gx.new_empty(B, H, dtype=f32) if w_hr is not None else None  # output before the projection
     prec = precision()
+    params, mask, keep = _norm_args(cell, weights, H)
     for s, t in enumerate(steps(T, reverse)):
         n, k = bs[t], n_continue(t, bs, reverse)
         src, dst = hbuf[s % 2], hbuf[(s + 1) % 2]
-        BB, BH = tiles(n, H)
-        _fwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
+        grid, meta = _shape(cell, n, H, P)
+        _fwd_step[grid](
             gx[t], src, state0.h, weights.w_hh, weights.w_hh if weights.b_hh is None else weights.b_hh,
             dst if c is None else c, dst if hbar is None else hbar, out[t],
-            gates[t] if SG else dst, extra[t] if SE else dst,
+            gates[t] if SG else dst, extra[t] if SE else dst, params, params if mask is None else mask[t], keep,
             n, k, H, P,
             CELL=cell.kernel_id, G=G, SG=SG, SE=SE, HAS_C=c is not None, HAS_BIAS=weights.b_hh is not None,
-            WRITE_OUT=hbar is None, PRECISION=prec, DOT_F32=dot_f32(gx.dtype),
-            BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(P),
+            WRITE_OUT=hbar is None, PRECISION=prec, DOT_F32=dot_f32(gx.dtype), NORM=cell.norm,
+            HAS_MASK=mask is not None, **meta,
         )  # fmt: skip
         if hbar is not None:
             step_gemm(hbar, w_hr, dst, n, prec, transpose_b=True, out=out[t])
@@ -313,7 +433,8 @@ def forward(
 
 def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved) -> Grads:
     """Walks the steps in the opposite order of forward, keeps every step's d gates and forms d_w_hh, d_b_hh,
-    d_w_hr and d_h0 as GEMMs at the end. -> Grads (None where the input was None)."""
+    d_w_hr and d_h0 as GEMMs at the end. -> Grads (None where the input was None; d_extra [T, B, H] for the
+    normalised cells)."""
     T, B, P = out.shape
     G, w_hh, w_hr = cell.G, weights.w_hh, weights.w_hr
     H = w_hh.shape[0] // G
@@ -329,20 +450,24 @@ def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out,
     dc = d_state_n.c.to(f32, copy=True) if cell.has_cell_state else None  # [B, H] running d c
     SG, SE = cell.saved_widths
     # (d gh of a group of gates [T, B, K], the rows of W_hh it multiplies [K, P])
-    parts = [(d_gx[:, :, : S * H], w_hh[: S * H])] + ([] if d_q is None else [(d_q, w_hh[S * H :])])
+    parts = ([(d_gx[:, :, : S * H], w_hh[: S * H])] if S else []) + ([] if d_q is None else [(d_q, w_hh[S * H :])])
+    params, mask, keep = _norm_args(cell, weights, H)
+    d_extra = out.new_zeros(T, B, H, dtype=f32) if cell.norm else None  # zero on rows a step skips
 
     def step(t: int, tp: int, kc: int, dh: Tensor | None) -> None:
         n, k, tq = bs[t], n_continue(t, bs, reverse), prev_step(t, T, reverse)
-        BB, BH = tiles(n, H)
+        grid, meta = _shape(cell, n, H, (G if cell.norm else S) * H)
         x = d_gx  # stands in for pointers a call does not use
-        _bwd_step[(triton.cdiv(n, BB), triton.cdiv(H, BH))](
+        _bwd_step[grid](
             d_gx[tp], x if d_q is None else d_q[tp], w_hh, d_state_n.h, d_out[t], x if zd is None else zd,
             x if dh is None else dh, saved.gates[t] if SG else x, saved.extra[t] if SE else x,
             saved.extra[tq] if dc is not None else x, x if dc is None else state0.c, x if dc is None else dc,
             out[tq], state0.h, out[t], d_gx[t], x if d_q is None else d_q[t],
+            params, params if mask is None else mask[t], keep, x if d_extra is None else d_extra[t],
             n, k, kc, H, P,
             CELL=cell.kernel_id, G=G, S=S, SG=SG, SE=SE, HAS_C=dc is not None, DIRECT=zd is not None,
-            CARRY=dh is None, PRECISION=prec, DOT_F32=dot_f32(dt), BLOCK_B=BB, BLOCK_H=BH, BLOCK_K=block_k(S * H),
+            CARRY=dh is None, PRECISION=prec, DOT_F32=dot_f32(dt), NORM=cell.norm, HAS_MASK=mask is not None,
+            **meta,
         )  # fmt: skip
 
     if w_hr is None:
@@ -375,4 +500,5 @@ def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out,
     def cast(x: Tensor | None) -> Tensor | None:
         return None if x is None else x.to(dt)
 
-    return Grads(cast(d_gx), State(cast(d_h0), cast(dc)), Weights(cast(d_w), cast(d_b), cast(d_w_hr)))
+    grads = Weights(cast(d_w), cast(d_b), cast(d_w_hr))
+    return Grads(cast(d_gx), State(cast(d_h0), cast(dc)), grads, cast(d_extra))
