@@ -128,22 +128,6 @@ void dispatch(at::ScalarType dt, bool bf16_gemm, const F& f) {
   }
 }
 
-template <typename Pr>
-void run_forward(const CellKernels& k, const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
-  if constexpr (std::is_same_v<Pr, PrecF64>) k.forward_d(a);
-  else if constexpr (std::is_same_v<Pr, PrecF32>) k.forward_f(a);
-  else if constexpr (std::is_same_v<Pr, PrecF32Bf16Gemm>) k.forward_fb(a);
-  else k.forward_b(a);
-}
-
-template <typename Pr>
-void run_backward(const CellKernels& k, const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
-  if constexpr (std::is_same_v<Pr, PrecF64>) k.backward_d(a);
-  else if constexpr (std::is_same_v<Pr, PrecF32>) k.backward_f(a);
-  else if constexpr (std::is_same_v<Pr, PrecF32Bf16Gemm>) k.backward_fb(a);
-  else k.backward_b(a);
-}
-
 void check_bf16_gemm(bool bf16_gemm, at::ScalarType dt) {
   TORCH_CHECK(!bf16_gemm || dt == at::kFloat || dt == at::kBFloat16,
               "fastrnn: bf16_gemm is for float32 (bfloat16 calls always run bfloat16 GEMMs), got ", dt);
@@ -219,7 +203,7 @@ std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const 
                                 mptr<S_>(h_n), mptr<T_>(c), mptr<T_>(gates), mptr<T_>(extra), mptr<T_>(gh_buf),
                                 mptr<S_>(hbar), mptr<T_>(pout), sptr<T_, T_>(norm_t), sptr<T_, S_>(mask_t),
                                 T_(zkeep)};
-    run_forward<Pr>(k, a);
+    k.forward.run<Pr>(a);
   });
   return {out, h_n, same ? c : (c.defined() ? c.to(dt) : c), gates, extra};
 }
@@ -279,7 +263,7 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
                                  mptr<T_>(d_w_hh), mptr<T_>(d_w_hr), mptr<S_>(dhfull), mptr<S_>(hbar),
                                  mptr<T_>(dhbar), mptr<S_>(dg0), sptr<T_, T_>(norm_t), sptr<T_, S_>(mask_t),
                                  T_(zkeep), mptr<S_>(d_extra)};
-    run_backward<Pr>(k, a);
+    k.backward.run<Pr>(a);
   });
   const Tensor& dg = k.dgh_differs ? d_gh : d_gx;
   Tensor d_b_hh;

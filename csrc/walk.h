@@ -383,6 +383,20 @@ inline UnitTasks unit_tasks(int64_t n, int64_t nb, int64_t flops_per_row) {
   return {nb, rows, n, nb * chunks, grain};
 }
 
+// body(r0, r1, b) for every task of ut (rows [r0, r1) of unit block b), over the threads; a thread ends its use of
+// g's AMX tiles once its share of the region is done.
+template <typename F>
+inline void run_tasks(const UnitTasks& ut, const Bf16Gemm& g, const F& body) {
+  at::parallel_for(0, ut.count, ut.grain, [&](int64_t i0, int64_t i1) {
+    for (int64_t task = i0; task < i1; ++task) {
+      int64_t r0, r1, b;
+      ut.at(task, r0, r1, b);
+      body(r0, r1, b);
+    }
+    g.release();
+  });
+}
+
 // ---- the walk ----
 
 // Where a step's gh = h_{t-1} W_hh^T goes: into the saved extra of a normalised cell (which saves it as raw_t), into
@@ -434,15 +448,10 @@ void forward_walk(const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
                             nullptr, nullptr, T(1)};
       const GemmRows A = gemm_rows(whh, hsrc, a.h0, k, n, P);
       const UnitTasks ut = unit_tasks(n, whh.blocks(), 2 * P * G * kB);
-      at::parallel_for(0, ut.count, ut.grain, [&](int64_t i0, int64_t i1) {
-        for (int64_t task = i0; task < i1; ++task) {
-          int64_t r0, r1, b;
-          ut.at(task, r0, r1, b);
-          for (int64_t q = 0; q < G; ++q)
-            whh.run(A.lo, A.hi, A.k, A.ld, r0, r1, whh.col0(q, b), whh.col1(q, b), false, gh, GH);
-          Cell::forward_rows(s, r0, r1, whh.col0(0, b), whh.col1(0, b));
-        }
-        whh.release();
+      run_tasks(ut, whh, [&](int64_t r0, int64_t r1, int64_t b) {
+        for (int64_t q = 0; q < G; ++q)
+          whh.run(A.lo, A.hi, A.k, A.ld, r0, r1, whh.col0(q, b), whh.col1(q, b), false, gh, GH);
+        Cell::forward_rows(s, r0, r1, whh.col0(0, b), whh.col1(0, b));
       });
       if (proj) {
         T* pdst;
@@ -450,14 +459,9 @@ void forward_walk(const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
         else pdst = a.pout;
         const GemmRows Ah = gemm_rows(whr, a.hbar, a.hbar, n, n, H);
         const UnitTasks pt = unit_tasks(n, whr.blocks(), 2 * H * kB);
-        at::parallel_for(0, pt.count, pt.grain, [&](int64_t i0, int64_t i1) {
-          for (int64_t task = i0; task < i1; ++task) {
-            int64_t r0, r1, b;
-            pt.at(task, r0, r1, b);
-            whr.run(Ah.lo, Ah.hi, Ah.k, Ah.ld, r0, r1, whr.col0(0, b), whr.col1(0, b), false, pdst, P);
-            if constexpr (!kSame) store_rows(pdst, ot, P, r0, r1, whr.col0(0, b), whr.col1(0, b));
-          }
-          whr.release();
+        run_tasks(pt, whr, [&](int64_t r0, int64_t r1, int64_t b) {
+          whr.run(Ah.lo, Ah.hi, Ah.k, Ah.ld, r0, r1, whr.col0(0, b), whr.col1(0, b), false, pdst, P);
+          if constexpr (!kSame) store_rows(pdst, ot, P, r0, r1, whr.col0(0, b), whr.col1(0, b));
         });
       }
       zero_rows(ot, n, B, P);
@@ -543,39 +547,24 @@ void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
         // the projected output's gradient, kept for d_w_hr, then taken back through w_hr for the units' pass
         S* dhf = a.dhfull + t * B * P;
         const S* dot = a.d_out + t * B * P;
-        at::parallel_for(0, ut.count, ut.grain, [&](int64_t i0, int64_t i1) {
-          for (int64_t task = i0; task < i1; ++task) {
-            int64_t r0, r1, b;
-            ut.at(task, r0, r1, b);
-            pending(A, r0, r1, b);
-            for (int64_t r = r0; r < std::min(r1, n); ++r)
-              vec_range<T>(whh.col0(0, b), whh.col1(0, b), [&](int64_t j, int64_t cnt) {
-                vstore(vload(a.dh + r * P + j, cnt) + vload(dot + r * P + j, cnt), dhf + r * P + j, cnt);
-              });
-          }
-          whh.release();
+        run_tasks(ut, whh, [&](int64_t r0, int64_t r1, int64_t b) {
+          pending(A, r0, r1, b);
+          for (int64_t r = r0; r < std::min(r1, n); ++r)
+            vec_range<T>(whh.col0(0, b), whh.col1(0, b), [&](int64_t j, int64_t cnt) {
+              vstore(vload(a.dh + r * P + j, cnt) + vload(dot + r * P + j, cnt), dhf + r * P + j, cnt);
+            });
         });
         zero_rows(dhf, n, B, P);
         const GemmRows D = gemm_rows(whr, dhf, dhf, n, n, P);
         const UnitTasks ht = unit_tasks(n, whr.blocks(), 2 * P * kB);
-        at::parallel_for(0, ht.count, ht.grain, [&](int64_t i0, int64_t i1) {
-          for (int64_t task = i0; task < i1; ++task) {
-            int64_t r0, r1, b;
-            ht.at(task, r0, r1, b);
-            whr.run(D.lo, D.hi, D.k, D.ld, r0, r1, whr.col0(0, b), whr.col1(0, b), false, a.dhbar, H);
-            Cell::backward_rows(s, r0, r1, whr.col0(0, b), whr.col1(0, b));
-          }
-          whr.release();
+        run_tasks(ht, whr, [&](int64_t r0, int64_t r1, int64_t b) {
+          whr.run(D.lo, D.hi, D.k, D.ld, r0, r1, whr.col0(0, b), whr.col1(0, b), false, a.dhbar, H);
+          Cell::backward_rows(s, r0, r1, whr.col0(0, b), whr.col1(0, b));
         });
       } else {
-        at::parallel_for(0, ut.count, ut.grain, [&](int64_t i0, int64_t i1) {
-          for (int64_t task = i0; task < i1; ++task) {
-            int64_t r0, r1, b;
-            ut.at(task, r0, r1, b);
-            pending(A, r0, r1, b);
-            Cell::backward_rows(s, r0, std::min(r1, n), whh.col0(0, b), whh.col1(0, b));
-          }
-          whh.release();
+        run_tasks(ut, whh, [&](int64_t r0, int64_t r1, int64_t b) {
+          pending(A, r0, r1, b);
+          Cell::backward_rows(s, r0, std::min(r1, n), whh.col0(0, b), whh.col1(0, b));
         });
       }
       pend = d_gh + t * B * GH;
@@ -585,14 +574,7 @@ void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
     // the first step's GEMM: d h0
     const GemmRows A = gemm_rows(whh, pend, pend, pend_n, pend_n, GH);
     const UnitTasks ut = unit_tasks(pend_n, whh.blocks(), 2 * GH * kB);
-    at::parallel_for(0, ut.count, ut.grain, [&](int64_t i0, int64_t i1) {
-      for (int64_t task = i0; task < i1; ++task) {
-        int64_t r0, r1, b;
-        ut.at(task, r0, r1, b);
-        pending(A, r0, r1, b);
-      }
-      whh.release();
-    });
+    run_tasks(ut, whh, [&](int64_t r0, int64_t r1, int64_t b) { pending(A, r0, r1, b); });
   } else {
     static_assert(std::is_same_v<S, T>, "BLAS GEMMs run on the state's own type");
     const T beta = Cell::kDirectDh ? T(1) : T(0);  // the GEMM adds to the step's direct part, or replaces dh
@@ -623,6 +605,30 @@ void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
 }
 
 // ---- one cell's entry in the kernel table (recurrence.cpp), indexed by kernel_id ----
+
+// A cell's walks of one direction (Args: ForwardArgs or BackwardArgs) in the four precisions of a call, null where the
+// cell has none (a normalised cell's bfloat16-GEMM ones; the entry points refuse those calls first).
+template <template <typename, typename> class Args>
+struct Walks {
+  void (*f64)(const Args<double, double>&);
+  void (*f32)(const Args<float, float>&);
+  void (*f32_bf16_gemm)(const Args<float, float>&);  // float32, bfloat16 GEMMs
+  void (*bf16)(const Args<float, BF16>&);
+
+  // The walk of precision Pr (walk.h's Prec) on a.
+  template <typename Pr>
+  void run(const Args<typename Pr::T, typename Pr::S>& a) const {
+    const auto fn = [this] {
+      if constexpr (std::is_same_v<Pr, PrecF64>) return f64;
+      else if constexpr (std::is_same_v<Pr, PrecF32>) return f32;
+      else if constexpr (std::is_same_v<Pr, PrecF32Bf16Gemm>) return f32_bf16_gemm;
+      else return bf16;
+    }();
+    TORCH_INTERNAL_ASSERT(fn != nullptr, "fastrnn: no kernel of this precision for the cell");
+    fn(a);
+  }
+};
+
 struct CellKernels {
   int64_t id;
   const char* name;
@@ -630,15 +636,8 @@ struct CellKernels {
   bool cell_state, projection, dgh_differs;
   bool norm;           // layer-normalised with zoneout: takes Norm.params and a keep mask, returns d_extra
   int64_t norm_width;  // Norm.params [norm_width * H] (cells.py norm_width), 0 without norm
-  // null where the cell has no kernel of that precision (a normalised cell's bfloat16-GEMM ones)
-  void (*forward_d)(const ForwardArgs<double>&);
-  void (*forward_f)(const ForwardArgs<float>&);
-  void (*forward_fb)(const ForwardArgs<float>&);  // float32, bfloat16 GEMMs
-  void (*forward_b)(const ForwardArgs<float, BF16>&);
-  void (*backward_d)(const BackwardArgs<double>&);
-  void (*backward_f)(const BackwardArgs<float>&);
-  void (*backward_fb)(const BackwardArgs<float>&);
-  void (*backward_b)(const BackwardArgs<float, BF16>&);
+  Walks<ForwardArgs> forward;
+  Walks<BackwardArgs> backward;
 };
 
 // The walks of one precision, or null where the cell has none (kNorm on the bfloat16-GEMM schedule).
@@ -665,14 +664,10 @@ CellKernels make_kernels() {
           Cell::kDghDiffers,
           Cell::kNorm,
           Cell::kNorm ? 2 * Cell::G + (Cell::kCellState ? 2 : 0) : 0,
-          forward_fn<Cell, PrecF64>(),
-          forward_fn<Cell, PrecF32>(),
-          forward_fn<Cell, PrecF32Bf16Gemm>(),
-          forward_fn<Cell, PrecBf16>(),
-          backward_fn<Cell, PrecF64>(),
-          backward_fn<Cell, PrecF32>(),
-          backward_fn<Cell, PrecF32Bf16Gemm>(),
-          backward_fn<Cell, PrecBf16>()};
+          {forward_fn<Cell, PrecF64>(), forward_fn<Cell, PrecF32>(), forward_fn<Cell, PrecF32Bf16Gemm>(),
+           forward_fn<Cell, PrecBf16>()},
+          {backward_fn<Cell, PrecF64>(), backward_fn<Cell, PrecF32>(), backward_fn<Cell, PrecF32Bf16Gemm>(),
+           backward_fn<Cell, PrecBf16>()}};
 }
 
 // Defined by the per-cell sources.
