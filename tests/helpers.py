@@ -57,10 +57,12 @@ def flat(x) -> list:
     return [x]
 
 
-def contract_inputs(cell: str, T: int, B: int, H: int, P: int, dtype: torch.dtype, bias: bool):
+def contract_inputs(cell: str, T: int, B: int, H: int, P: int, dtype: torch.dtype, bias: bool, zone="mask"):
     """Random arguments of the kernel contract: gx [T,B,G*H], State(h0 [B,P], c0 [B,H] for cells with a cell
-    state), Weights(w_hh [G*H,P], b_hh [G*H], w_hr [P,H] when P != H), weights in torch.nn's init range."""
-    from fastrnn.cells import State, Weights, spec
+    state), Weights(w_hh [G*H,P], b_hh [G*H], w_hr [P,H] when P != H), weights in torch.nn's init range. For the
+    normalised cells b_hh is None and Weights.norm = Norm(params off their init, so a wrong index shows; zoneout:
+    a keep mask when zone == "mask", else None with keep = zone)."""
+    from fastrnn.cells import Norm, State, Weights, spec
 
     c = spec(cell)
     s = 1 / math.sqrt(H)
@@ -70,18 +72,23 @@ def contract_inputs(cell: str, T: int, B: int, H: int, P: int, dtype: torch.dtyp
     w_hh = torch.empty(c.G * H, P, dtype=dtype).uniform_(-s, s)
     b_hh = torch.empty(c.G * H, dtype=dtype).uniform_(-s, s) if bias else None
     w_hr = torch.empty(P, H, dtype=dtype).uniform_(-s, s) if P != H else None
-    return gx, State(h0, c0), Weights(w_hh, b_hh, w_hr)
+    if not c.norm:
+        return gx, State(h0, c0), Weights(w_hh, b_hh, w_hr)
+    params = 1 + 0.3 * torch.randn(c.norm_width * H, dtype=dtype)
+    mask = torch.bernoulli(torch.full((T, B, H), 0.6, dtype=dtype)) if zone == "mask" else None
+    return gx, State(h0, c0), Weights(w_hh, None, None, Norm(params, mask, 1.0 if mask is not None else zone))
 
 
-def assert_contract_matches_reference(be, cell, T, B, H, P, bs, reverse, bias, dtype):
+def assert_contract_matches_reference(be, cell, T, B, H, P, bs, reverse, bias, dtype, zone="mask"):
     """Backend module `be` against the reference backend on one call of the contract: forward outputs, the
-    saved tensors (active rows equal, skipped rows zero) and every backward gradient."""
+    saved tensors (active rows equal, skipped rows zero) and every backward gradient (with d_extra for the
+    normalised cells: zero, like d_gx, on the rows a step skips). zone: contract_inputs's."""
     from fastrnn.backends import get
     from fastrnn.cells import State, batch_sizes_list, spec
 
     ref = get("reference")
     c = spec(cell)
-    gx, state0, weights = contract_inputs(cell, T, B, H, P, dtype, bias)
+    gx, state0, weights = contract_inputs(cell, T, B, H, P, dtype, bias, zone)
     batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
     args = (c, gx, state0, weights, batch_sizes, reverse, True)
     (out_g, st_g, sv_g), (out_e, st_e, sv_e) = be.forward(*args), ref.forward(*args)
@@ -99,12 +106,15 @@ def assert_contract_matches_reference(be, cell, T, B, H, P, bs, reverse, bias, d
     d_state_n = State(d_h_n, torch.randn_like(state0.c) if c.has_cell_state else None)
     bargs = (c, d_out, d_state_n, state0, weights, batch_sizes, reverse, out_e, sv_e)
     g_got, g_exp = be.backward(*bargs), ref.backward(*bargs)
-    flat = lambda g: (g.d_gx, *g.d_state0, *g.d_weights[:3])  # noqa: E731 - local shorthand
-    names = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr")
+    flat = lambda g: (g.d_gx, *g.d_state0, *g.d_weights[:3], g.d_extra)  # noqa: E731 - local shorthand
+    names = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr", "d_extra")
     for name, a, e in zip(names, flat(g_got), flat(g_exp), strict=True):
         if e is None:
             assert a is None, f"{name}: expected None for an absent input"
         else:
+            assert a.dtype == e.dtype, f"{name}: {a.dtype} != {e.dtype}"
             # weight gradients sum over all T*B rows: allow for that in float32
             n = T * B if name in ("d_w_hh", "d_b_hh", "d_w_hr") else T
             assert_close(a, e, dtype, n, name)
+    if c.norm:
+        assert (g_got.d_gx[~active] == 0).all() and (g_got.d_extra[~active] == 0).all(), "skipped rows must be zero"

@@ -19,7 +19,7 @@ import fastrnn  # noqa: E402
 from fastrnn.backends import get  # noqa: E402
 from fastrnn.backends.numba import common  # noqa: E402
 from fastrnn.backends.numba.common import THREADS_VAR  # noqa: E402
-from fastrnn.cells import TABLE, Norm, State, Weights, batch_sizes_list, spec  # noqa: E402
+from fastrnn.cells import TABLE, Norm, State, Weights, spec  # noqa: E402
 from tests.helpers import assert_close, assert_contract_matches_reference, contract_inputs  # noqa: E402
 
 if not get("numba").available()[0]:
@@ -27,18 +27,6 @@ if not get("numba").available()[0]:
 
 numba_be, ref = get("numba"), get("reference")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _inputs(cell, T, B, H, P, dtype, bias, mask=False, keep=1.0):
-    """contract_inputs, and for the normalised cells their Weights: b_hh None, Norm(params, mask | None, keep)
-    with the gains and biases off their init (so a wrong index shows)."""
-    c = spec(cell)
-    gx, state0, weights = contract_inputs(cell, T, B, H, P, dtype, bias)
-    if not c.norm:
-        return gx, state0, weights
-    params = 1 + 0.3 * torch.randn(c.norm_width * H, dtype=dtype)
-    zmask = torch.bernoulli(torch.full((T, B, H), keep, dtype=dtype)) if mask else None
-    return gx, state0, Weights(weights.w_hh, None, None, Norm(params, zmask, keep))
 
 
 CASES = [
@@ -111,32 +99,7 @@ def test_norm_contract_matches_reference(cell, T, B, H, bs, reverse, mask, keep,
             pytest.skip(f"numba has fewer than {threads} threads here")
         assert common.n_blocks(B * c.G * H * H, H) > 1
     torch.manual_seed(0)
-    gx, state0, weights = _inputs(cell, T, B, H, H, dtype, False, mask, keep)
-    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
-    args = (c, gx, state0, weights, batch_sizes, reverse, True)
-    (out, st, sv), (out_e, st_e, sv_e) = numba_be.forward(*args), ref.forward(*args)
-    assert_close(out, out_e, dtype, T, "out")
-    for name, a, e in zip(c.states, st, st_e):
-        assert_close(a, e, dtype, T, f"{name}_n")
-    active = torch.arange(B)[None, :] < torch.tensor(batch_sizes_list(batch_sizes, T, B))[:, None]  # [T, B]
-    for name, a, e in zip(sv._fields, sv, sv_e, strict=True):
-        assert a.shape == e.shape == c.saved_shapes(T, B, H)[sv._fields.index(name)] and a.dtype == e.dtype, name
-        assert_close(a[active], e[active], dtype, T, f"saved {name} (active rows)")
-        assert (a[~active] == 0).all(), f"saved {name}: rows a step skips must be zero"
-    d_out = torch.randn_like(out_e)
-    d_state_n = State(torch.randn_like(state0.h), torch.randn_like(state0.c) if c.has_cell_state else None)
-    bargs = (c, d_out, d_state_n, state0, weights, batch_sizes, reverse, out_e, sv_e)
-    g, g_e = numba_be.backward(*bargs), ref.backward(*bargs)
-    assert g.d_weights.b_hh is None and g.d_weights.w_hr is None and g.d_weights.norm is None
-    for name, a, e, n in (
-        ("d_gx", g.d_gx, g_e.d_gx, T),
-        ("d_extra", g.d_extra, g_e.d_extra, T),
-        *((f"d_{k}0", a, e, T) for k, a, e in zip(c.states, g.d_state0, g_e.d_state0)),
-        ("d_w_hh", g.d_weights.w_hh, g_e.d_weights.w_hh, T * B),
-    ):
-        assert a.dtype == dtype, name
-        assert_close(a, e, dtype, n, name)
-    assert (g.d_gx[~active] == 0).all() and (g.d_extra[~active] == 0).all()
+    assert_contract_matches_reference(numba_be, cell, T, B, H, H, bs, reverse, False, dtype, "mask" if mask else keep)
 
 
 _CACHE_RUN = """
@@ -198,7 +161,7 @@ def test_dispatch_table_matches_cell_table():
 
 @pytest.mark.parametrize("cell", sorted(TABLE))
 def test_no_saved_when_not_needed(cell):
-    gx, state0, weights = _inputs(cell, 3, 2, 8, 8, torch.float64, True)
+    gx, state0, weights = contract_inputs(cell, 3, 2, 8, 8, torch.float64, True)
     args = (spec(cell), gx, state0, weights, None, False, False)
     out, state_n, saved = numba_be.forward(*args)
     assert saved.gates.numel() == 0 and saved.extra.numel() == 0
@@ -213,7 +176,7 @@ def test_no_saved_when_not_needed(cell):
 def test_absent_inputs_give_none():
     """Grads holds None where the input was None (b_hh, w_hr) or the cell has no cell state."""
     for cell in TABLE.values():
-        gx, state0, weights = _inputs(cell.name, 3, 2, 8, 8, torch.float64, False)
+        gx, state0, weights = contract_inputs(cell.name, 3, 2, 8, 8, torch.float64, False)
         out, state_n, saved = numba_be.forward(cell, gx, state0, weights, None, False, True)
         d_state_n = State(torch.randn_like(state0.h), torch.randn_like(state0.c) if cell.has_cell_state else None)
         g = numba_be.backward(cell, torch.randn_like(out), d_state_n, state0, weights, None, False, out, saved)
@@ -229,7 +192,7 @@ def test_empty_batch_gives_zero_weight_grads(cell, reverse):
     """B == 0 in both directions (the reference backend's backward cannot walk an empty batch in reverse): empty
     outputs and state gradients, weight gradients zero."""
     c = spec(cell)
-    gx, state0, weights = _inputs(cell, 4, 0, 8, 8, torch.float64, True)
+    gx, state0, weights = contract_inputs(cell, 4, 0, 8, 8, torch.float64, True)
     out, state_n, saved = numba_be.forward(c, gx, state0, weights, None, reverse, True)
     assert out.shape == (4, 0, 8) and state_n.h.shape == (0, 8)
     d_state_n = State(torch.randn_like(state0.h), torch.randn_like(state0.c) if c.has_cell_state else None)

@@ -217,38 +217,8 @@ NORM_CASES = [
 @pytest.mark.parametrize("cell,T,B,H,bs,reverse,zone", NORM_CASES)
 def test_norm_contract_matches_reference(cell, T, B, H, bs, reverse, zone):
     """The normalised cells: out, final states, the saved rows (skipped rows zero), every gradient and d_extra."""
-    from fastrnn.cells import Norm, State, Weights, batch_sizes_list
-
-    c = spec(cell)
     torch.manual_seed(0)
-    gx, state0, weights = contract_inputs(cell, T, B, H, H, F32, False)
-    params = 1 + 0.3 * torch.randn(c.norm_width * H)
-    mask = torch.bernoulli(torch.full((T, B, H), 0.6)) if zone == "mask" else None
-    weights = Weights(weights.w_hh, None, None, Norm(params, mask, 1.0 if mask is not None else zone))
-    batch_sizes = None if bs is None else torch.tensor(bs)
-    args = (c, gx, state0, weights, batch_sizes, reverse, True)
-    (out_g, st_g, sv_g), (out_e, st_e, sv_e) = BE.forward(*args), ref.forward(*args)
-    assert_close(out_g, out_e, F32, T, "out")
-    for name, a, e in zip(c.states, st_g, st_e):
-        assert_close(a, e, F32, T, f"{name}_n")
-    active = torch.arange(B)[None, :] < torch.tensor(batch_sizes_list(batch_sizes, T, B))[:, None]
-    for name, a, e in zip(sv_g._fields, sv_g, sv_e, strict=True):
-        assert a.shape == e.shape and a.dtype == e.dtype, name
-        assert_close(a[active], e[active], F32, T, f"saved {name}")
-        assert (a[~active] == 0).all(), f"saved {name}: rows a step skips must be zero"
-    d_out, d_h_n = torch.randn_like(out_e), torch.randn_like(state0.h)
-    d_state_n = State(d_h_n, torch.randn_like(state0.c) if c.has_cell_state else None)
-    bargs = (c, d_out, d_state_n, state0, weights, batch_sizes, reverse, out_e, sv_e)
-    g_got, g_exp = BE.backward(*bargs), ref.backward(*bargs)
-    names = ("d_gx", "d_h0", "d_c0", "d_w_hh", "d_b_hh", "d_w_hr", "d_extra")
-    flat = lambda g: (g.d_gx, *g.d_state0, *g.d_weights[:3], g.d_extra)  # noqa: E731
-    for name, a, e in zip(names, flat(g_got), flat(g_exp), strict=True):
-        if e is None:
-            assert a is None, name
-        else:
-            assert a.dtype == e.dtype, name
-            assert_close(a, e, F32, T * B if name == "d_w_hh" else T, name)
-    assert (g_got.d_extra[~active] == 0).all() and (g_got.d_gx[~active] == 0).all()
+    assert_contract_matches_reference(BE, cell, T, B, H, H, bs, reverse, False, F32, zone)
 
 
 BACKS = ("triton", "reference")
