@@ -106,30 +106,7 @@ NORM_CASES = [
 def test_norm_contract_matches_reference(cell, T, B, H, bs, reverse, mask, keep, dtype):
     """The normalised cells against the reference on one call: out, final states, saved gates and extra (skipped rows
     zero), every gradient and d_extra (skipped rows zero); d_b_hh is None as b_hh is."""
-    c = spec(cell)
-    gx, state0, weights = _inputs(cell, T, B, H, H, dtype, mask=mask, keep=keep)
-    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
-    active = torch.arange(B)[None, :] < torch.tensor(bs if bs is not None else [B] * T)[:, None]  # [T, B]
-    args = (c, gx, state0, weights, batch_sizes, reverse, True)
-    (out, st, saved), (e_out, e_st, e_saved) = cpp.forward(*args), ref.forward(*args)
-    assert_close(out, e_out, dtype, T, "out")
-    for name, a, e in zip(c.states, st, e_st):
-        assert_close(a, e, dtype, T, f"{name}_n")
-    for name, a, e in zip(Saved._fields, saved, e_saved, strict=True):
-        assert a.shape == e.shape and a.dtype == e.dtype, f"saved {name}: {a.shape} {a.dtype} != {e.shape} {e.dtype}"
-        assert_close(a[active], e[active], dtype, T, f"saved {name}")
-        _skipped_rows_zero(a, active, f"saved {name}")
-    d_out, d_state_n = _cotangents(c, e_out, state0)
-    bargs = (c, d_out, d_state_n, state0, weights, batch_sizes, reverse, e_out, e_saved)
-    g, e = cpp.backward(*bargs), ref.backward(*bargs)
-    for name, a, x in zip(_grad_names(c), _flat(g), _flat(e), strict=True):
-        if x is None:
-            assert a is None, f"{name}: expected None"
-        else:
-            assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
-            assert_close(a, x, dtype, T * B if name == "d_w_hh" else T, name)
-    _skipped_rows_zero(g.d_gx, active, "d_gx")
-    _skipped_rows_zero(g.d_extra, active, "d_extra")
+    assert_contract_matches_reference(cpp, cell, T, B, H, H, bs, reverse, False, dtype, "mask" if mask else keep)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
