@@ -100,16 +100,12 @@ class _RNNBaseMixin(_FastMixin):
                 out.append((g("weight_ih"), g("weight_hh"), g("bias_ih"), g("bias_hh"), g("weight_hr")))
         return out
 
-    def _cell_name(self) -> str:
-        return MODE_TO_CELL[self.mode]
-
-    def _norm_args(self) -> dict:
-        return {}
+    _cell: str | None = None  # the normalised layers' cell (the others run their mode's)
 
     def forward(self, input, hx=None):
         if hasattr(self, "_update_flat_weights"):
             self._update_flat_weights()
-        cell = self._cell_name()
+        cell = self._cell or MODE_TO_CELL[self.mode]
         lstm = spec(cell).has_cell_state  # hx is an (h, c) pair
         D = 2 if self.bidirectional else 1
         P = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -178,7 +174,7 @@ class _RNNBaseMixin(_FastMixin):
             batch_sizes,
             self.backend,
             record,
-            **self._norm_args(),
+            *(self._norm_args() if self._cell is not None else ()),
         )
         hidden = (h_n, c_n) if lstm else h_n
         if isinstance(orig_input, PackedSequence):
@@ -247,14 +243,12 @@ class _LayerNormMixin(_RNNBaseMixin):
         nn.RNNBase.reset_parameters(self)  # torch.nn's init for the weights and biases (its RNG draws too)
         self._reset_norm()
 
-    def _cell_name(self) -> str:
-        return self._cell
-
-    def _norm_args(self) -> dict:
+    def _norm_args(self) -> tuple[list[tuple[Tensor, ...]], float]:
+        """functional.rnn's norms and zoneout."""
         names = spec(self._cell).norm_param_names()
         D = 2 if self.bidirectional else 1
         sfx = [f"_l{k // D}{'_reverse' if k % D else ''}" for k in range(self.num_layers * D)]
-        return {"norms": [tuple(getattr(self, n + s) for n in names) for s in sfx], "zoneout": self.zoneout}
+        return [tuple(getattr(self, n + s) for n in names) for s in sfx], self.zoneout
 
     def extra_repr(self) -> str:
         s = super().extra_repr()

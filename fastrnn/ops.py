@@ -36,7 +36,9 @@ def _opt(t: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _norm(norm: Tensor | None, zmask: Tensor | None, zkeep: float) -> cells.Norm | None:
-    return None if norm is None else cells.Norm(norm.contiguous(), _c(zmask), float(zkeep))
+    if norm is None:
+        return None
+    return cells.Norm(norm.contiguous(), _c(zmask), float(zkeep))
 
 
 def _forward_impl(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, norm, zmask, zkeep, batch_sizes, reverse, need_saved):
@@ -46,7 +48,8 @@ def _forward_impl(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, norm, zmask, zkee
     if spec.has_cell_state and c0 is None:
         c0 = gx.new_zeros(gx.shape[1], w_hh.shape[0] // spec.G)
     state0 = cells.State(h0.contiguous(), _c(c0))
-    weights = cells.Weights(w_hh.contiguous(), _c(b_hh), _c(w_hr), _norm(norm, zmask, zkeep))
+    nm = None if norm is None else _norm(norm, zmask, zkeep)
+    weights = cells.Weights(w_hh.contiguous(), _c(b_hh), _c(w_hr), nm)
     out, state_n, saved = backends.get(backend).forward(
         spec, gx.contiguous(), state0, weights, batch_sizes, reverse, need_saved
     )
@@ -65,7 +68,8 @@ def _backward_impl(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr,
         d_c_n = out.new_zeros(out.shape[1], H) if d_c_n is None else d_c_n.contiguous()
     g = backends.get(backend).backward(
         spec, d_out.contiguous(), cells.State(d_h_n.contiguous(), d_c_n), cells.State(h0.contiguous(), c0),
-        cells.Weights(w_hh.contiguous(), _c(b_hh), _c(w_hr), _norm(norm, zmask, zkeep)), batch_sizes, reverse,
+        cells.Weights(w_hh.contiguous(), _c(b_hh), _c(w_hr), None if norm is None else _norm(norm, zmask, zkeep)),
+        batch_sizes, reverse,
         out.contiguous(), cells.Saved(gates.contiguous(), extra.contiguous()),
     )  # fmt: skip
     d_c0 = g.d_state0.c if c0_given else None
@@ -216,9 +220,15 @@ def recurrence(backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, batch_sizes, reverse
     autograd will need it; `save` (fastrnn.record) makes the kernel save in any case and appends the saved
     tensors, cells.Saved(gates, extra) in the cells.py layout, to what is returned. norm: a cells.Norm
     (normalised cells)."""
-    params, zmask, zkeep = norm if norm is not None else (None, None, 1.0)
-    ts = (gx, h0, c0, w_hh, b_hh, w_hr, params)
-    need = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    if norm is None:
+        params = zmask = None
+        zkeep = 1.0
+    else:
+        params, zmask, zkeep = norm
+    need = torch.is_grad_enabled() and (
+        gx.requires_grad or h0.requires_grad or w_hh.requires_grad
+        or any(t is not None and t.requires_grad for t in (c0, b_hh, w_hr, params))
+    )  # fmt: skip
     args = (backend, cell, gx, h0, c0, w_hh, b_hh, w_hr, params, zmask, zkeep, batch_sizes, reverse, need or save)
     if torch.compiler.is_compiling():
         out, h_n, c_n, gates, extra = recurrence_fwd(*args)

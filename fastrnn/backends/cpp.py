@@ -66,10 +66,11 @@ def _widened(cell: Cell, dtype: torch.dtype) -> bool:
     return dtype in WIDENED_DTYPES or (cell.norm and dtype == torch.bfloat16)
 
 
-def _norm_args(weights: Weights) -> tuple[Tensor | None, Tensor | None, float]:
-    """cells.Norm as the extension takes it: norm, zmask, zkeep (None, None, 1.0 for plain cells)."""
+def _norm_args(weights: Weights) -> tuple:
+    """cells.Norm as the extension takes it: norm, zmask, zkeep (plain cells pass nothing: the entry points'
+    defaults, which spare the call three argument conversions)."""
     nm = weights.norm
-    return (None, None, 1.0) if nm is None else (nm.params, nm.mask, float(nm.keep))
+    return nm.params, nm.mask, float(nm.keep)
 
 
 def fp32_bf16_gemm() -> bool:
@@ -106,7 +107,7 @@ def forward(
     bf16_gemm = dt == torch.float32 and fp32_bf16_gemm() and not cell.norm
     out, h_n, c_n, gates, extra = _ext().recurrence_forward(
         cell.kernel_id, gx, state0.h, state0.c, *weights[:3], batch_sizes, reverse, need_saved, bf16_gemm,
-        *_norm_args(weights),
+        *(() if weights.norm is None else _norm_args(weights)),
     )  # fmt: skip
     return out, State(h_n, c_n), Saved(gates, extra)
 
@@ -126,6 +127,6 @@ def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out,
     bf16_gemm = dt == torch.float32 and fp32_bf16_gemm() and not cell.norm
     d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_extra = _ext().recurrence_backward(
         cell.kernel_id, d_out, d_state_n.h, d_state_n.c, state0.h, state0.c, *weights[:3], batch_sizes, reverse, out,
-        saved.gates, saved.extra, bf16_gemm, *_norm_args(weights),
+        saved.gates, saved.extra, bf16_gemm, *(() if weights.norm is None else _norm_args(weights)),
     )  # fmt: skip
     return Grads(d_gx, State(d_h0, d_c0), Weights(d_w_hh, d_b_hh, d_w_hr), d_extra)

@@ -203,11 +203,8 @@ _STEPS: dict[str, _Step] = {
 }
 
 
-def _nz(weights: Weights, t: int, n: int, acc: torch.dtype):
-    """The step's (Norm.params, zoneout keep) for the n rows active at step t; None for plain cells."""
-    nm = weights.norm
-    if nm is None:
-        return None
+def _nz(nm, t: int, n: int, acc: torch.dtype):
+    """The step's (Norm.params, zoneout keep) for the n rows active at step t of a normalised cell (nm: its Norm)."""
     return nm.params.to(acc), nm.keep if nm.mask is None else nm.mask[t, :n].to(acc)
 
 
@@ -253,13 +250,14 @@ def forward(
         return rows if n == B else torch.cat([rows, rows.new_zeros(B - n, rows.shape[1])])
 
     order = list(steps(T, reverse))
+    nm = weights.norm
     for t in order:
         n = bs[t]
         hp = h[:n]
         gh = hp @ w.t()  # [n, G*H]
         if b is not None:
             gh = gh + b
-        nz = _nz(weights, t, n, acc)
+        nz = None if nm is None else _nz(nm, t, n, acc)
         hn, cn, g_row, e_row = step.forward(gx[t, :n].to(acc), gh, hp, None if c is None else c[:n], nz)
         if wr is not None:
             hn = hn @ wr.t()
@@ -303,6 +301,7 @@ def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out,
     if wr is not None:
         d_hfull = torch.zeros(T, B, P, dtype=acc, device=out.device)
         hbar = torch.zeros(T, B, H, dtype=acc, device=out.device)
+    nm = weights.norm
     for t in reversed(steps(T, reverse)):
         n = bs[t]
         hp = _prev(outa, h0a, t, n, T, bs, reverse)
@@ -316,7 +315,7 @@ def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out,
             d_hfull[t, :n] = dht
             ht = hbar[t, :n] = step.hbar(gates, extra)
             dht = dht @ wr  # gradient w.r.t. the pre-projection output, [n, H]
-        nz = _nz(weights, t, n, acc)
+        nz = None if nm is None else _nz(nm, t, n, acc)
         dx, dg, direct, dcp, dex = step.backward(dht, None if dc is None else dc[:n], hp, cp, ht, gates, extra, nz)
         d_gx[t, :n] = dx
         if dex is not None:
