@@ -306,7 +306,7 @@ def test_relu_nan_propagates_like_torch():
 HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("dtype", [torch.float16], ids=["f16"])  # bfloat16 has kernels of its own: see below
 @pytest.mark.parametrize(
     "cell,P,bs,reverse",
     [
@@ -316,7 +316,9 @@ HALF_TOL = {torch.bfloat16: 1.6e-2, torch.float16: 2e-3}
     ],
 )
 def test_half_precision_matches_reference(cell, P, bs, reverse, dtype):
-    """Half types run the float32 kernels on widened inputs: the reference's recipe, so nearly the same bits."""
+    """float16 runs the float32 kernels on widened inputs: the reference's recipe, so nearly the same bits. (bfloat16
+    runs its own kernels, bfloat16 GEMM operands on AMX: test_bf16_contract_matches_float64 judges them against
+    float64, as a fixed tolerance against the reference's rounding cannot.)"""
     c = spec(cell)
     gx, state0, weights = contract_inputs(cell, 5, 5, 16, P, F32, True)
     gx, state0, weights = gx.to(dtype), _to(state0, dtype), _to(weights, dtype)
