@@ -86,7 +86,13 @@ def rnn(
     norms, zoneout: normalised cells only: per layer and direction the parameters of Cell.norm_param_names,
     and the zoneout rate
     """
-    name = backends.select(cell, input.dtype, input.device, backend)
+    if batch_sizes is not None or weights[0][4] is not None or torch.compiler.is_compiling():
+        # auto's shape rules measured neither packed input nor proj_size; under torch.compile the sizes may be
+        # symbolic, and torch's kernels do not trace: the shape-blind choice
+        name = backends.select(cell, input.dtype, input.device, backend)
+    else:
+        B, H = input.shape[0 if batch_first else 1], weights[0][1].shape[1]
+        name = backends.select(cell, input.dtype, input.device, backend, B, H, _records(input, hx, cx, weights))
     if name == "torch":  # torch.nn's own kernels, called as torch.nn calls them (autocast included)
         redraw = record is not None and dropout > 0 and training and num_layers > 1
         rng = _rng_state(input.device) if redraw else None
@@ -178,7 +184,11 @@ def cell_step(
 ) -> tuple[Tensor, Tensor | None]:
     """torch's _VF.*_cell: one step for input [B, I], hx [B, H] (cx [B, H]) -> h' (and c').
     record: fastrnn.record's hook, handed the step as a layer of T = 1."""
-    name = backends.select(cell, input.dtype, input.device, backend)
+    if torch.compiler.is_compiling():
+        name = backends.select(cell, input.dtype, input.device, backend)
+    else:
+        grad = _records(input, hx, cx, ((w_ih, w_hh, b_ih, b_hh),))
+        name = backends.select(cell, input.dtype, input.device, backend, input.shape[0], w_hh.shape[1], grad, True)
     if name == "torch":
         result = backends.get(name).cell(spec(cell), input, hx, cx, w_ih, w_hh, b_ih, b_hh)
         if record is not None:
@@ -207,6 +217,16 @@ def cell_step(
     if record is not None:
         record([(out, saved[0])], None)
     return h, c
+
+
+def _records(input: Tensor, hx: Tensor, cx: Tensor | None, weights) -> bool:
+    """Will autograd record this call (grad mode on and an operand that requires grad)? Auto's rules tell
+    inference from training by it."""
+    if not torch.is_grad_enabled():
+        return False
+    if input.requires_grad or hx.requires_grad or (cx is not None and cx.requires_grad):
+        return True
+    return any(w is not None and w.requires_grad for ws in weights for w in ws)
 
 
 def _rng_state(device: torch.device) -> Tensor:

@@ -18,9 +18,12 @@ How a call's backend is chosen, first match wins:
     1. the module's `backend=` argument          (explicit)
     2. the innermost `fastrnn.use_backend(name)`  (explicit)
     3. the environment variable FASTRNN_BACKEND   (explicit; read at every call)
-    4. automatic (`_AUTO`): CUDA -> torch (torch.nn's cuDNN kernels, until a recorded gpu_check measurement
-       shows triton faster); CPU -> cpp, numba, reference (first that is available and supports the call;
-       on CPU without the C++ extension, warns once saying how to build it)
+    4. automatic: first the shape rules (`_AUTO_RULES`): a class of calls (device, layer or Cell step, cell,
+       dtype, inference or training, batch and hidden size) where a measurement recorded in the repo shows
+       torch.nn's own kernel beating the fused one gets `torch` (today: some float32 LSTM layer shapes on CPU,
+       at batch >= 16); then the order (`_AUTO`): CUDA -> torch (torch.nn's cuDNN kernels, until a recorded
+       gpu_check measurement shows triton faster); CPU -> cpp, numba, reference (first that is available and
+       supports the call; on CPU without the C++ extension, warns once saying how to build it)
 An explicit backend that cannot run the call raises with the reason; it is never silently replaced, except
 while tracing or exporting (`deploying()`), where every call runs torch.nn's kernels (the `torch` backend).
 """
@@ -31,9 +34,10 @@ import contextlib
 import contextvars
 import importlib
 import os
+import sys
 import warnings
 from types import ModuleType
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
@@ -44,11 +48,66 @@ BACKENDS = ("reference", "cpp", "numba", "triton", "torch")
 KERNEL_BACKENDS = ("reference", "cpp", "numba", "triton")  # implement the per-direction contract (not torch)
 # backend name -> module under fastrnn.backends (`torch` would shadow the torch package inside this one)
 _MODULE_NAMES = {"torch": "torch_nn"}
-# Auto's rules, the one place they live. CPU: the fused cpp kernels (benchmarks/results-grid-2threads.md,
-# 2-thread grid against torch.nn in the same run), numba where the extension is not built. CUDA: triton only
+# Auto's rules, the one place they live: the shape rules `_AUTO_RULES` below, then this order. CPU: the fused cpp
+# kernels (benchmarks/results-grid-2threads.md, 2-thread grid against torch.nn in the same run; torch.nn's own
+# where that grid has cpp losing: `_AUTO_RULES`), numba where the extension is not built. CUDA: triton only
 # for configurations that benchmarks/gpu_check has measured faster than cuDNN on a named GPU and recorded in
 # the repo; no such measurement exists yet, so CUDA runs torch.nn's own kernels (cuDNN).
 _AUTO = {"cuda": ("torch",), "cpu": ("cpp", "numba", "reference")}
+
+
+class AutoRule(NamedTuple):
+    """A class of calls that auto gives `backend` instead of `_AUTO`'s order, because a measurement showed it
+    faster there. A call is in the class when every field matches; ranges are inclusive, None: unbounded."""
+
+    device: str  # torch.device.type
+    step: bool  # False: a layer call (functional.rnn); True: one Cell step (functional.cell_step)
+    cell: str
+    dtypes: tuple[torch.dtype, ...]
+    mode: str | None  # "inference": autograd records nothing; "training": it records; None: either
+    batch: tuple[int, int | None]
+    hidden: tuple[int, int | None]
+    backend: str
+
+
+# Auto's shape rules, before `_AUTO`'s order (first match wins). Each rests on measured rows, cited. Only calls
+# that say their batch size, hidden size and whether autograd records (functional.rnn / cell_step, outside
+# torch.compile, not under autocast, without packed input or proj_size: none of those was measured) are matched.
+# benchmarks/results-grid-2threads.md: 2 threads, float32, one unidirectional layer, I = H, T in {32, 128},
+# B in {1, 16, 64}, H in {64, 256, 512, 1024}; ratio = torch.nn time / cpp time, listed as (T=32, T=128).
+# Between measured sizes a class reaches only as far as the measurements on both sides of the gap agree.
+# Left to cpp, isolated losses that a rule would cost more wins to take: lstm inference B=1 H=256 (1.09x, 0.96x:
+# T is no rule field) and lstm training B=64 H=256 (1.03x, 0.99x). GRU, RNN tanh and RNN relu lose nowhere.
+# No Cell-step rule: the grid times layers only.
+_AUTO_RULES: tuple[AutoRule, ...] = (
+    # lstm inference B=64: H=64 (0.97x, 0.97x), H=256 (0.96x, 0.85x), H=512 (0.99x, 0.89x); at H=1024 cpp wins
+    # (1.09x, 1.00x), and at B=16 it wins for H in {64, 512} (1.09x, 1.03x; 1.13x, 1.18x), so B starts at 64.
+    AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (64, None), (1, 512), "torch"),
+    # lstm training B=64: H=64 (0.95x, 0.94x); at H=256 (1.03x, 0.99x) and above cpp is level or wins.
+    AutoRule("cpu", False, "lstm", (torch.float32,), "training", (64, None), (1, 64), "torch"),
+    # lstm inference B=16 H=256 (0.95x, 1.00x), and B=64 H=256 loses too (above), so B 16-63 at H=256 only:
+    # at B=16, H=64 (1.09x, 1.03x) and H=512 (1.13x, 1.18x) cpp wins; B=16 training H=256 (1.05x, 1.00x) stays.
+    AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (16, 63), (256, 256), "torch"),
+)
+
+
+def _rule_index(rules: tuple[AutoRule, ...]) -> dict[tuple, tuple[tuple[bool | None, int, int, int, int, str], ...]]:
+    """(device, step, cell, dtype) -> the rules for it as (grad, batch lo, hi, hidden lo, hi, backend), in table
+    order: select() then costs one dict lookup and a few int comparisons."""
+    index: dict[tuple, list] = {}
+    grads = {"inference": False, "training": True, None: None}
+    for r in rules:
+        entry = (
+            grads[r.mode], r.batch[0], sys.maxsize if r.batch[1] is None else r.batch[1],
+            r.hidden[0], sys.maxsize if r.hidden[1] is None else r.hidden[1], r.backend,
+        )  # fmt: skip
+        for dt in r.dtypes:
+            index.setdefault((r.device, r.step, r.cell, dt), []).append(entry)
+    return {k: tuple(v) for k, v in index.items()}
+
+
+_RULE_INDEX = _rule_index(_AUTO_RULES)
+
 ENV_VAR = "FASTRNN_BACKEND"
 
 _modules: dict[str, ModuleType] = {}
@@ -141,9 +200,20 @@ def deploying() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | None = None) -> str:
+def select(
+    cell: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    explicit: str | None = None,
+    batch: int | None = None,
+    hidden: int | None = None,
+    grad: bool | None = None,
+    step: bool = False,
+) -> str:
     """The backend that runs this call (see the module docstring for the rules). Under torch.compile it is
-    evaluated once while tracing and its answer baked into the graph."""
+    evaluated once while tracing and its answer baked into the graph.
+    batch, hidden, grad (will autograd record the call), step (one Cell step, not a layer): the call's class for
+    `_AUTO_RULES`; a call that leaves any of the first three None gets no rule, only `_AUTO`'s order."""
     cell = spec(cell)
     if deploying():  # torch.nn has no normalised cells: the reference's plain torch ops are what gets traced
         return "reference" if cell.norm else "torch"
@@ -157,6 +227,13 @@ def select(cell: str, dtype: torch.dtype, device: torch.device, explicit: str | 
                 f"fastrnn backend {name!r} cannot run {cell.name} ({dtype}, {device.type}): {why}"
             )
         return name
+    if batch is not None and hidden is not None and grad is not None:
+        for g, b_lo, b_hi, h_lo, h_hi, rule in _RULE_INDEX.get((device.type, step, cell.name, dtype), ()):
+            if (g is None or g == grad) and b_lo <= batch <= b_hi and h_lo <= hidden <= h_hi:
+                if not torch.is_autocast_enabled(device.type) and is_available(rule)[0]:  # autocast: not measured
+                    if get(rule).supports(cell, dtype, device)[0]:
+                        return rule
+                break
     reasons = []
     for cand in _AUTO.get(device.type, ("reference",)):
         ok, why = is_available(cand)
