@@ -448,6 +448,21 @@ def test_torch_and_auto_rows(monkeypatch, tmp_path):
     assert all(r["note"] == "auto chose reference" for r in rows if r["backend"] == "auto")
 
 
+def test_auto_row_names_what_auto_picked_at_its_shape(monkeypatch):
+    """The auto row's note is select() at the case's own batch, hidden size and mode (auto's shape rules), and the
+    end-of-run table shows it beside the backend's name."""
+    monkeypatch.delenv(fr_backends.ENV_VAR, raising=False)
+    order = fr_backends.select("lstm", torch.float32, torch.device("cpu"))  # what auto's order gives here
+    assert workload.note("auto", Case("lstm", "inference", 4, 64, 64, 64)) == "auto chose torch"
+    assert workload.note("auto", Case("lstm", "training", 4, 64, 64, 64)) == "auto chose torch"
+    assert workload.note("auto", Case("lstm", "training", 4, 64, 256, 256)) == f"auto chose {order}"
+    assert workload.note("auto", Case("lstm", "inference", 4, 1, 64, 64)) == f"auto chose {order}"
+    assert workload.note("auto", Case("lstm_cell", "inference", 4, 64, 64, 64)) == f"auto chose {order}"
+    assert workload.note("cpp", Case("lstm", "inference", 4, 64, 64, 64)) == ""
+    row = {"backend": "auto", "note": "auto chose torch"}
+    assert report._backend(row) == "auto (torch)" and report._backend({"backend": "cpp", "note": ""}) == "cpp"
+
+
 # --------------------------------------------------------------------------------------------------- gate
 
 

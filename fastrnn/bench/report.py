@@ -10,7 +10,17 @@ from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
-from fastrnn.bench.results import BAD_STATUSES, KEY_FIELDS, NOT_GATED, ORT, YARDSTICK, BenchError, case_key, row_key
+from fastrnn.bench.results import (
+    AUTO_CHOSE,
+    BAD_STATUSES,
+    KEY_FIELDS,
+    NOT_GATED,
+    ORT,
+    YARDSTICK,
+    BenchError,
+    case_key,
+    row_key,
+)
 
 # compare's defaults (documented in `fastrnn-bench compare --help` and the README)
 DEFAULT_THRESHOLD = 0.10
@@ -37,6 +47,14 @@ def _table(headers: Sequence[str], lines: list[Sequence[str]]) -> str:
 
 def _shape(r: dict) -> str:
     return f"T={r['T']} B={r['B']} H={r['H']} I={r['I']} {r['dtype']} thr={r['threads']}"
+
+
+def _backend(r: dict) -> str:
+    """The row's backend; for auto, with what it chose at that shape ("auto (torch)"), from the row's note."""
+    note = r.get("note") or ""
+    if note.startswith(AUTO_CHOSE):
+        return f"{r['backend']} ({note[len(AUTO_CHOSE) :]})"
+    return r["backend"]
 
 
 def _times(x: float | None) -> str:
@@ -85,7 +103,7 @@ def results_table(data: dict) -> str:
             [
                 f"{r['cell']} {r['mode']}",
                 _shape(r),
-                r["backend"],
+                _backend(r),
                 fmt(t.get("median_ms"), ".3f"),
                 fmt(r.get("median_ms"), ".3f"),
                 fmt(ratio, ".2f") + "x",

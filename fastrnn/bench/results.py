@@ -18,6 +18,7 @@ SCHEMA = "fastrnn-bench/2"
 _OLD_SCHEMAS = ("fastrnn-bench/1",)
 YARDSTICK = "torch.nn"  # torch.nn itself: every ratio's denominator, timed in every case
 ORT = "onnxruntime"  # the ONNX Runtime peer (peers.py): its rows and the vs-ORT ratios are reported, never gated
+AUTO_CHOSE = "auto chose "  # how an auto row's note starts (workload.note), then the backend auto resolved to
 NOT_GATED = (YARDSTICK, ORT)  # implementations whose rows compare/gate do not judge
 
 KEY_FIELDS = ("cell", "backend", "mode", "T", "B", "H", "I", "dtype", "threads", "device")

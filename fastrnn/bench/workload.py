@@ -27,7 +27,7 @@ from fastrnn import backends as fr_backends
 from fastrnn.backends import BACKENDS, KERNEL_BACKENDS
 from fastrnn.bench import lnloop, peers
 from fastrnn.bench.configs import NO_GRAD_MODES, STREAMING, Case, Preset, cell_spec, is_cell_class
-from fastrnn.bench.results import ORT, YARDSTICK, BenchError
+from fastrnn.bench.results import AUTO_CHOSE, ORT, YARDSTICK, BenchError
 
 COMPILE = "compile"
 AUTO = "auto"
@@ -121,11 +121,15 @@ def status(name: str, case: Case) -> tuple[bool, str]:
 
 
 def note(name: str, case: Case) -> str:
-    """What a row should say about itself: for auto, the backend fastrnn chose."""
+    """What a row should say about itself: for auto, the backend fastrnn chose at this case's shape and mode
+    (as functional.rnn / cell_step ask: batch, hidden size, whether autograd records, layer or Cell step)."""
     if name != AUTO:
         return ""
-    chosen = fr_backends.select(cell_spec(case.cell).name, torch_dtype(case.dtype), torch.device(case.device))
-    return f"auto chose {chosen}"
+    chosen = fr_backends.select(
+        cell_spec(case.cell).name, torch_dtype(case.dtype), torch.device(case.device), None, case.B, case.H,
+        case.mode not in NO_GRAD_MODES, is_cell_class(case.cell),
+    )  # fmt: skip
+    return AUTO_CHOSE + chosen
 
 
 _compiled: dict[str, Callable] = {}
