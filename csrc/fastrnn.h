@@ -64,6 +64,11 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
                                         const Tensor& gates, const Tensor& extra, bool bf16_gemm = false,
                                         const OptTensor& norm = c10::nullopt, const OptTensor& zmask = c10::nullopt,
                                         double zkeep = 1.0);
+// One step of a Cell class (cell_step.cpp; lstm, gru, rnn_tanh, rnn_relu): x [B,I], h [B,H], c [B,H] (lstm), w_ih
+// [G*H,I], w_hh [G*H,H], b_ih, b_hh [G*H]? -> h' (and c'), differentiable (a C++ autograd node) when autograd records.
+std::vector<Tensor> cell_step(int64_t cell_id, const Tensor& x, const Tensor& h, const OptTensor& c,
+                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                              bool bf16_gemm = false);
 // What the kernel table holds for cell_id: name, G, saved widths (gates, extra), cell state, projection, norm width
 // (the tests compare it with fastrnn.cells).
 std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool, int64_t> cell_info(int64_t cell_id);

@@ -356,6 +356,10 @@ inline GemmRows gemm_rows(const Bf16Gemm& g, const S* lo, const S* hi, int64_t k
 // way, so it runs on W as it is.
 inline bool repays_packing(const Walk& w) { return w.T > 1 || w.B >= 32; }
 
+// MKL's packed copy of W (StepGemm) costs a pass over W; a single step (a Cell, T = 1) reads W once, so it runs on
+// W as it is (LSTMCell B=16 H=512: the pack alone was a third of the call).
+inline bool packs_w(const Walk& w) { return w.T > 1; }
+
 // A thread's share of a region should carry about this many flops: waking a thread costs a few microseconds, and AMX
 // runs 2^20 flops in about one.
 constexpr int64_t kTaskFlops = int64_t(1) << 21;
@@ -470,7 +474,8 @@ void forward_walk(const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
     }
   } else {
     static_assert(kSame, "BLAS GEMMs run on the state's own type");
-    const StepGemm<T> whh(a.w_hh, true, GH, P, B), whr(a.w_hr, true, P, H, proj ? B : 0);
+    const int64_t pm = packs_w(w) ? B : 0;  // rows MKL packs W for, 0: W as it is
+    const StepGemm<T> whh(a.w_hh, true, GH, P, pm), whr(a.w_hr, true, P, H, proj ? pm : 0);
     for (int64_t i = 0; i < w.T; ++i) {
       const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
       const T* hsrc = k > 0 ? a.out + w.src(t) * B * P : nullptr;
@@ -578,7 +583,8 @@ void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
   } else {
     static_assert(std::is_same_v<S, T>, "BLAS GEMMs run on the state's own type");
     const T beta = Cell::kDirectDh ? T(1) : T(0);  // the GEMM adds to the step's direct part, or replaces dh
-    const StepGemm<T> whh(a.w_hh, false, P, GH, B), whr(a.w_hr, false, H, P, proj ? B : 0);
+    const int64_t pm = packs_w(w) ? B : 0;
+    const StepGemm<T> whh(a.w_hh, false, P, GH, pm), whr(a.w_hr, false, H, P, proj ? pm : 0);
     for (int64_t i = w.T - 1; i >= 0; --i) {
       const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
       const T* dot = a.d_out + t * B * P;

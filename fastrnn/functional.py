@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastrnn import backends, ops
+from fastrnn.backends.cpp import CELL_STEP_DTYPES as CPP_CELL_DTYPES
 from fastrnn.cells import Norm, Saved, spec
 
 # (w_ih [G*H, I], w_hh [G*H, P], b_ih [G*H] | None, b_hh [G*H] | None, w_hr [P, H] | None)
@@ -184,11 +185,13 @@ def cell_step(
 ) -> tuple[Tensor, Tensor | None]:
     """torch's _VF.*_cell: one step for input [B, I], hx [B, H] (cx [B, H]) -> h' (and c').
     record: fastrnn.record's hook, handed the step as a layer of T = 1."""
-    if torch.compiler.is_compiling():
-        name = backends.select(cell, input.dtype, input.device, backend)
-    else:
-        grad = _records(input, hx, cx, ((w_ih, w_hh, b_ih, b_hh),))
-        name = backends.select(cell, input.dtype, input.device, backend, input.shape[0], w_hh.shape[1], grad, True)
+    # No auto rule names a Cell step (cpp's one-call step beats torch's cells on the Cell grid, see
+    # backends/cpp.py cell_step), so the call's class is not worked out here.
+    name = backends.select(cell, input.dtype, input.device, backend)
+    if name == "cpp" and record is None and input.dtype in CPP_CELL_DTYPES and not torch.is_autocast_enabled("cpu"):
+        if not torch.compiler.is_compiling():  # (torch.compile traces the op layer below instead)
+            _check_cell_args(input, hx, cx, w_ih, w_hh)
+            return backends.get(name).cell_step(spec(cell), input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     if name == "torch":
         result = backends.get(name).cell(spec(cell), input, hx, cx, w_ih, w_hh, b_ih, b_hh)
         if record is not None:
@@ -201,6 +204,16 @@ def cell_step(
         return _without_autocast(
             cell_step, dt, input.device.type, cell, input, hx, cx, w_ih, w_hh, b_ih, b_hh, backend, record
         )
+    _check_cell_args(input, hx, cx, w_ih, w_hh)
+    gx = F.linear(input, w_ih, b_ih).unsqueeze(0)  # [1, B, G*H]
+    out, h, c, *saved = ops.recurrence(name, cell, gx, hx, cx, w_hh, b_hh, None, None, False, save=record is not None)
+    if record is not None:
+        record([(out, saved[0])], None)
+    return h, c
+
+
+def _check_cell_args(input: Tensor, hx: Tensor, cx: Tensor | None, w_ih: Tensor, w_hh: Tensor) -> None:
+    """What torch's _VF.*_cell checks of a step's sizes, dtypes and devices, with its messages."""
     H = w_hh.shape[1]
     if input.shape[1] != w_ih.shape[1]:
         raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")
@@ -212,11 +225,6 @@ def cell_step(
         if s.shape[1] != H:
             raise RuntimeError(f"hidden{i} has inconsistent hidden_size: got {s.shape[1]}, expected {H}")
         _check_state(f"hidden{i}", s, input)
-    gx = F.linear(input, w_ih, b_ih).unsqueeze(0)  # [1, B, G*H]
-    out, h, c, *saved = ops.recurrence(name, cell, gx, hx, cx, w_hh, b_hh, None, None, False, save=record is not None)
-    if record is not None:
-        record([(out, saved[0])], None)
-    return h, c
 
 
 def _records(input: Tensor, hx: Tensor, cx: Tensor | None, weights) -> bool:

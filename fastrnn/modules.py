@@ -293,22 +293,28 @@ class LayerNormGRU(_LayerNormMixin, nn.RNNBase):
 
 
 class _CellMixin(_FastMixin):
-    """torch.nn.*Cell.forward input handling, ending in fastrnn.functional.cell_step."""
+    """torch.nn.*Cell.forward input handling, ending in fastrnn.functional.cell_step. A Cell runs once per step, so
+    its forward is written for the per-call cost: parameters read from _parameters (not nn.Module.__getattr__), the
+    cell's name a class attribute, the messages built only when a check fails."""
+
+    _cell_name: str  # the cell table's name (RNNCell: from its nonlinearity, see _cell)
+    _lstm = False  # hx is an (h, c) pair
 
     def _cell(self) -> str:
-        return cell_for(self._torch_class.__name__).name
+        return self._cell_name
 
     def forward(self, input: Tensor, hx=None):
         cell = self._cell()
-        lstm = spec(cell).has_cell_state  # hx is an (h, c) pair
-        kind = type(self)._torch_class.__name__
+        lstm = self._lstm
         if input.dim() not in (1, 2):
-            raise ValueError(f"{kind}: Expected input to be 1D or 2D, got {input.dim()}D instead")
+            raise ValueError(f"{self._torch_class.__name__}: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
             for i, v in enumerate(hx if lstm else (hx,)):
                 if v.dim() not in (1, 2):
                     what = f"hx[{i}]" if lstm else "hidden"
-                    raise ValueError(f"{kind}: Expected {what} to be 1D or 2D, got {v.dim()}D instead")
+                    raise ValueError(
+                        f"{self._torch_class.__name__}: Expected {what} to be 1D or 2D, got {v.dim()}D instead"
+                    )
         is_batched = input.dim() == 2
         if not is_batched:
             input = input.unsqueeze(0)
@@ -321,13 +327,16 @@ class _CellMixin(_FastMixin):
                     raise TypeError("lstm_cell(): argument 'hx' (position 2) must be tuple of Tensors, not Tensor")
                 if len(hx) != 2:
                     raise RuntimeError("lstm_cell expects two hidden states")
-            h0, c0 = hx if lstm else (hx, None)
+                h0, c0 = hx
+            else:
+                h0, c0 = hx, None
             if not is_batched:
                 h0 = h0.unsqueeze(0)
                 c0 = None if c0 is None else c0.unsqueeze(0)
         record = _inspect.recorder(self, cell, step=True) if _inspect.RECORDING else None
+        p = self._parameters
         h, c = functional.cell_step(
-            cell, input, h0, c0, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh, self.backend, record
+            cell, input, h0, c0, p["weight_ih"], p["weight_hh"], p["bias_ih"], p["bias_hh"], self.backend, record
         )
         if not is_batched:
             h = h.squeeze(0)
@@ -338,11 +347,14 @@ class _CellMixin(_FastMixin):
 class LSTMCell(_CellMixin, nn.LSTMCell):
     __doc__ = "fastrnn's drop-in torch.nn.LSTMCell (extra keyword: backend=None).\n\n" + (nn.LSTMCell.__doc__ or "")
     _torch_class = nn.LSTMCell
+    _cell_name = cell_for("LSTMCell").name
+    _lstm = cell_for("LSTMCell").has_cell_state
 
 
 class GRUCell(_CellMixin, nn.GRUCell):
     __doc__ = "fastrnn's drop-in torch.nn.GRUCell (extra keyword: backend=None).\n\n" + (nn.GRUCell.__doc__ or "")
     _torch_class = nn.GRUCell
+    _cell_name = cell_for("GRUCell").name
 
 
 class RNNCell(_CellMixin, nn.RNNCell):
@@ -350,9 +362,14 @@ class RNNCell(_CellMixin, nn.RNNCell):
     _torch_class = nn.RNNCell
 
     def _cell(self) -> str:
-        if self.nonlinearity not in ("tanh", "relu"):
-            raise RuntimeError(f"Unknown nonlinearity: {self.nonlinearity}")
-        return cell_for("RNNCell", self.nonlinearity).name
+        nl = self.nonlinearity  # (an attribute a user may change after construction)
+        if nl == "tanh":
+            return self._tanh
+        if nl == "relu":
+            return self._relu
+        raise RuntimeError(f"Unknown nonlinearity: {nl}")
+
+    _tanh, _relu = cell_for("RNNCell", "tanh").name, cell_for("RNNCell", "relu").name
 
 
 # torch.nn class -> fastrnn class, for convert(); exact types only, so user subclasses with their own

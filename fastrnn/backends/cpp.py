@@ -36,6 +36,7 @@ NAME = "cpp"
 KERNEL_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 WIDENED_DTYPES = (torch.float16,)  # computed by the float32 kernels
 FP32_BF16_GEMM_ENV = "FASTRNN_CPP_FP32_BF16_GEMM"
+CELL_STEP_DTYPES = (torch.float32, torch.float64, torch.bfloat16)  # what cell_step runs (float16: the op layer)
 
 _NOT_BUILT = "the C++ extension fastrnn._C is not built: run `pip install --no-build-isolation -e .` in the source tree"
 
@@ -130,3 +131,15 @@ def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out,
         saved.gates, saved.extra, bf16_gemm, *(() if weights.norm is None else _norm_args(weights)),
     )  # fmt: skip
     return Grads(d_gx, State(d_h0, d_c0), Weights(d_w_hh, d_b_hh, d_w_hr), d_extra)
+
+
+def cell_step(cell: Cell, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
+              b_hh: Tensor | None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """One step of a Cell class (lstm, gru, rnn_tanh, rnn_relu) in one call to the extension (csrc/cell_step.cpp):
+    x [B, I], h [B, H] (c [B, H]) -> h' (and c'), with a C++ autograd node when autograd records. Outside the
+    kernel contract: functional.cell_step takes it for eager, unrecorded CELL_STEP_DTYPES calls without autocast,
+    because a Cell is called once per step and the layer path's per-call work (F.linear, the op layer, the Python
+    autograd.Function) costs more than the step itself at small shapes."""
+    bf16_gemm = x.dtype == torch.float32 and fp32_bf16_gemm()
+    r = _ext().cell_step(cell.kernel_id, x, h, c, w_ih, w_hh, b_ih, b_hh, bf16_gemm)
+    return r[0], (r[1] if cell.has_cell_state else None)

@@ -1,0 +1,126 @@
+// One step of a torch.nn Cell class (LSTMCell, GRUCell, RNNCell) in one call from Python: the input projection
+// (an ATen addmm), the recurrence's walk over T = 1 (recurrence.cpp, every cell's own rows) and, when autograd
+// records, a C++ autograd node whose backward is recurrence_backward plus the input projection's two GEMMs. A Cell
+// is called once per step, so what it pays per call is the product: one Python -> C++ crossing and one backward node,
+// where the layer path pays a Python autograd.Function, F.linear and the op layer's argument handling.
+//
+// A double backward (create_graph) differentiates torch's own cell maths (at::lstm_cell ...) on the saved inputs,
+// as the op layer reruns the reference maths under autograd for the layers.
+#include <torch/autograd.h>
+
+#include "fastrnn.h"
+
+namespace fastrnn {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+constexpr int64_t kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3;  // cells.py kernel_id of the Cell classes' cells
+
+OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+
+// gx = x W_ih^T + b_ih: [B, G*H]
+Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih) {
+  return b_ih.defined() ? at::addmm(b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
+}
+
+// torch's own maths of the step, differentiable: what a double backward differentiates.
+variable_list torch_cell(int64_t cell_id, const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih,
+                         const Tensor& w_hh, const Tensor& b_ih, const Tensor& b_hh) {
+  switch (cell_id) {
+    case kLstm: {
+      auto hc = at::lstm_cell(x, {h, c}, w_ih, w_hh, opt(b_ih), opt(b_hh));
+      return {std::get<0>(hc), std::get<1>(hc)};
+    }
+    case kGru: return {at::gru_cell(x, h, w_ih, w_hh, opt(b_ih), opt(b_hh))};
+    case kRnnTanh: return {at::rnn_tanh_cell(x, h, w_ih, w_hh, opt(b_ih), opt(b_hh))};
+    default: return {at::rnn_relu_cell(x, h, w_ih, w_hh, opt(b_ih), opt(b_hh))};
+  }
+}
+
+struct CellStep : public torch::autograd::Function<CellStep> {
+  // c, b_ih, b_hh: None where absent. -> h' (and c' for lstm)
+  static variable_list forward(AutogradContext* ctx, int64_t cell_id, const Tensor& x, const Tensor& h,
+                               const OptTensor& c, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
+                               const OptTensor& b_hh, bool bf16_gemm) {
+    const Tensor gx = input_projection(x, w_ih, b_ih.value_or(Tensor()));
+    auto r = recurrence_forward(cell_id, gx.unsqueeze(0), h, c, w_hh, b_hh, c10::nullopt, c10::nullopt, false,
+                                /*need_saved=*/true, bf16_gemm);
+    ctx->save_for_backward({x, h, c.value_or(Tensor()), w_ih, w_hh, b_ih.value_or(Tensor()), b_hh.value_or(Tensor()),
+                            r[0], r[3], r[4]});
+    ctx->saved_data["cell"] = cell_id;
+    ctx->saved_data["bf16_gemm"] = bf16_gemm;
+    if (cell_id == kLstm) return {r[1], r[2]};
+    return {r[1]};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const int64_t cell_id = ctx->saved_data["cell"].toInt();
+    const bool bf16_gemm = ctx->saved_data["bf16_gemm"].toBool();
+    const auto s = ctx->get_saved_variables();
+    const Tensor &x = s[0], &h = s[1], &c = s[2], &w_ih = s[3], &w_hh = s[4], &b_ih = s[5], &b_hh = s[6];
+    // forward's arguments: cell_id, x, h, c, w_ih, w_hh, b_ih, b_hh, bf16_gemm (needs_input_grad counts tensors only)
+    variable_list out(9);
+    if (at::GradMode::is_enabled()) {  // create_graph: gradients that are themselves differentiable
+      const Tensor in[] = {x, h, c, w_ih, w_hh, b_ih, b_hh};
+      variable_list inputs;
+      std::vector<int> where;
+      for (int i = 0; i < 7; ++i) {
+        if (in[i].defined() && in[i].requires_grad()) {
+          inputs.push_back(in[i]);
+          where.push_back(i);
+        }
+      }
+      const variable_list outs = torch_cell(cell_id, x, h, c, w_ih, w_hh, b_ih, b_hh);
+      const variable_list g =
+          torch::autograd::grad(outs, inputs, variable_list(grads.begin(), grads.begin() + outs.size()),
+                                /*retain_graph=*/true, /*create_graph=*/true, /*allow_unused=*/true);
+      for (size_t i = 0; i < where.size(); ++i) out[where[i] + 1] = g[i];
+      return out;
+    }
+    const Tensor& out_saved = s[7];
+    const int64_t B = x.size(0);
+    const Tensor d_h = grads[0].contiguous();
+    const Tensor d_c = cell_id == kLstm ? grads[1].contiguous() : Tensor();
+    auto g = recurrence_backward(cell_id, d_h.view({1, B, d_h.size(1)}), at::zeros_like(d_h), opt(d_c), h, opt(c),
+                                 w_hh, opt(b_hh), c10::nullopt, c10::nullopt, false, out_saved, s[8], s[9],
+                                 bf16_gemm);
+    const Tensor d_gx = g[0].view({B, g[0].size(2)});
+    if (ctx->needs_input_grad(0)) out[1] = d_gx.mm(w_ih);
+    out[2] = g[1];
+    out[3] = g[2];
+    if (ctx->needs_input_grad(3)) out[4] = d_gx.t().mm(x);
+    out[5] = g[3];
+    if (b_ih.defined() && ctx->needs_input_grad(5)) out[6] = d_gx.sum(0);
+    out[7] = g[4];
+    return out;
+  }
+};
+
+}  // namespace
+
+std::vector<Tensor> cell_step(int64_t cell_id, const Tensor& x, const Tensor& h, const OptTensor& c,
+                              const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                              bool bf16_gemm) {
+  TORCH_CHECK(cell_id >= kLstm && cell_id <= kRnnRelu, "fastrnn: cell_step runs the Cell classes' cells (kernel_id ",
+              kLstm, "..", kRnnRelu, "), got ", cell_id);
+  TORCH_CHECK(x.dim() == 2 && w_ih.dim() == 2, "fastrnn: cell_step takes x [B, I] and w_ih [G*H, I], got ",
+              shape_str(x.sizes()), " and ", shape_str(w_ih.sizes()));
+  // the walk takes contiguous states and W_hh (a copy here is part of the graph when autograd records)
+  const Tensor hh = h.contiguous(), whh = w_hh.contiguous();
+  const OptTensor cc = c.has_value() && c->defined() ? OptTensor(c->contiguous()) : OptTensor();
+  const OptTensor bh = b_hh.has_value() && b_hh->defined() ? OptTensor(b_hh->contiguous()) : OptTensor();
+  const OptTensor& bi = b_ih;
+  auto grad_of = [](const OptTensor& t) { return t.has_value() && t->requires_grad(); };
+  const bool records = at::GradMode::is_enabled() &&
+                       (x.requires_grad() || hh.requires_grad() || grad_of(cc) || w_ih.requires_grad() ||
+                        whh.requires_grad() || grad_of(bi) || grad_of(bh));
+  if (records) return CellStep::apply(cell_id, x, hh, cc, w_ih, whh, bi, bh, bf16_gemm);
+  auto r = recurrence_forward(cell_id, input_projection(x, w_ih, bi.value_or(Tensor())).unsqueeze(0), hh, cc, whh, bh,
+                              c10::nullopt, c10::nullopt, false, /*need_saved=*/false, bf16_gemm);
+  if (cell_id == kLstm) return {r[1], r[2]};
+  return {r[1]};
+}
+
+}  // namespace fastrnn

@@ -1,0 +1,209 @@
+"""The cpp backend's one-call Cell step (csrc/cell_step.cpp, backends/cpp.py cell_step): taken for eager,
+unrecorded float32 / float64 / bfloat16 calls without autocast, equal to torch.nn's cells on outputs and every
+gradient (whichever operands require grad), differentiable twice, and refusing bad arguments with an error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("fastrnn._C", reason="the C++ extension fastrnn._C is not built")
+
+import fastrnn  # noqa: E402
+from fastrnn import _C, ops  # noqa: E402
+from fastrnn.backends import cpp  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
+
+F32, F64, BF16 = torch.float32, torch.float64, torch.bfloat16
+
+KINDS = [
+    pytest.param("LSTMCell", {}, id="lstmcell"),
+    pytest.param("GRUCell", {}, id="grucell"),
+    pytest.param("RNNCell", {}, id="rnncell-tanh"),
+    pytest.param("RNNCell", {"nonlinearity": "relu"}, id="rnncell-relu"),
+]
+
+
+def _pair(kind, extra, dtype, bias=True, I=5, H=7):
+    torch.manual_seed(0)
+    theirs = getattr(nn, kind)(I, H, bias=bias, **extra).to(dtype)
+    ours = getattr(fastrnn, kind)(I, H, bias=bias, **extra, backend="cpp").to(dtype)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def _hx(kind, B, H, dtype, gen):
+    lead = () if B is None else (B,)
+    h = torch.randn(*lead, H, generator=gen, dtype=dtype)
+    return (h, torch.randn(*lead, H, generator=gen, dtype=dtype)) if kind == "LSTMCell" else h
+
+
+def _run(m, x, hx, grad_of):
+    """Outputs and the gradients of a random projection of them with respect to the operands named in grad_of."""
+    x = x.clone().requires_grad_("x" in grad_of)
+    hs = None
+    if hx is not None:
+        hs = [h.clone().requires_grad_("h" in grad_of) for h in (hx if isinstance(hx, tuple) else (hx,))]
+    for p in m.parameters():
+        p.requires_grad_("w" in grad_of)
+    y = m(x) if hs is None else m(x, tuple(hs) if len(hs) == 2 else hs[0])
+    ys = y if isinstance(y, tuple) else (y,)
+    wrt = ([x] if "x" in grad_of else []) + (hs if "h" in grad_of and hs else []) + (
+        list(m.parameters()) if "w" in grad_of else []
+    )  # fmt: skip
+    if not wrt:
+        return list(ys)
+    gen = torch.Generator().manual_seed(7)
+    loss = sum((t * torch.randn(t.shape, generator=gen, dtype=t.dtype)).sum() for t in ys)
+    return list(ys) + list(torch.autograd.grad(loss, wrt))
+
+
+def test_fast_path_is_taken(monkeypatch):
+    """An eager float32 Cell call on cpp goes straight to the extension's cell_step: the op layer never runs."""
+    calls = []
+    real = cpp.cell_step
+    monkeypatch.setattr(cpp, "cell_step", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(ops, "recurrence", lambda *a, **k: pytest.fail("the op layer ran"))
+    m = fastrnn.GRUCell(4, 3, backend="cpp")
+    m(torch.randn(2, 4))
+    m(torch.randn(2, 4, requires_grad=True)).sum().backward()
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("setting", ["record", "float16"])
+def test_op_layer_where_the_fast_path_does_not_apply(setting, monkeypatch):
+    """Recording and float16 (widened) keep the op layer's path."""
+    monkeypatch.setattr(cpp, "cell_step", lambda *a: pytest.fail("the one-call step ran"))
+    m = fastrnn.LSTMCell(4, 3, backend="cpp")
+    x = torch.randn(2, 4)
+    if setting == "record":
+        with fastrnn.record() as rec:
+            m(x)
+        assert rec[m].h.shape[0] == 1  # one step recorded
+    else:
+        m.half()(x.half())
+
+
+GRADS = [
+    pytest.param("xhw", id="all"),
+    pytest.param("x", id="input-only"),
+    pytest.param("h", id="state-only"),
+    pytest.param("w", id="weights-only"),
+    pytest.param("", id="none"),
+]
+
+
+@pytest.mark.parametrize("kind,extra", KINDS)
+def test_autocast_matches_torch(kind, extra):
+    """Under CPU autocast the step runs (one call, autocast off) in the dtype torch.nn's Cell returns there."""
+    theirs, ours = _pair(kind, extra, F32, I=16, H=32)
+    gen = torch.Generator().manual_seed(5)
+    x, hx = torch.randn(4, 16, generator=gen), _hx(kind, 4, 32, F32, gen)
+    with torch.autocast("cpu", BF16):
+        e, a = _run(theirs, x, hx, "xhw"), _run(ours, x, hx, "xhw")
+    for i, (ai, ei) in enumerate(zip(a, e, strict=True)):
+        assert ai.dtype == ei.dtype, f"{kind} result {i}: {ai.dtype} != torch.nn's {ei.dtype}"
+        torch.testing.assert_close(ai.float(), ei.float(), atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("grad_of", GRADS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("kind,extra", KINDS)
+def test_matches_torch_float64(kind, extra, bias, grad_of):
+    theirs, ours = _pair(kind, extra, F64, bias)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, 5, generator=gen, dtype=F64)
+    hx = _hx(kind, 3, 7, F64, gen)
+    e, a = _run(theirs, x, hx, grad_of), _run(ours, x, hx, grad_of)
+    for i, (ai, ei) in enumerate(zip(a, e, strict=True)):
+        assert_close(ai, ei, F64, 1, f"{kind} result {i}")
+
+
+@pytest.mark.parametrize("shape", ["unbatched", "no-hx", "strided-hx"])
+@pytest.mark.parametrize("kind,extra", KINDS)
+def test_matches_torch_float32_layouts(kind, extra, shape):
+    theirs, ours = _pair(kind, extra, F32)
+    gen = torch.Generator().manual_seed(2)
+    B = None if shape == "unbatched" else 4
+    x = torch.randn(*(() if B is None else (B,)), 5, generator=gen)
+    hx = None if shape == "no-hx" else _hx(kind, B, 7, F32, gen)
+    if shape == "strided-hx":  # every other column of a wider tensor
+        hx = tuple(torch.randn(4, 14, generator=gen)[:, ::2] for _ in hx) if isinstance(hx, tuple) else hx
+        hx = hx if isinstance(hx, tuple) else torch.randn(4, 14, generator=gen)[:, ::2]
+    grad_of = "xw" if hx is None else "xhw"
+    e, a = _run(theirs, x, hx, grad_of), _run(ours, x, hx, grad_of)
+    for i, (ai, ei) in enumerate(zip(a, e, strict=True)):
+        assert_close(ai, ei, F32, 1, f"{kind} {shape} result {i}")
+
+
+@pytest.mark.parametrize("kind,extra", KINDS)
+def test_double_backward(kind, extra):
+    """create_graph differentiates torch's own cell maths on the saved operands: second derivatives are exact."""
+    _, ours = _pair(kind, extra, F64, I=3, H=4)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, generator=gen, dtype=F64, requires_grad=True)
+    hx = _hx(kind, 2, 4, F64, gen)
+    hs = [t.requires_grad_() for t in (hx if isinstance(hx, tuple) else (hx,))]
+    flat = [x, *hs, *ours.parameters()]
+
+    def f(*args):
+        n = len(flat) - len(list(ours.parameters()))
+        x_, *h_ = args[:n]
+        out = torch.func.functional_call(
+            ours, dict(zip((k for k, _ in ours.named_parameters()), args[n:], strict=True)),
+            (x_, tuple(h_) if len(h_) == 2 else h_[0]),
+        )  # fmt: skip
+        return out
+
+    assert torch.autograd.gradgradcheck(f, tuple(flat))
+
+
+@pytest.mark.parametrize("kind,extra", KINDS)
+def test_bfloat16_error_vs_torch(kind, extra):
+    """bfloat16 Cells: relative error against float64 at most 2x that of torch.nn's bfloat16 Cell."""
+    ref, _ = _pair(kind, extra, F64, I=24, H=48)
+    theirs, ours = _pair(kind, extra, BF16, I=24, H=48)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(6, 24, generator=gen).to(BF16)
+    hx = _hx(kind, 6, 48, F32, gen)
+    hx = tuple(h.to(BF16) for h in hx) if isinstance(hx, tuple) else hx.to(BF16)
+    as64 = (lambda h: tuple(t.double() for t in h) if isinstance(h, tuple) else h.double())(hx)
+    exact = _run(ref, x.double(), as64, "xhw")
+    for i, (a, t, r) in enumerate(zip(_run(ours, x, hx, "xhw"), _run(theirs, x, hx, "xhw"), exact, strict=True)):
+        assert a.dtype == t.dtype == BF16
+        ea = ((a.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+        et = ((t.double() - r).norm() / r.norm().clamp_min(1e-30)).item()
+        assert ea <= 2 * et + 1e-6, f"{kind} result {i}: cpp error {ea:.3g} > 2x torch.nn's {et:.3g}"
+
+
+def test_fp32_bf16_gemm_opt_in_reaches_cells(monkeypatch):
+    theirs, ours = _pair("LSTMCell", {}, F32, I=64, H=64)
+    x, hx = torch.randn(8, 64), (torch.randn(8, 64), torch.randn(8, 64))
+    exact = ours(x, hx)
+    monkeypatch.setenv(cpp.FP32_BF16_GEMM_ENV, "1")
+    low = ours(x, hx)
+    for a, e in zip(low, exact, strict=True):
+        assert a.dtype == F32
+        assert not torch.equal(a, e)  # the GEMMs ran on bfloat16 operands
+        torch.testing.assert_close(a, e, atol=3e-2, rtol=3e-2)
+
+
+@pytest.mark.parametrize(
+    "call,msg",
+    [
+        (lambda x, h, w: _C.cell_step(4, x, h, None, w[0], w[1], None, None), "Cell classes' cells"),
+        (lambda x, h, w: _C.cell_step(1, x[None], h, None, w[0], w[1], None, None), r"x \[B, I\]"),
+        (lambda x, h, w: _C.cell_step(1, x, h[:, :2], None, w[0], w[1], None, None), "h0"),
+        (lambda x, h, w: _C.cell_step(1, x, h, None, w[0], w[1][:3], None, None), "w_hh"),
+        (lambda x, h, w: _C.cell_step(1, x, h, None, w[0][:, :2], w[1], None, None), ""),
+        (lambda x, h, w: _C.cell_step(1, x, h.double(), None, w[0], w[1], None, None), "dtype"),
+        (lambda x, h, w: _C.cell_step(0, x, h, None, w[0].new_zeros(12, 4), w[1].new_zeros(12, 3), None, None), "c0"),
+    ],
+    ids=["ln-cell", "x-rank", "h-shape", "w_hh-shape", "w_ih-shape", "h-dtype", "lstm-without-c"],
+)
+def test_extension_refuses_bad_arguments(call, msg):
+    m = fastrnn.GRUCell(4, 3)
+    x, h = torch.randn(2, 4), torch.randn(2, 3)
+    with pytest.raises(RuntimeError, match=msg):
+        call(x, h, (m.weight_ih.detach(), m.weight_hh.detach()))
