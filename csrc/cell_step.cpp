@@ -20,9 +20,27 @@ constexpr int64_t kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3;  // cells.py 
 
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
 
-// gx = x W_ih^T + b_ih: [B, G*H]
+bool plain_cpu(const Tensor& t, at::ScalarType dt) {
+  return t.device().is_cpu() && t.scalar_type() == dt && t.is_contiguous() && t.layout() == at::kStrided;
+}
+
+// gx = x W_ih^T + b_ih: [B, G*H]. float32 / float64 operands that are plain contiguous CPU tensors of matching sizes
+// take one BLAS call on b_ih's rows (ATen's addmm costs as much again as the step's own GEMM at B=1 H=64); anything
+// else goes to ATen, whose checks and messages then apply.
 Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih) {
-  return b_ih.defined() ? at::addmm(b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
+  const auto dt = x.scalar_type();
+  const bool direct = (dt == at::kFloat || dt == at::kDouble) && x.dim() == 2 && w_ih.dim() == 2 &&
+                      x.size(1) == w_ih.size(1) && std::max({x.size(0), x.size(1), w_ih.size(0)}) <= INT_MAX &&
+                      plain_cpu(x, dt) && plain_cpu(w_ih, dt) &&
+                      (!b_ih.defined() || (plain_cpu(b_ih, dt) && b_ih.dim() == 1 && b_ih.size(0) == w_ih.size(0)));
+  if (!direct) return b_ih.defined() ? at::addmm(b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
+  const int64_t B = x.size(0), N = w_ih.size(0), K = x.size(1);
+  Tensor gx = b_ih.defined() ? b_ih.expand({B, N}).contiguous() : at::zeros({B, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_cell_input_projection", [&] {
+    gemm(false, true, B, N, K, scalar_t(1), x.data_ptr<scalar_t>(), K, w_ih.data_ptr<scalar_t>(), K, scalar_t(1),
+         gx.data_ptr<scalar_t>(), N);
+  });
+  return gx;
 }
 
 // torch's own maths of the step, differentiable: what a double backward differentiates.

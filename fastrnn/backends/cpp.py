@@ -85,10 +85,14 @@ def available() -> tuple[bool, str]:
     return True, ""
 
 
+_DTYPES = KERNEL_DTYPES + WIDENED_DTYPES
+
+
 def supports(cell: Cell, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
-    if torch.device(device).type != "cpu":
+    # (on every call's path: a torch.device is taken as it is, not rebuilt)
+    if (device if isinstance(device, torch.device) else torch.device(device)).type != "cpu":
         return False, f"the cpp backend runs on CPU tensors only, got device {device}"
-    if dtype not in KERNEL_DTYPES + WIDENED_DTYPES:
+    if dtype not in _DTYPES:
         return False, f"the cpp backend supports float32, float64, bfloat16 and float16, got {dtype}"
     return True, ""
 
