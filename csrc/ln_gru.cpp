@@ -93,14 +93,8 @@ struct LnGru {
           nr.add(d[q] * vload(ln_hh + q * H + j, n), rs.hat(vload(raw + q * H + j, n)), n);
         vstore(dhb * z + (one - m) * dht, dhr + j, n);
       });
-      const auto mn = nr.means(GH, rs.rstd);
-      for (int64_t q = 0; q < 3; ++q) {
-        const S* dah = q < 2 ? dx + q * H : dex;  // d ah of block q
-        vec_range<T>(0, H, [&](int64_t j, int64_t n) {
-          const int64_t e = q * H + j;
-          vstore(mn.dv(vload(dah + j, n) * vload(ln_hh + e, n), rs.hat(vload(raw + e, n))), dg + e, n);
-        });
-      }
+      const S* const dah[3] = {dx, dx + H, dex};  // d ah of each block
+      norm_back_row(nr, rs, 3, H, dah, ln_hh, raw, dg);
     }
   }
 };

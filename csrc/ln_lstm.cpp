@@ -111,10 +111,8 @@ struct LnLstm {
         }
         vstore(dct * f, dcr + j, n);
       });
-      const auto mr_ = nr.means(GH, rs.rstd);
-      vec_range<T>(0, GH, [&](int64_t j, int64_t n) {
-        vstore(mr_.dv(vload(dx + j, n) * vload(ln_hh + j, n), rs.hat(vload(raw + j, n))), dg + j, n);
-      });
+      const S* const dah[4] = {dx, dx + H, dx + 2 * H, dx + 3 * H};
+      norm_back_row(nr, rs, 4, H, dah, ln_hh, raw, dg);
     }
   }
 };

@@ -333,6 +333,21 @@ struct NormBack {
   }
 };
 
+// A normalised cell's last pass over a row of raw = h_{t-1} W_hh^T [G*H], where ah = gain * N(raw) + bias and d ah is
+// given by gate blocks (block q at dah[q], H wide): d raw into draw through the layer norm's backward (nb: its sums
+// of d N(raw) = d ah * gain, gathered by the passes before; rs: raw's statistics).
+template <typename T, typename S>
+inline void norm_back_row(const NormBack<T>& nb, const RowStats<T>& rs, int64_t G, int64_t H, const S* const* dah,
+                          const T* gain, const T* raw, S* draw) {
+  const auto mn = nb.means(G * H, rs.rstd);
+  for (int64_t q = 0; q < G; ++q) {
+    vec_range<T>(0, H, [&](int64_t j, int64_t n) {
+      const int64_t e = q * H + j;
+      vstore(mn.dv(vload(dah[q] + j, n) * vload(gain + e, n), rs.hat(vload(raw + e, n))), draw + e, n);
+    });
+  }
+}
+
 // ---- the bfloat16-GEMM schedule: a step's region is tasks of one block of hidden units (Bf16Gemm::kBlock columns
 // of every gate) x one chunk of rows ----
 
