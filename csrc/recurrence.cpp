@@ -263,6 +263,7 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
   Tensor dhbar = s.proj ? at::empty({B, H}, acc) : Tensor();
   Tensor dg0 = at::empty({B, GH}, opts);
   Tensor d_extra = k.norm ? new_output({T, B, H}, opts) : Tensor();
+  Tensor d_norm = k.norm ? new_output({k.norm_width * H}, acc) : Tensor();
   const Tensor w_hr_t = s.proj ? *w_hr : Tensor();
   dispatch(k, dt, bf16_gemm, norm, zmask, zkeep, [&](auto call) {
     using C = decltype(call);
@@ -270,7 +271,7 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
                                  C::in(out), C::in_acc(gates), C::in_acc(extra), C::out_acc(dh), C::out_acc(dc),
                                  C::out(d_gx), C::out(d_gh), C::out_acc(d_w_hh), C::out_acc(d_w_hr), C::out(dhfull),
                                  C::out(hbar), C::out_acc(dhbar), C::out(dg0), call.norm, call.mask, call.keep,
-                                 C::out(d_extra)};
+                                 C::out(d_extra), C::out_acc(d_norm)};
     k.backward.run<typename C::Pr>(a);
   });
   const Tensor& dg = k.dgh_differs ? d_gh : d_gx;
@@ -284,7 +285,7 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
     }
   }
   auto back = [&](const Tensor& t) { return same || !t.defined() ? t : t.to(dt); };
-  return {d_gx, back(dh), back(dc), back(d_w_hh), back(d_b_hh), back(d_w_hr), d_extra};
+  return {d_gx, back(dh), back(dc), back(d_w_hh), back(d_b_hh), back(d_w_hr), d_extra, d_norm};
 }
 
 std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool, int64_t> cell_info(int64_t cell_id) {
