@@ -56,7 +56,8 @@ std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const 
                                        bool bf16_gemm = false, const OptTensor& norm = c10::nullopt,
                                        const OptTensor& zmask = c10::nullopt, double zkeep = 1.0);
 //   -> d_gx [T,B,G*H], d_h0 [B,P], d_c0 [B,H], d_w_hh [G*H,P], d_b_hh [G*H], d_w_hr [P,H], d_extra [T,B,H]
-//      (Grads.d_extra, normalised cells); each undefined where its input was absent (d_extra: a plain cell)
+//      (Grads.d_extra, normalised cells), d_norm [norm_width*H] (Grads.d_norm: d Norm.params, normalised cells);
+//      each undefined where its input was absent (d_extra, d_norm: a plain cell)
 std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, const Tensor& d_h_n,
                                         const OptTensor& d_c_n, const Tensor& h0, const OptTensor& c0,
                                         const Tensor& w_hh, const OptTensor& b_hh, const OptTensor& w_hr,

@@ -56,7 +56,8 @@ struct LnGru {
   }
 
   // reference._ln_gru_bwd. dh becomes the direct part z dhbar + (1 - m) dht of d h_{t-1}, to which the walk's GEMM
-  // adds d raw W_hh. Passes a row: the gates, d_extra and the sums of raw's norm; d raw.
+  // adds d raw W_hh. Passes a row: the gates, d_extra and the sums of raw's norm; d raw with the shares of d ln_hh and
+  // d b_hh (d ah = d_gx's r and z blocks, then d_extra).
   template <typename T, typename S>
   static void backward_rows(const BwdRows<T, S>& s, int64_t r0, int64_t r1, int64_t, int64_t) {
     const int64_t H = s.H, GH = 3 * H;
@@ -93,14 +94,8 @@ struct LnGru {
           nr.add(d[q] * vload(ln_hh + q * H + j, n), rs.hat(vload(raw + q * H + j, n)), n);
         vstore(dhb * z + (one - m) * dht, dhr + j, n);
       });
-      const auto mn = nr.means(GH, rs.rstd);
-      for (int64_t q = 0; q < 3; ++q) {
-        const S* dah = q < 2 ? dx + q * H : dex;  // d ah of block q
-        vec_range<T>(0, H, [&](int64_t j, int64_t n) {
-          const int64_t e = q * H + j;
-          vstore(mn.dv(vload(dah + j, n) * vload(ln_hh + e, n), rs.hat(vload(raw + e, n))), dg + e, n);
-        });
-      }
+      const S* const dah[3] = {dx, dx + H, dex};  // d ah of each block
+      norm_back_row(nr, rs, 3, H, dah, ln_hh, raw, dg, s.d_norm, s.d_norm + GH);
     }
   }
 };

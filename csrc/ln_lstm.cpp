@@ -63,12 +63,14 @@ struct LnLstm {
   }
 
   // reference._ln_lstm_bwd. dh becomes the direct part (1 - m) dht of d h_{t-1}, to which the walk's GEMM adds
-  // d raw W_hh; dc becomes d c_{t-1}. Passes a row: d_extra, the o gate and the sums of c_t's norm; the other gates,
-  // d c_{t-1} and the sums of raw's norm; d raw.
+  // d raw W_hh; dc becomes d c_{t-1}. Passes a row: d_extra (= d(ln_c N(c_t) + b_c), with its shares of d ln_c and
+  // d b_c), the o gate and the sums of c_t's norm; the other gates, d c_{t-1} and the sums of raw's norm; d raw with
+  // the shares of d ln_hh and d b_hh (d ah = d_gx).
   template <typename T, typename S>
   static void backward_rows(const BwdRows<T, S>& s, int64_t r0, int64_t r1, int64_t, int64_t) {
     const int64_t H = s.H, GH = 4 * H;
     const T *ln_hh = s.norm, *ln_c = s.norm + 2 * GH, *b_c = s.norm + 2 * GH + H;
+    T *d_ln_c = s.d_norm + 2 * GH, *d_b_c = s.d_norm + 2 * GH + H;
     const Vec<T> one(T(1)), keep(s.keep);
     for (int64_t r = r0; r < r1; ++r) {
       const T* sg = s.gates + r * GH;
@@ -93,6 +95,8 @@ struct LnLstm {
         const Vec<T> o = vload(sg + 3 * H + j, n);
         const Vec<T> dcp = dhb * o * (one - tc * tc);
         vstore(dcp, dex + j, n);
+        vstore(vload(d_ln_c + j, n) + dcp * chat, d_ln_c + j, n);
+        vstore(vload(d_b_c + j, n) + dcp, d_b_c + j, n);
         nc.add(dcp * lc, chat, n);
         const Vec<T> d_o = dhb * tc * o * (one - o);
         vstore(d_o, dx + 3 * H + j, n);
@@ -111,10 +115,8 @@ struct LnLstm {
         }
         vstore(dct * f, dcr + j, n);
       });
-      const auto mr_ = nr.means(GH, rs.rstd);
-      vec_range<T>(0, GH, [&](int64_t j, int64_t n) {
-        vstore(mr_.dv(vload(dx + j, n) * vload(ln_hh + j, n), rs.hat(vload(raw + j, n))), dg + j, n);
-      });
+      const S* const dah[4] = {dx, dx + H, dx + 2 * H, dx + 3 * H};
+      norm_back_row(nr, rs, 4, H, dah, ln_hh, raw, dg, s.d_norm, s.d_norm + GH);
     }
   }
 };

@@ -107,23 +107,41 @@ at::DimVector saved_shape(int64_t width, const Sizes& s) {
 // The type of the state, the saved activations and the accumulation: float32 for a bfloat16 call (cells.saved_dtype).
 at::ScalarType acc_type(at::ScalarType dt) { return dt == at::kBFloat16 ? at::kFloat : dt; }
 
-template <typename T, typename S>
-const S* sptr(const Tensor& t) {
-  return t.defined() ? reinterpret_cast<const S*>(t.data_ptr()) : nullptr;
-}
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
-template <typename S>
-S* mptr(const Tensor& t) {
-  return t.defined() ? reinterpret_cast<S*>(t.data_ptr()) : nullptr;
-}
+// What a walk of precision Pr (walk.h's Prec) is handed: its argument types, the call's tensors as pointers of the
+// call's type S or of the state's T (null for an undefined tensor), and a normalised cell's Norm (params, zoneout
+// mask, keep; null pointers for the other cells, as for a mask not given).
+template <typename Pr_>
+struct Call {
+  using Pr = Pr_;
+  using T = typename Pr::T;
+  using S = typename Pr::S;
+  using Forward = ForwardArgs<T, S>;
+  using Backward = BackwardArgs<T, S>;
+  const T* norm;
+  const S* mask;
+  T keep;
 
-// The cell's walk for this call's precision: float64, float32 (optionally with bfloat16 GEMMs), or bfloat16.
+  static const S* in(const Tensor& t) { return t.defined() ? reinterpret_cast<const S*>(t.data_ptr()) : nullptr; }
+  static S* out(const Tensor& t) { return t.defined() ? reinterpret_cast<S*>(t.data_ptr()) : nullptr; }
+  static const T* in_acc(const Tensor& t) { return t.defined() ? reinterpret_cast<const T*>(t.data_ptr()) : nullptr; }
+  static T* out_acc(const Tensor& t) { return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr; }
+};
+
+// f(Call<Pr>{...}) for this call's precision: float64, float32 (optionally with bfloat16 GEMMs), or bfloat16.
 template <typename F>
-void dispatch(at::ScalarType dt, bool bf16_gemm, const F& f) {
+void dispatch(const CellKernels& k, at::ScalarType dt, bool bf16_gemm, const OptTensor& norm, const OptTensor& zmask,
+              double zkeep, const F& f) {
+  const Tensor params = k.norm ? *norm : Tensor(), mask = k.norm && given(zmask) ? *zmask : Tensor();
+  auto call = [&](auto pr) {
+    using C = Call<decltype(pr)>;
+    return f(C{C::in_acc(params), C::in(mask), typename C::T(zkeep)});
+  };
   switch (dt) {
-    case at::kDouble: return f(PrecF64{});
-    case at::kFloat: return bf16_gemm ? f(PrecF32Bf16Gemm{}) : f(PrecF32{});
-    case at::kBFloat16: return f(PrecBf16{});
+    case at::kDouble: return call(PrecF64{});
+    case at::kFloat: return bf16_gemm ? call(PrecF32Bf16Gemm{}) : call(PrecF32{});
+    case at::kBFloat16: return call(PrecBf16{});
     default: TORCH_CHECK(false, "fastrnn: no cpp kernel for ", dt);
   }
 }
@@ -132,8 +150,6 @@ void check_bf16_gemm(bool bf16_gemm, at::ScalarType dt) {
   TORCH_CHECK(!bf16_gemm || dt == at::kFloat || dt == at::kBFloat16,
               "fastrnn: bf16_gemm is for float32 (bfloat16 calls always run bfloat16 GEMMs), got ", dt);
 }
-
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 // The normalised cells' arguments (cells.Norm: params, mask, keep), refused by the other cells. A normalised cell
 // runs float64 and float32 only (its layer norms need whole rows, which the bfloat16 GEMMs' tasks do not have:
@@ -193,17 +209,13 @@ std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const 
   Tensor pout = s.proj && !same ? at::empty({B, P}, acc) : Tensor();
   Tensor bias = b_hh.has_value() && b_hh->defined() ? b_hh->to(acc) : at::zeros({GH}, acc);
   const Tensor w_hr_t = s.proj ? *w_hr : Tensor();
-  const Tensor norm_t = k.norm ? *norm : Tensor(), mask_t = k.norm && given(zmask) ? *zmask : Tensor();
-  dispatch(dt, bf16_gemm, [&](auto pr) {
-    using Pr = decltype(pr);
-    using T_ = typename Pr::T;
-    using S_ = typename Pr::S;
-    const ForwardArgs<T_, S_> a{w, H, P, s.proj, need_saved, sptr<T_, S_>(gx), sptr<T_, S_>(h0),
-                                sptr<T_, S_>(w_hh), sptr<T_, S_>(w_hr_t), sptr<T_, T_>(bias), mptr<S_>(out),
-                                mptr<S_>(h_n), mptr<T_>(c), mptr<T_>(gates), mptr<T_>(extra), mptr<T_>(gh_buf),
-                                mptr<S_>(hbar), mptr<T_>(pout), sptr<T_, T_>(norm_t), sptr<T_, S_>(mask_t),
-                                T_(zkeep)};
-    k.forward.run<Pr>(a);
+  dispatch(k, dt, bf16_gemm, norm, zmask, zkeep, [&](auto call) {
+    using C = decltype(call);
+    const typename C::Forward a{w, H, P, s.proj, need_saved, C::in(gx), C::in(h0), C::in(w_hh), C::in(w_hr_t),
+                                C::in_acc(bias), C::out(out), C::out(h_n), C::out_acc(c), C::out_acc(gates),
+                                C::out_acc(extra), C::out_acc(gh_buf), C::out(hbar), C::out_acc(pout), call.norm,
+                                call.mask, call.keep};
+    k.forward.run<typename C::Pr>(a);
   });
   return {out, h_n, same ? c : (c.defined() ? c.to(dt) : c), gates, extra};
 }
@@ -251,19 +263,16 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
   Tensor dhbar = s.proj ? at::empty({B, H}, acc) : Tensor();
   Tensor dg0 = at::empty({B, GH}, opts);
   Tensor d_extra = k.norm ? new_output({T, B, H}, opts) : Tensor();
+  Tensor d_norm = k.norm ? new_output({k.norm_width * H}, acc) : Tensor();
   const Tensor w_hr_t = s.proj ? *w_hr : Tensor();
-  const Tensor norm_t = k.norm ? *norm : Tensor(), mask_t = k.norm && given(zmask) ? *zmask : Tensor();
-  dispatch(dt, bf16_gemm, [&](auto pr) {
-    using Pr = decltype(pr);
-    using T_ = typename Pr::T;
-    using S_ = typename Pr::S;
-    const BackwardArgs<T_, S_> a{w, H, P, s.proj, sptr<T_, S_>(d_out), sptr<T_, S_>(h0), sptr<T_, T_>(c0a),
-                                 sptr<T_, S_>(w_hh), sptr<T_, S_>(w_hr_t), sptr<T_, S_>(out), sptr<T_, T_>(gates),
-                                 sptr<T_, T_>(extra), mptr<T_>(dh), mptr<T_>(dc), mptr<S_>(d_gx), mptr<S_>(d_gh),
-                                 mptr<T_>(d_w_hh), mptr<T_>(d_w_hr), mptr<S_>(dhfull), mptr<S_>(hbar),
-                                 mptr<T_>(dhbar), mptr<S_>(dg0), sptr<T_, T_>(norm_t), sptr<T_, S_>(mask_t),
-                                 T_(zkeep), mptr<S_>(d_extra)};
-    k.backward.run<Pr>(a);
+  dispatch(k, dt, bf16_gemm, norm, zmask, zkeep, [&](auto call) {
+    using C = decltype(call);
+    const typename C::Backward a{w, H, P, s.proj, C::in(d_out), C::in(h0), C::in_acc(c0a), C::in(w_hh), C::in(w_hr_t),
+                                 C::in(out), C::in_acc(gates), C::in_acc(extra), C::out_acc(dh), C::out_acc(dc),
+                                 C::out(d_gx), C::out(d_gh), C::out_acc(d_w_hh), C::out_acc(d_w_hr), C::out(dhfull),
+                                 C::out(hbar), C::out_acc(dhbar), C::out(dg0), call.norm, call.mask, call.keep,
+                                 C::out(d_extra), C::out_acc(d_norm)};
+    k.backward.run<typename C::Pr>(a);
   });
   const Tensor& dg = k.dgh_differs ? d_gh : d_gx;
   Tensor d_b_hh;
@@ -276,7 +285,7 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
     }
   }
   auto back = [&](const Tensor& t) { return same || !t.defined() ? t : t.to(dt); };
-  return {d_gx, back(dh), back(dc), back(d_w_hh), back(d_b_hh), back(d_w_hr), d_extra};
+  return {d_gx, back(dh), back(dc), back(d_w_hh), back(d_b_hh), back(d_w_hr), d_extra, d_norm};
 }
 
 std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool, int64_t> cell_info(int64_t cell_id) {

@@ -25,8 +25,9 @@
 //
 // A kNorm cell (ln_lstm.cpp, ln_gru.cpp) gets Norm.params and the zoneout keep mask (or constant) in its rows, the
 // step's GEMM without bias (gh is raw_t = h_{t-1} W_hh^T, written straight into the saved extra's raw columns when
-// saving, row stride ldg), writes d_extra in backward and d raw_t into d_gh (kDghDiffers). Its layer norms reduce
-// over every unit of a row, so its rows are always called with [j0, j1) = [0, H): it runs on the BLAS schedule only
+// saving, row stride ldg), writes d_extra in backward and d raw_t into d_gh (kDghDiffers), and adds its rows' shares
+// of d Norm.params to BwdRows.d_norm (its task's buffer, summed at the end of the walk). Its layer norms reduce over
+// every unit of a row, so its rows are always called with [j0, j1) = [0, H): it runs on the BLAS schedule only
 // (float64, float32; the bfloat16 schedule's tasks see one block of units, and make_kernels leaves those entries
 // null). Everything the other cells do not use costs them nothing: the walk tests kNorm at compile time.
 //
@@ -133,6 +134,7 @@ struct BwdRows {
   const S* mask;        // [B, H] zoneout keep mask of step t, or null: `keep`
   T keep;
   S* d_extra;           // [B, H] Grads.d_extra of step t
+  T* d_norm;            // [norm_width*H] the task's partial d Norm.params, which its rows add to
   const S* hprev(int64_t r) const { return r < k ? hsrc + r * P : h0 + r * P; }
   const T* cprev(int64_t r) const { return r < k ? extra_src + r * lde : c0 + r * H; }
 };
@@ -179,6 +181,7 @@ struct BackwardArgs {
   const S* mask;        // [T, B, H] zoneout keep mask (kNorm), or null: `keep`
   T keep;
   S* d_extra;           // [T, B, H] Grads.d_extra (kNorm), else null
+  T* d_norm;            // [norm_width*H] d Norm.params (kNorm), else null
 };
 
 // ---- helpers of the walk ----
@@ -275,6 +278,13 @@ inline void store_rows(const T* src, S* dst, int64_t ld, int64_t r0, int64_t r1,
 
 constexpr double kNormEps = 1e-5;  // reference.EPS
 
+// Norm.params' length in units of H (cells.py norm_width): ln_hh and b_hh (G*H each), then ln_c and b_c (H each) for a
+// cell with a cell state; 0 for a cell without normalisation.
+template <typename Cell>
+constexpr int64_t norm_width() {
+  return Cell::kNorm ? 2 * Cell::G + (Cell::kCellState ? 2 : 0) : 0;
+}
+
 // The sum of a vector's lanes.
 template <typename T>
 inline T hsum(const Vec<T>& v) {
@@ -332,6 +342,53 @@ struct NormBack {
     return {Vec<T>(hsum(s1) * inv), Vec<T>(hsum(s2) * inv), Vec<T>(rstd)};
   }
 };
+
+// A normalised cell's last pass over a row of raw = h_{t-1} W_hh^T [G*H], where ah = gain * N(raw) + bias and d ah is
+// given by gate blocks (block q at dah[q], H wide): d raw into draw through the layer norm's backward (nb: its sums
+// of d N(raw) = d ah * gain, gathered by the passes before; rs: raw's statistics), and the row's share of d gain
+// (+= d ah * N(raw)) and d bias (+= d ah) added to the task's partial sums.
+template <typename T, typename S>
+inline void norm_back_row(const NormBack<T>& nb, const RowStats<T>& rs, int64_t G, int64_t H, const S* const* dah,
+                          const T* gain, const T* raw, S* draw, T* d_gain, T* d_bias) {
+  const auto mn = nb.means(G * H, rs.rstd);
+  for (int64_t q = 0; q < G; ++q) {
+    vec_range<T>(0, H, [&](int64_t j, int64_t n) {
+      const int64_t e = q * H + j;
+      const Vec<T> d = vload(dah[q] + j, n), hat = rs.hat(vload(raw + e, n));
+      vstore(mn.dv(d * vload(gain + e, n), hat), draw + e, n);
+      vstore(vload(d_gain + e, n) + d * hat, d_gain + e, n);
+      vstore(vload(d_bias + e, n) + d, d_bias + e, n);
+    });
+  }
+}
+
+// ---- the BLAS schedule's tasks over the rows of a step ----
+
+// Rows [0, n) cut as at::parallel_for(0, n, grain) cuts them (at most a chunk a thread, chunks of equal size but the
+// last), each chunk with its index: a task index names the same rows whichever thread runs it, so sums a task gathers
+// in its own buffer come out the same run to run (for a given thread count).
+// threads: at::get_num_threads(), read once per call; the tasks number at most that.
+struct RowTasks {
+  int64_t count, rows;  // tasks, rows per task but the last
+};
+
+inline RowTasks row_tasks(int64_t n, int64_t grain, int64_t threads) {
+  if (n <= 0) return {0, 1};
+  const int64_t count = n <= grain || threads <= 1 || at::in_parallel_region()
+                            ? 1
+                            : std::min(threads, (n + grain - 1) / grain);
+  const int64_t rows = (n + count - 1) / count;
+  return {(n + rows - 1) / rows, rows};
+}
+
+// body(r0, r1, task) for every task of row_tasks(n, grain, threads), over the threads.
+template <typename F>
+inline void run_row_tasks(int64_t n, int64_t grain, int64_t threads, const F& body) {
+  const RowTasks rt = row_tasks(n, grain, threads);
+  at::parallel_for(0, rt.count, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) body(i * rt.rows, std::min(n, (i + 1) * rt.rows), i);
+  });
+}
 
 // ---- the bfloat16-GEMM schedule: a step's region is tasks of one block of hidden units (Bf16Gemm::kBlock columns
 // of every gate) x one chunk of rows ----
@@ -523,7 +580,7 @@ void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
     return BwdRows<T, S>{H, P, k, proj ? a.dhbar : a.dh, a.d_out + t * B * P, !proj, a.out + t * B * P,
                          a.gates + t * B * WG, a.extra + t * B * WE, src_extra, WE, a.c0, src_out, a.h0, a.dc,
                          a.d_gx + t * B * GH, d_gh + t * B * GH, proj ? a.hbar + t * B * H : nullptr,
-                         a.norm, mask, a.keep, d_extra};
+                         a.norm, mask, a.keep, d_extra, nullptr};
   };
   auto zero_step = [&](int64_t t, int64_t n) {
     zero_rows(a.d_gx + t * B * GH, n, B, GH);
@@ -585,6 +642,11 @@ void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
     const T beta = Cell::kDirectDh ? T(1) : T(0);  // the GEMM adds to the step's direct part, or replaces dh
     const int64_t pm = packs_w(w) ? B : 0;
     const StepGemm<T> whh(a.w_hh, false, P, GH, pm), whr(a.w_hr, false, H, P, proj ? pm : 0);
+    // d Norm.params: each task of a step adds its rows' shares to the buffer of its index (row_tasks), summed in index
+    // order at the end, so the result does not depend on which thread ran what
+    const int64_t threads = std::max<int64_t>(1, at::get_num_threads()), NW = norm_width<Cell>() * H;
+    const int64_t ldn = (NW + 15) / 16 * 16;  // tasks' buffers a cache line apart or more
+    std::vector<T> d_norm_parts(threads * ldn, T(0));
     for (int64_t i = w.T - 1; i >= 0; --i) {
       const int64_t t = w.step(i), n = w.bs[t], k = w.prev_rows(t);
       const T* dot = a.d_out + t * B * P;
@@ -598,12 +660,28 @@ void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
       }
       const BwdRows<T> s = rows_of(t, k);
       const bool blocks = row_blocks(n, GH, P);
-      at::parallel_for(0, n, blocks ? fused_grain(GH, P) : row_grain(Cell::kRowWork * H), [&](int64_t r0, int64_t r1) {
-        Cell::backward_rows(s, r0, r1, 0, H);
+      const int64_t grain = blocks ? fused_grain(GH, P) : row_grain(Cell::kRowWork * H);
+      run_row_tasks(n, grain, threads, [&](int64_t r0, int64_t r1, int64_t task) {
+        if constexpr (Cell::kNorm) {
+          BwdRows<T> st = s;
+          st.d_norm = d_norm_parts.data() + task * ldn;
+          Cell::backward_rows(st, r0, r1, 0, H);
+        } else {
+          Cell::backward_rows(s, r0, r1, 0, H);
+        }
         if (blocks) whh(r1 - r0, dgt + r0 * GH, GH, beta, a.dh + r0 * P, P);  // d h_{t-1} of these rows
       });
       if (!blocks) whh(n, dgt, GH, beta, a.dh, P);
       zero_step(t, n);
+    }
+    if constexpr (Cell::kNorm) {
+      std::copy(d_norm_parts.begin(), d_norm_parts.begin() + NW, a.d_norm);
+      for (int64_t task = 1; task < threads; ++task) {
+        const T* part = d_norm_parts.data() + task * ldn;
+        vec_range<T>(0, NW, [&](int64_t j, int64_t n) {
+          vstore(vload(a.d_norm + j, n) + vload(part + j, n), a.d_norm + j, n);
+        });
+      }
     }
   }
   weight_grad(w, d_gh, GH, a.out, a.h0, GH, P, a.dg0, a.d_w_hh);
@@ -669,7 +747,7 @@ CellKernels make_kernels() {
           Cell::kProjection,
           Cell::kDghDiffers,
           Cell::kNorm,
-          Cell::kNorm ? 2 * Cell::G + (Cell::kCellState ? 2 : 0) : 0,
+          norm_width<Cell>(),
           {forward_fn<Cell, PrecF64>(), forward_fn<Cell, PrecF32>(), forward_fn<Cell, PrecF32Bf16Gemm>(),
            forward_fn<Cell, PrecBf16>()},
           {backward_fn<Cell, PrecF64>(), backward_fn<Cell, PrecF32>(), backward_fn<Cell, PrecF32Bf16Gemm>(),

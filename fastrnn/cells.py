@@ -34,8 +34,10 @@ Normalised cells (`Cell.norm`; N(v) = (v - mean v) / sqrt(var v + 1e-5) over a r
         ln_gru   r, z = σ(gx_rz + ah_rz) ; n = tanh(gx_n + r ah_n) ; hbar = (1 - z) n + z h_{t-1}
         h_t = h_{t-1} + m_t ⊙ (hbar - h_{t-1})                            (zoneout acts on h only)
     Backward also returns `Grads.d_extra` [T, B, H]: d(ln_c_weight ⊙ N(c_t) + ln_c_bias) for ln_lstm, d ah_n for
-    ln_gru (zero on skipped rows); ops.py reduces it with d_gx and the saved rows into d params (`norm_grads`),
-    and the kernel's d_w_hh comes from d raw. Every statistic is recomputed in backward from the saved rows.
+    ln_gru (zero on skipped rows), and the kernel's d_w_hh comes from d raw. d params is `Grads.d_norm` where the
+    backend reduces it inside its backward (cpp: per-task partial sums, added in a fixed order, so the same bits run
+    to run for a given thread count); where d_norm is None, ops.py reduces d_extra with d_gx and the saved rows into
+    d params (`reference.norm_grads`). Every statistic is recomputed in backward from the saved rows.
 
 The contract's arguments travel as the named tuples below (State, Weights, Saved, Grads); ops.py flattens
 them for the custom op, and nothing else spells out positional lists.
@@ -188,8 +190,11 @@ class Saved(NamedTuple):
 class Grads(NamedTuple):
     d_gx: Tensor  # [T, B, G*H]
     d_state0: State  # d_h0 [B, P], d_c0 [B, H] | None (None where c0 was None)
-    d_weights: Weights  # None where the weight was None (d_weights.norm is None: ops.norm_grads forms it)
+    d_weights: Weights  # None where the weight was None (d_weights.norm is None: d params is d_norm)
     d_extra: Tensor | None = None  # [T, B, H], normalised cells (see "Normalised cells")
+    # [norm_width * H] d Norm.params, normalised cells on a backend that reduces it itself (cpp); None: ops.py forms it
+    # from d_gx, d_extra and the saved extra (reference.norm_grads)
+    d_norm: Tensor | None = None
 
 
 def saved_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -73,7 +73,9 @@ def _backward_impl(backend, cell, d_out, d_h_n, d_c_n, h0, c0, w_hh, b_hh, w_hr,
         out.contiguous(), cells.Saved(gates.contiguous(), extra.contiguous()),
     )  # fmt: skip
     d_c0 = g.d_state0.c if c0_given else None
-    d_norm = norm_grads(spec, g.d_gx, g.d_extra, extra).to(norm.dtype) if norm is not None else None
+    d_norm = None
+    if norm is not None:  # the backend's own reduction where it has one (Grads.d_norm), else the reference's
+        d_norm = (g.d_norm if g.d_norm is not None else norm_grads(spec, g.d_gx, g.d_extra, extra)).to(norm.dtype)
     return tuple(_opt(t, out) for t in (g.d_gx, g.d_state0.h, d_c0, *g.d_weights[:3], d_norm))
 
 

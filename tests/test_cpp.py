@@ -17,6 +17,7 @@ pytest.importorskip("fastrnn._C", reason="the C++ extension fastrnn._C is not bu
 import fastrnn  # noqa: E402
 from fastrnn import _C  # noqa: E402
 from fastrnn.backends import get  # noqa: E402
+from fastrnn.backends.reference import norm_grads  # noqa: E402
 from fastrnn.cells import NORM_CELLS, TABLE, Norm, Saved, State, Weights, cell_for, spec  # noqa: E402
 from tests.helpers import assert_close, assert_contract_matches_reference, contract_inputs  # noqa: E402
 
@@ -109,6 +110,39 @@ def test_norm_contract_matches_reference(cell, T, B, H, bs, reverse, mask, keep,
     assert_contract_matches_reference(cpp, cell, T, B, H, H, bs, reverse, False, dtype, "mask" if mask else keep)
 
 
+@pytest.mark.parametrize("threads", [1, 3], ids=["1thread", "3threads"])
+@pytest.mark.parametrize("dtype", [F64, F32], ids=["f64", "f32"])
+@pytest.mark.parametrize("T,B,H,bs,reverse,mask,keep", NORM_CASES)
+@pytest.mark.parametrize("cell", NORM_CELLS)
+def test_norm_params_grad_reduced_in_the_kernel(cell, T, B, H, bs, reverse, mask, keep, dtype, threads):
+    """Grads.d_norm, which the backward walk reduces from per-task partial sums, equals reference.norm_grads on the
+    same call's d_gx, d_extra and saved extra (skipped rows adding nothing), and a second run gives the same bits."""
+    c = spec(cell)
+    gx, state0, weights = _inputs(cell, T, B, H, H, dtype, mask=mask, keep=keep)
+    batch_sizes = None if bs is None else torch.tensor(bs, dtype=torch.int64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out, _, saved = cpp.forward(c, gx, state0, weights, batch_sizes, reverse, True)
+        d_out, d_state_n = _cotangents(c, out, state0)
+        bargs = (c, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved)
+        g, again = cpp.backward(*bargs), cpp.backward(*bargs)
+    finally:
+        torch.set_num_threads(before)
+    assert g.d_norm.shape == (c.norm_width * H,) and g.d_norm.dtype == dtype
+    expected = norm_grads(c, g.d_gx, g.d_extra, saved.extra)
+    assert_close(g.d_norm, expected, dtype, T * B, "d_norm")
+    assert torch.equal(g.d_norm, again.d_norm), "d_norm differs between two runs of the same call"
+
+
+def test_plain_cells_have_no_norm_grad():
+    c = spec("lstm")
+    gx, state0, weights = _inputs("lstm", 3, 2, 4, 4)
+    out, _, saved = cpp.forward(c, gx, state0, weights, None, False, True)
+    d_out, d_state_n = _cotangents(c, out, state0)
+    assert cpp.backward(c, d_out, d_state_n, state0, weights, None, False, out, saved).d_norm is None
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
 @pytest.mark.parametrize("cell", NORM_CELLS)
 def test_norm_half_precision_runs_widened(cell, dtype):
@@ -135,6 +169,9 @@ def test_norm_half_precision_runs_widened(cell, dtype):
         else:
             assert a.dtype == dtype, f"{name}: dtype {a.dtype}"
             assert_close(a, x, name=name, rtol=tol, atol=tol)
+    assert g.d_norm.dtype == dtype, f"d_norm: dtype {g.d_norm.dtype}"
+    e_norm = norm_grads(c, e.d_gx, e.d_extra, e_saved.extra).to(dtype)
+    assert_close(g.d_norm, e_norm, name="d_norm", rtol=tol, atol=tol * e_norm.abs().max().item())
 
 
 @pytest.mark.parametrize("cell", list(TABLE))

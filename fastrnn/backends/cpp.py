@@ -119,7 +119,7 @@ def forward(
 
 def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out, saved) -> Grads:
     """-> d_gx [T,B,G*H], d_state0 (d_h0 [B,P], d_c0 [B,H]), d_weights (None where the weight was None), d_extra
-    [T,B,H] (normalised cells, else None)."""
+    [T,B,H] and d_norm [norm_width*H] (normalised cells, else None)."""
     dt = out.dtype
     if _widened(cell, dt):
         f32 = torch.float32
@@ -127,14 +127,14 @@ def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out,
             cell, d_out.float(), _cast(d_state_n, f32), _cast(state0, f32), _cast(weights, f32), batch_sizes, reverse,
             out.float(), saved,
         )  # fmt: skip
-        d_extra = None if g.d_extra is None else g.d_extra.to(dt)
-        return Grads(g.d_gx.to(dt), _cast(g.d_state0, dt), _cast(g.d_weights, dt), d_extra)
+        d_extra, d_norm = (None if t is None else t.to(dt) for t in (g.d_extra, g.d_norm))
+        return Grads(g.d_gx.to(dt), _cast(g.d_state0, dt), _cast(g.d_weights, dt), d_extra, d_norm)
     bf16_gemm = dt == torch.float32 and fp32_bf16_gemm() and not cell.norm
-    d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_extra = _ext().recurrence_backward(
+    d_gx, d_h0, d_c0, d_w_hh, d_b_hh, d_w_hr, d_extra, d_norm = _ext().recurrence_backward(
         cell.kernel_id, d_out, d_state_n.h, d_state_n.c, state0.h, state0.c, *weights[:3], batch_sizes, reverse, out,
         saved.gates, saved.extra, bf16_gemm, *(() if weights.norm is None else _norm_args(weights)),
     )  # fmt: skip
-    return Grads(d_gx, State(d_h0, d_c0), Weights(d_w_hh, d_b_hh, d_w_hr), d_extra)
+    return Grads(d_gx, State(d_h0, d_c0), Weights(d_w_hh, d_b_hh, d_w_hr), d_extra, d_norm)
 
 
 def cell_step(cell: Cell, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
