@@ -25,7 +25,7 @@ bool plain_cpu(const Tensor& t, at::ScalarType dt) {
 }
 
 // gx = x W_ih^T + b_ih: [B, G*H]. float32 / float64 operands that are plain contiguous CPU tensors of matching sizes
-// take one BLAS call on b_ih's rows (ATen's addmm costs as much again as the step's own GEMM at B=1 H=64); anything
+// take one StepGemm call on b_ih's rows (a vectorised loop at B = 1, else BLAS) (ATen's addmm costs as much again as the step's own GEMM at B=1 H=64); anything
 // else goes to ATen, whose checks and messages then apply.
 Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih) {
   const auto dt = x.scalar_type();
@@ -35,10 +35,11 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih)
                       (!b_ih.defined() || (plain_cpu(b_ih, dt) && b_ih.dim() == 1 && b_ih.size(0) == w_ih.size(0)));
   if (!direct) return b_ih.defined() ? at::addmm(b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
   const int64_t B = x.size(0), N = w_ih.size(0), K = x.size(1);
-  Tensor gx = b_ih.defined() ? b_ih.expand({B, N}).contiguous() : at::zeros({B, N}, x.options());
+  // (a fresh copy of b_ih's rows: at B = 1 expand(...).contiguous() would be b_ih itself, and the GEMM adds into gx)
+  Tensor gx = b_ih.defined() ? b_ih.expand({B, N}).clone(at::MemoryFormat::Contiguous) : at::zeros({B, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_cell_input_projection", [&] {
-    gemm(false, true, B, N, K, scalar_t(1), x.data_ptr<scalar_t>(), K, w_ih.data_ptr<scalar_t>(), K, scalar_t(1),
-         gx.data_ptr<scalar_t>(), N);
+    const StepGemm<scalar_t> wih(w_ih.data_ptr<scalar_t>(), true, N, K, /*max_m=*/0);  // used once: not packed
+    wih(B, x.data_ptr<scalar_t>(), K, scalar_t(1), gx.data_ptr<scalar_t>(), N);
   });
   return gx;
 }

@@ -120,6 +120,27 @@ def test_matches_torch_float64(kind, extra, bias, grad_of):
         assert_close(ai, ei, F64, 1, f"{kind} result {i}")
 
 
+@pytest.mark.parametrize("B", [1, 2])
+@pytest.mark.parametrize("kind,extra", KINDS)
+def test_operands_are_left_untouched(kind, extra, B):
+    """A call writes only its outputs: the parameters and inputs are unchanged and a second call gives the same
+    result (the projection starts from a copy of b_ih's rows, never from b_ih itself)."""
+    _, ours = _pair(kind, extra, F32, H=64, I=64)
+    gen = torch.Generator().manual_seed(6)
+    x, hx = torch.randn(B, 64, generator=gen), _hx(kind, B, 64, F32, gen)
+    before = [t.detach().clone() for t in (x, *(hx if isinstance(hx, tuple) else (hx,)), *ours.parameters())]
+    with torch.no_grad():
+        first = ours(x, hx)
+        second = ours(x, hx)
+    after = [t.detach() for t in (x, *(hx if isinstance(hx, tuple) else (hx,)), *ours.parameters())]
+    for i, (a, b) in enumerate(zip(after, before, strict=True)):
+        assert torch.equal(a, b), f"{kind} operand {i} changed"
+    for a, b in zip(
+        first if isinstance(first, tuple) else (first,), second if isinstance(second, tuple) else (second,)
+    ):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("shape", ["unbatched", "no-hx", "strided-hx"])
 @pytest.mark.parametrize("kind,extra", KINDS)
 def test_matches_torch_float32_layouts(kind, extra, shape):
