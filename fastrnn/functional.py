@@ -113,6 +113,12 @@ def rnn(
     if cx is not None:
         _check_state("cx", cx, input)
     D = 2 if bidirectional else 1
+    if (
+        name == "cpp" and record is None and batch_sizes is None and norms is None and weights[0][4] is None
+        and input.shape[1 if batch_first else 0] == 1 and input.dtype in CPP_CELL_DTYPES
+        and (dropout == 0 or not training or num_layers == 1) and not torch.compiler.is_compiling()
+    ):  # fmt: skip
+        return _one_step(cell, input, hx, cx, weights, num_layers, D, batch_first)
     if batch_sizes is not None:
         T, B = batch_sizes.numel(), int(batch_sizes[0])
         idx = packed_index(batch_sizes, T, B, input.device)
@@ -156,6 +162,29 @@ def rnn(
         output = x.transpose(0, 1) if batch_first else x
     stack = (lambda xs: xs[0].unsqueeze(0)) if len(h_n) == 1 else torch.stack  # one layer: a view, no copy
     return output, stack(h_n), (stack(c_n) if spec(cell).has_cell_state else None)
+
+
+def _one_step(cell, input, hx, cx, weights, num_layers, D, batch_first):
+    """A layer call of one step (T = 1: streaming, one call per step carrying the state) on the cpp backend's
+    one-call Cell step, layer by layer: a single step is the same in both directions, so each direction is that step
+    from its own initial state. It spares a call the op layer's per-call work (F.linear, the op layer, a Python
+    autograd.Function), which at B = 1 costs more than the step."""
+    step = backends.get("cpp").cell_step
+    c = spec(cell)
+    x = input[:, 0] if batch_first else input[0]  # [B, I]
+    h_n, c_n = [], []
+    for layer in range(num_layers):
+        outs = []
+        for d in range(D):
+            k = layer * D + d
+            w_ih, w_hh, b_ih, b_hh, _ = weights[k]
+            h, cc = step(c, x, hx[k], None if cx is None else cx[k], w_ih, w_hh, b_ih, b_hh)
+            outs.append(h)
+            h_n.append(h)
+            c_n.append(cc)
+        x = outs[0] if D == 1 else torch.cat(outs, 1)
+    output = x.unsqueeze(1) if batch_first else x.unsqueeze(0)
+    return output, torch.stack(h_n), (torch.stack(c_n) if c.has_cell_state else None)
 
 
 def _norm_inputs(cell, x, w_ih, b_ih, b_hh, norm, zoneout, training):

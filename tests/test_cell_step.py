@@ -228,3 +228,51 @@ def test_extension_refuses_bad_arguments(call, msg):
     x, h = torch.randn(2, 4), torch.randn(2, 3)
     with pytest.raises(RuntimeError, match=msg):
         call(x, h, (m.weight_ih.detach(), m.weight_hh.detach()))
+
+
+# ---- layers called one step at a time (T = 1, streaming) take the same one-call step ----
+
+LAYERS = [
+    pytest.param("LSTM", {}, id="lstm"),
+    pytest.param("GRU", {"num_layers": 2, "bidirectional": True}, id="gru-2layer-bidir"),
+    pytest.param("RNN", {"nonlinearity": "relu", "batch_first": True}, id="rnn-relu-batch-first"),
+    pytest.param("LSTM", {"num_layers": 2, "bidirectional": True, "bias": False}, id="lstm-2layer-bidir-nobias"),
+]
+
+
+@pytest.mark.parametrize("kind,extra", LAYERS)
+def test_one_step_layer_matches_torch(kind, extra, monkeypatch):
+    """A T = 1 layer call runs its layers as Cell steps (the op layer never runs) and equals torch.nn, outputs,
+    final states and every gradient, in float64."""
+    monkeypatch.setattr(ops, "recurrence", lambda *a, **k: pytest.fail("the op layer ran"))
+    torch.manual_seed(0)
+    theirs = getattr(nn, kind)(5, 7, **extra).double()
+    ours = getattr(fastrnn, kind)(5, 7, **extra, backend="cpp").double()
+    ours.load_state_dict(theirs.state_dict())
+    L, D = extra.get("num_layers", 1), 2 if extra.get("bidirectional") else 1
+    gen = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 1, 5, generator=gen, dtype=F64)  # [B, T=1, I] with batch_first, else [T=1, B, I]
+    x = x if extra.get("batch_first") else x.transpose(0, 1).contiguous()
+    h0 = torch.randn(L * D, 3, 7, generator=gen, dtype=F64)
+    hx = (h0, torch.randn(L * D, 3, 7, generator=gen, dtype=F64)) if kind == "LSTM" else h0
+    results = []
+    for m in (theirs, ours):
+        xi = x.clone().requires_grad_()
+        hs = [t.clone().requires_grad_() for t in (hx if isinstance(hx, tuple) else (hx,))]
+        out, st = m(xi, tuple(hs) if len(hs) == 2 else hs[0])
+        ys = [out, *(st if isinstance(st, tuple) else (st,))]
+        g = torch.Generator().manual_seed(9)
+        loss = sum((t * torch.randn(t.shape, generator=g, dtype=F64)).sum() for t in ys)
+        results.append(ys + list(torch.autograd.grad(loss, [xi, *hs, *m.parameters()])))
+    for i, (a, e) in enumerate(zip(results[1], results[0], strict=True)):
+        assert_close(a, e, F64, 1, f"{kind} {extra} result {i}")
+
+
+def test_one_step_layer_with_dropout_keeps_the_op_layer(monkeypatch):
+    """Inter-layer dropout in training draws torch.nn's masks on the op layer's path, also at T = 1."""
+    calls = []
+    real = ops.recurrence
+    monkeypatch.setattr(ops, "recurrence", lambda *a, **k: calls.append(1) or real(*a, **k))
+    m = fastrnn.GRU(4, 3, num_layers=2, dropout=0.5, backend="cpp").train()
+    m(torch.randn(1, 2, 4))
+    assert len(calls) == 2
