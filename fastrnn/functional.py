@@ -184,7 +184,8 @@ def _one_step(cell, input, hx, cx, weights, num_layers, D, batch_first):
             c_n.append(cc)
         x = outs[0] if D == 1 else torch.cat(outs, 1)
     output = x.unsqueeze(1) if batch_first else x.unsqueeze(0)
-    return output, torch.stack(h_n), (torch.stack(c_n) if c.has_cell_state else None)
+    stack = (lambda xs: xs[0].unsqueeze(0)) if len(h_n) == 1 else torch.stack  # one layer: a view, no copy
+    return output, stack(h_n), (stack(c_n) if c.has_cell_state else None)
 
 
 def _norm_inputs(cell, x, w_ih, b_ih, b_hh, norm, zoneout, training):
