@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -70,17 +71,22 @@ def test_two_process_ddp_equals_full_batch(tmp_path):
     # The two ranks run in about 10 s; on a loaded 2-core machine their gloo rendezvous has been seen to stall past
     # any timeout (two full-suite runs in six). A stalled attempt is retried once with a fresh store; a rank that
     # fails (rather than stalls) fails the test at once.
+    # The launcher runs in a session of its own, so a stalled attempt is killed with its ranks (killing the launcher
+    # alone left its spawned ranks running, orphaned, past the test and the suite).
     for attempt in range(2):
+        proc = subprocess.Popen(
+            [sys.executable, __file__, str(tmp_path / f"store{attempt}"), out_path],
+            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        )  # fmt: skip
         try:
-            proc = subprocess.run(
-                [sys.executable, __file__, str(tmp_path / f"store{attempt}"), out_path],
-                cwd=root, env=env, capture_output=True, text=True, timeout=150,
-            )  # fmt: skip
+            stdout, stderr = proc.communicate(timeout=150)
             break
         except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
             if attempt == 1:
                 raise
-    assert proc.returncode == 0, f"DDP ranks failed:\n{proc.stdout}\n{proc.stderr}"
+    assert proc.returncode == 0, f"DDP ranks failed:\n{stdout}\n{stderr}"
     got = torch.load(out_path)
     model = _model().double()
     _loss(model, _data()).backward()
