@@ -178,6 +178,37 @@ def test_compare_rule(base, new, verdict):
     assert v.fails == (verdict in ("REGRESSION", "FAILING", "ERROR"))
 
 
+def _shape_rows(ratios: dict[str, float], spread: float = 0.02) -> dict:
+    return _results([_row(r, spread, backend=b) for b, r in ratios.items()])
+
+
+@pytest.mark.parametrize(
+    "new, verdicts",
+    [
+        # torch.nn got faster on this machine: every backend's ratio fell by about as much: drift, not a regression
+        pytest.param(
+            {"reference": 0.8, "cpp": 1.6, "numba": 1.2}, ["drift", "drift", "drift"], id="shared-drop-is-drift"
+        ),
+        # one backend fell and its peers did not: a regression, with or without the control
+        pytest.param({"reference": 1.0, "cpp": 1.4, "numba": 1.5}, ["ok", "REGRESSION", "ok"], id="one-backend"),
+        # one backend fell twice as far as its peers: a regression relative to them too
+        pytest.param(
+            {"reference": 0.85, "cpp": 1.1, "numba": 1.275}, ["noisy", "REGRESSION", "noisy"], id="past-the-drift"
+        ),
+    ],
+)
+def test_compare_drift_control(new, verdicts):
+    """The drift control: a drop the shape's other backends share (torch.nn's time moved against all of them) is
+    reported as drift; a backend falling apart from its peers still fails."""
+    base = _shape_rows({"reference": 1.0, "cpp": 2.0, "numba": 1.5})
+    got = report.compare(base, _shape_rows(new, spread=0.3 if "noisy" in verdicts else 0.02))
+    assert [v.verdict for v in got] == verdicts
+    assert all(v.fails == (v.verdict == "REGRESSION") for v in got)
+    # a lone backend on its shape has no peers: judged on its ratio alone
+    alone = report.compare(_shape_rows({"cpp": 2.0}), _shape_rows({"cpp": 1.6}))
+    assert [v.verdict for v in alone] == ["REGRESSION"]
+
+
 def _results(rows: list[dict]) -> dict:
     torch_rows = [dict(r, backend=YARDSTICK, ratio_vs_torch=1.0, ratio_q25=1.0, ratio_q75=1.0) for r in rows]
     return {"schema": results.SCHEMA, "rows": torch_rows + rows}
@@ -508,6 +539,27 @@ def test_merged_runs_pool_samples_and_widen_the_spread():
     assert report.relative_spread(numba) > 0.5  # run-to-run drift shows up as spread
     failing = dict(_row(1.0, 0.0, status="FAILING"), samples_ms=[], flops=1)
     assert timing.merge_runs([run([2.0], [1.0]), [run([2.0], [1.0])[0], failing]])[1]["status"] == "FAILING"
+
+
+def test_pool_with_an_earlier_run_of_the_same_grid():
+    """run --pool-with: the earlier file's samples join this run's (its runs counted), and a file of another grid
+    is refused rather than spliced."""
+
+    def run(torch_ms: list[float], numba_ms: list[float], runs: int = 1) -> dict:
+        t = dict(_row(1.0, 0.0, backend=YARDSTICK), samples_ms=torch_ms, flops=10**6, max_err=0.0, runs=runs)
+        n = dict(_row(1.0, 0.0), samples_ms=numba_ms, flops=10**6, max_err=1e-7, runs=runs)
+        return {"rows": [t, n], "runs": runs, "created": "then", "git": {"commit": "abc"}}
+
+    data, earlier = run([2.0] * 4, [1.0] * 4), run([2.0] * 4, [0.5] * 4, runs=3)
+    runner.pool_with(data, earlier, "old.json")
+    numba = data["rows"][1]
+    assert data["runs"] == 4 and numba["runs"] == 4 and numba["repeats"] == 8
+    assert numba["ratio_q25"] == pytest.approx(2.0) and numba["ratio_q75"] == pytest.approx(4.0)
+    assert data["pooled_with"] == {"path": "old.json", "created": "then", "commit": "abc", "runs": 3}
+    other = run([2.0], [1.0])
+    other["rows"][1]["H"] = 512
+    with pytest.raises(results.BenchError, match="--pool-with old.json: it holds 1 configuration"):
+        runner.pool_with(run([2.0], [1.0]), other, "old.json")
 
 
 # ------------------------------------------------------------------------------- the ONNX Runtime peer

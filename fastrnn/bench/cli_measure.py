@@ -101,9 +101,12 @@ def cmd_run(args: argparse.Namespace) -> int:
         f"{PROG} run: {len(cases)} cases x {', '.join(names)} ({tag}; repeats {settings.repeats})",
         file=sys.stderr,
     )
+    earlier = results.load(Path(args.pool_with)) if args.pool_with else None
     data = runner.execute(
         cases, names, settings, explicit, device, tag, not args.no_progress, args.runs, args.command_line
     )
+    if earlier is not None:
+        runner.pool_with(data, earlier, args.pool_with)
     results.save(data, out)
     load = data["load_avg_1min"]["start"]
     cores = data["machine"]["cores"]
@@ -168,6 +171,12 @@ def add_run_flags(r: argparse.ArgumentParser) -> None:
         default=1,
         help="measure the whole grid this many times and pool the "
         "samples, so the ratio's spread includes run-to-run drift (use 3 for a stored baseline)",
+    )
+    r.add_argument(
+        "--pool-with",
+        metavar="RESULTS",
+        help="pool this run's samples with those of an earlier results file of the same grid (for a baseline of "
+        "unchanged code re-measured on another machine instance or day, so its spread covers that drift too)",
     )
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     r.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the full preset")

@@ -6,6 +6,7 @@ Plain Python on results files (results.py): nothing here imports torch or fastrn
 from __future__ import annotations
 
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -188,7 +189,7 @@ def summary(data: dict) -> str:
 @dataclass
 class Verdict:
     key: tuple
-    verdict: str  # ok | REGRESSION | noisy | improved | FAILING | ERROR | new | missing | skipped
+    verdict: str  # ok | REGRESSION | drift | noisy | improved | FAILING | ERROR | new | missing | skipped
     base_ratio: float | None = None
     new_ratio: float | None = None
     change: float | None = None  # new/base - 1
@@ -214,10 +215,17 @@ def judge(
     threshold: float = DEFAULT_THRESHOLD,
     noise_k: float = DEFAULT_NOISE_K,
     noise_cap: float = DEFAULT_NOISE_CAP,
+    peer_drift: float | None = None,
 ) -> Verdict:
     """The rule: a configuration regresses when its speed-up ratio drops by more than `threshold` AND by more
     than the noise allowance  min(noise_k * sqrt(s_base^2 + s_new^2), noise_cap)  where s is each file's
-    relative ratio IQR. The cap (default 50%) means a slowdown past 2x always fails, however noisy the runs."""
+    relative ratio IQR. The cap (default 50%) means a slowdown past 2x always fails, however noisy the runs.
+
+    `peer_drift` is the drift control: the median new/base ratio of the other fastrnn backends on the same shape
+    in the same two files. torch.nn is every ratio's denominator, and on another machine instance (or another
+    hour) its time moves by 20-40% against all of them at once. A drop that the shape's other backends share
+    is that drift, not this backend's: such a row is a regression only if it also drops past the threshold and
+    the allowance relative to its peers (verdict "drift" otherwise, reported, not failing)."""
     row = new or base
     assert row is not None
     key = row_key(row)
@@ -235,6 +243,13 @@ def judge(
     drop = -change
     if drop > threshold and drop > allowance:
         verdict = "REGRESSION"
+        if peer_drift is not None:
+            rel_drop = 1 - (n / b) / peer_drift
+            if not (rel_drop > threshold and rel_drop > allowance):
+                verdict = "drift"
+                return Verdict(
+                    key, verdict, b, n, change, allowance, f"the shape's other backends moved {peer_drift - 1:+.0%}"
+                )
     elif drop > threshold:
         verdict = "noisy"
     elif change > threshold:
@@ -256,7 +271,22 @@ def compare(
     b_rows = {row_key(r): r for r in base["rows"] if r["backend"] not in NOT_GATED}
     n_rows = {row_key(r): r for r in new["rows"] if r["backend"] not in NOT_GATED}
     keys = list(b_rows) + [k for k in n_rows if k not in b_rows]
-    return [judge(b_rows.get(k), n_rows.get(k), threshold, noise_k, noise_cap) for k in keys]
+    moves = defaultdict(dict)  # shape -> backend -> new ratio / base ratio, for the drift control
+    for k in keys:
+        b, n = b_rows.get(k), n_rows.get(k)
+        if b and n and b["status"] == n["status"] == "ok" and b.get("ratio_vs_torch") and n.get("ratio_vs_torch"):
+            moves[_shape_key(k)][k[1]] = n["ratio_vs_torch"] / b["ratio_vs_torch"]
+
+    def peer_drift(k: tuple) -> float | None:
+        others = [m for name, m in moves[_shape_key(k)].items() if name != k[1]]
+        return statistics.median(others) if others else None
+
+    return [judge(b_rows.get(k), n_rows.get(k), threshold, noise_k, noise_cap, peer_drift(k)) for k in keys]
+
+
+def _shape_key(key: tuple) -> tuple:
+    """A row key without its backend: the case every backend of a run times against the same torch.nn row."""
+    return key[:1] + key[2:]
 
 
 def compare_table(verdicts: list[Verdict], threshold: float) -> str:

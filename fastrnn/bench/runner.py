@@ -19,9 +19,9 @@ import sys
 import time
 from collections.abc import Iterable, Sequence
 
-from fastrnn.bench import correctness, machine, timing, workload
+from fastrnn.bench import correctness, machine, results, timing, workload
 from fastrnn.bench.configs import Case
-from fastrnn.bench.results import ORT, YARDSTICK
+from fastrnn.bench.results import ORT, YARDSTICK, BenchError
 from fastrnn.bench.timing import Settings, Timer
 
 # a row's measured fields, None until measured (repeats and number: 0)
@@ -158,3 +158,23 @@ def execute(
     data["elapsed_s"] = round(time.perf_counter() - t0, 1)
     data["rows"] = rows
     return data
+
+
+def pool_with(data: dict, earlier: dict, label: str) -> None:
+    """Pool `data`'s rows with an earlier results file's (timing.merge_runs), in place. The two must hold the same
+    configurations: pooling is for re-measuring unchanged code, not for splicing grids."""
+    keys = {results.row_key(r) for r in data["rows"]}
+    old = {results.row_key(r) for r in earlier["rows"]}
+    if keys != old:
+        raise BenchError(
+            f"--pool-with {label}: it holds {len(old - keys)} configuration(s) this run does not and lacks "
+            f"{len(keys - old)} that it has; pool only runs of the same grid"
+        )
+    data["rows"] = timing.merge_runs([earlier["rows"], data["rows"]])
+    data["runs"] = data["runs"] + earlier.get("runs", 1)
+    data["pooled_with"] = {
+        "path": label,
+        "created": earlier.get("created"),
+        "commit": (earlier.get("git") or {}).get("commit"),
+        "runs": earlier.get("runs", 1),
+    }

@@ -132,12 +132,13 @@ def merge_runs(runs: Sequence[Sequence[dict]]) -> list[dict]:
         rs = by_key[k]
         bad = [r for r in rs if r["status"] != "ok"]
         if bad or len(rs) == 1:
-            merged.append(dict(bad[0] if bad else rs[0], runs=len(rs)))
+            merged.append(dict(bad[0] if bad else rs[0], runs=sum(r.get("runs", 1) for r in rs)))
             continue
         ts = torch_runs.get(k[:-1], [])
         s = [x for r in rs for x in r["samples_ms"]]
         ratios = [x for t, r in zip(ts, rs, strict=False) for x in paired_ratios(t, r["samples_ms"])]
-        row = dict(rs[0], **summarize(s, ratios, [x for t in ts for x in t]), samples_ms=s, runs=len(rs))
+        n_runs = sum(r.get("runs", 1) for r in rs)
+        row = dict(rs[0], **summarize(s, ratios, [x for t in ts for x in t]), samples_ms=s, runs=n_runs)
         row["gflops"] = row["flops"] / (row["median_ms"] * 1e-3) / 1e9
         row["max_err"] = max(r.get("max_err") or 0.0 for r in rs)
         ort = ort_runs.get(k[:-1], [])
