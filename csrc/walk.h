@@ -420,6 +420,11 @@ inline bool packs_w(const Walk& w) { return w.T > 1; }
 // A thread's share of a region should carry about this many flops: waking a thread costs a few microseconds, and AMX
 // runs 2^20 flops in about one.
 constexpr int64_t kTaskFlops = int64_t(1) << 21;
+// What reading one byte of a task's W block costs, in flops of the same time: AMX's ~1 TFLOP/s a core against its L2's
+// ~100 GB/s. A block's bytes (K x its columns in bfloat16) equal its flops per row, so a task of `rows` rows costs
+// flops_per_row * (rows + kWeightByteFlops). Counting flops alone ran a B = 1 step on one thread: LSTM H=512 read
+// all 2 MB of packed W_hh from one core's 2 MB L2 each step (40 us a step, against 11 us split over both cores).
+constexpr int64_t kWeightByteFlops = 10;
 
 struct UnitTasks {
   int64_t nb, rows, n, count, grain;  // unit blocks, rows per chunk, rows in all, tasks, tasks per thread at least
@@ -440,7 +445,8 @@ inline UnitTasks unit_tasks(int64_t n, int64_t nb, int64_t flops_per_row) {
   if (nb < threads) chunks = std::max<int64_t>(1, std::min(threads / nb, n / 16));
   const int64_t rows = (n + chunks - 1) / chunks;
   chunks = (n + rows - 1) / rows;
-  const int64_t grain = std::max<int64_t>(1, kTaskFlops / std::max<int64_t>(flops_per_row * rows, 1));
+  const int64_t cost = flops_per_row * (rows + kWeightByteFlops);
+  const int64_t grain = std::max<int64_t>(1, kTaskFlops / std::max<int64_t>(cost, 1));
   return {nb, rows, n, nb * chunks, grain};
 }
 
