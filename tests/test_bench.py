@@ -427,6 +427,40 @@ def test_wrong_gradient_is_failing(monkeypatch):
     assert bad["status"] == "FAILING" and "grad_weight_hh" in bad["note"]
 
 
+def test_half_precision_cases_are_judged_against_float64(monkeypatch):
+    """A bfloat16 case: each tensor may be off float64 by at most 2x torch.nn's own bfloat16 error (or the
+    tolerance), so a kernel more exact than torch.nn passes where torch.nn itself is far off, and a wrong one
+    still fails; the torch.nn row reports its own error against float64."""
+    e = torch.linspace(-1, 1, 64, dtype=torch.float64)
+    exact, tol = {"out": e}, 1e-3
+    torch_off = {"out": e + 0.1}  # torch.nn's own half-precision result, far off
+    assert correctness.compare_half(torch_off, {"out": e + 1e-4}, exact, tol)[0]  # more exact than torch.nn
+    assert correctness.compare_half(torch_off, {"out": e + 0.15}, exact, tol)[0]  # within 2x of torch.nn's error
+    ok, err, why = correctness.compare_half(torch_off, {"out": e + 0.3}, exact, tol)
+    assert not ok and err == pytest.approx(0.3) and "above 2x torch.nn's own 1.00e-01" in why
+    assert not correctness.compare_half({"out": e}, {"out": e + 2e-3}, exact, tol)[0]  # tol floors the bar
+    case = Case("lstm", "training", 3, 2, 8, 8, dtype="bfloat16", threads=1)
+    rows = runner.measure_case(case, ["reference"], QUICK, None)
+    by = {r["backend"]: r for r in rows}
+    assert by["reference"]["status"] == "ok" and 0 < by["reference"]["max_err"] < 0.05
+    assert 0 < by[YARDSTICK]["max_err"] < 0.05  # torch.nn's bfloat16 error against float64
+    wl = workload.Workload(case)
+    got = correctness.exact_outputs(wl, wl.module_for(YARDSTICK))
+    assert got["out"].dtype == torch.float64 and "grad_weight_hh_l0" in got
+    assert correctness.exact_outputs(workload.Workload(dataclasses.replace(case, dtype="float32")), wl.module) is None
+    # a wrong bfloat16 gradient still fails, named against float64
+    ref = fr_backends.get("reference")
+    real_backward = ref.backward
+
+    def wrong_backward(*args, **kwargs):
+        g = real_backward(*args, **kwargs)
+        return g._replace(d_weights=g.d_weights._replace(w_hh=g.d_weights.w_hh * 1.5))
+
+    monkeypatch.setattr(ref, "backward", wrong_backward)
+    bad = runner.measure_case(case, ["reference"], QUICK, None)[-1]
+    assert bad["status"] == "FAILING" and "differs from float64 torch.nn: grad_weight_hh" in bad["note"], bad
+
+
 def _with(t: torch.Tensor, **at: float) -> torch.Tensor:
     """A copy of t with the given flat positions (p0=..., p5=...) set."""
     t = t.clone()
