@@ -461,6 +461,32 @@ def test_half_precision_cases_are_judged_against_float64(monkeypatch):
     assert bad["status"] == "FAILING" and "differs from float64 torch.nn: grad_weight_hh" in bad["note"], bad
 
 
+@pytest.mark.parametrize(
+    "cell, mode", [("lstm", "training"), ("gru", "inference"), ("rnn_tanh_cell", "training"), ("lstm", "streaming")]
+)
+def test_case_gemms_are_its_flops(cell, mode):
+    """The products the efficiency column times are exactly the ones Case.flops() counts."""
+    case = Case(cell, mode, 5, 3, 8, 6)
+    assert sum(2 * M * K * N * n for M, K, N, n in case.gemms()) == case.flops()
+
+
+def test_efficiency_column(tmp_path, capsys):
+    """run --efficiency: every timed row carries gemm_ms (the same products alone, torch.mm) and gemm_eff =
+    gemm_ms / its median time; the tables show both the row's and torch.nn's."""
+    out = tmp_path / "e.json"
+    argv = ["run", "--cells", "lstm", "--backends", "reference", "--modes", "inference", "--T", "2", "--B", "16",
+            "--H", "8", "--threads", "1", "--repeats", "2", "--warmup", "0", "--max-seconds", "0.2",
+            "--min-sample-ms", "0", "--no-progress", "--peers", "none", "--efficiency", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "GEMM eff" in printed and "torch.nn GEMM eff" in printed
+    rows = results.load(out)["rows"]
+    assert len(rows) == 2
+    for r in rows:
+        assert r["gemm_ms"] > 0 and r["gemm_eff"] == pytest.approx(r["gemm_ms"] / r["median_ms"])
+    assert "| GEMM eff | torch.nn GEMM eff |" in tables.shapes_table(results.load(out))
+
+
 def _with(t: torch.Tensor, **at: float) -> torch.Tensor:
     """A copy of t with the given flat positions (p0=..., p5=...) set."""
     t = t.clone()

@@ -103,8 +103,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     earlier = results.load(Path(args.pool_with)) if args.pool_with else None
     data = runner.execute(
-        cases, names, settings, explicit, device, tag, not args.no_progress, args.runs, args.command_line
-    )
+        cases, names, settings, explicit, device, tag, not args.no_progress, args.runs, args.command_line,
+        args.efficiency,
+    )  # fmt: skip
     if earlier is not None:
         runner.pool_with(data, earlier, args.pool_with)
     results.save(data, out)
@@ -177,6 +178,12 @@ def add_run_flags(r: argparse.ArgumentParser) -> None:
         metavar="RESULTS",
         help="pool this run's samples with those of an earlier results file of the same grid (for a baseline of "
         "unchanged code re-measured on another machine instance or day, so its spread covers that drift too)",
+    )
+    r.add_argument(
+        "--efficiency",
+        action="store_true",
+        help="also time each case's matrix products alone (torch.mm of the same shapes and dtype) and report "
+        "gemm_eff = that time / the row's time, a GEMM column in the table",
     )
     r.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     r.add_argument("--no-compile", action="store_true", help="leave torch.compile out of the full preset")

@@ -95,6 +95,19 @@ class Case:
         fwd = 2 * self.T * self.B * cell_spec(self.cell).G * self.H * (self.I + self.H)
         return 3 * fwd if self.mode == "training" else fwd
 
+    def gemms(self) -> list[tuple[int, int, int, int]]:
+        """The matrix products of one call as (M, K, N, count), [M, K] x [K, N] `count` times; their flops sum to
+        flops(). Forward: the input projection of all T*B rows at once (per step for a Cell class or streaming,
+        which see one step a call) and T step products h W_hh^T. Training adds T step products d_gates W_hh and
+        the three whole-sequence products d W_hh, d W_ih and d x."""
+        T, B, H, I = self.T, self.B, self.H, self.I
+        GH = cell_spec(self.cell).G * H
+        per_step = is_cell_class(self.cell) or self.mode == STREAMING
+        prods = [(B, I, GH, T) if per_step else (T * B, I, GH, 1), (B, H, GH, T)]
+        if self.mode == "training":
+            prods += [(B, GH, H, T), (GH, T * B, H, 1), (GH, T * B, I, 1), (T * B, GH, I, 1)]
+        return prods
+
     def as_dict(self) -> dict:
         return asdict(self)
 

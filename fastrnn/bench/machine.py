@@ -122,6 +122,34 @@ def gemm_rate(
     return 2 * n**3 / max(best, 1e-9) / 1e9
 
 
+def layer_gemm_ms(case, clock: str, repeats: int = 5) -> float:
+    """Median ms of one call's matrix products alone (case.gemms()), each a torch.mm of its shape in the case's
+    dtype, run back to back on the case's threads: the measured GEMM time of the same shapes, against which a
+    row's time gives its GEMM efficiency (runner.py's docstring)."""
+    dt = getattr(torch, case.dtype)
+    ops = []
+    for M, K, N, count in case.gemms():
+        a = torch.randn(M, K, device=case.device).to(dt)
+        b = torch.randn(K, N, device=case.device).to(dt)
+        ops.append((a, b, torch.empty(M, N, dtype=dt, device=case.device), count))
+
+    def run() -> None:
+        for a, b, c, count in ops:
+            for _ in range(count):
+                torch.mm(a, b, out=c)
+
+    now = CLOCKS[clock]
+    run()
+    sync(case.device)
+    samples = []
+    for _ in range(repeats):
+        t0 = now()
+        run()
+        sync(case.device)
+        samples.append(now() - t0)
+    return sorted(samples)[len(samples) // 2] * 1e3
+
+
 def measure_gemm(
     threads: Sequence[int], H: Sequence[int], device: str, clock: str = "auto"
 ) -> tuple[int, dict[int, float]]:

@@ -63,6 +63,10 @@ def _times(x: float | None) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def pct(x: float | None) -> str:
+    return "-" if x is None else f"{x * 100:.0f}%"
+
+
 def has_vs_ort(rows: Iterable[dict]) -> bool:
     """Does any row carry a ratio against the onnxruntime peer?"""
     return any(r.get("ratio_vs_ort") for r in rows)
@@ -74,6 +78,7 @@ def results_table(data: dict) -> str:
     timed, its own row (ratio = torch.nn time / ORT time) and a column "vs ORT" = ORT time / backend time."""
     rows = data["rows"]
     vs_ort = has_vs_ort(rows)
+    eff = any(r.get("gemm_eff") is not None for r in rows)
     torch_rows = {case_key(r): r for r in rows if r["backend"] == YARDSTICK}
     with_peer = {case_key(r) for r in rows if r["backend"] != YARDSTICK}
     # a case no backend could time still shows torch.nn's own time
@@ -95,6 +100,7 @@ def results_table(data: dict) -> str:
                     *([""] if vs_ort else []),
                     "",
                     "",
+                    *(["", ""] if eff else []),
                 ]
             )
             continue
@@ -112,11 +118,14 @@ def results_table(data: dict) -> str:
                 *([_times(r.get("ratio_vs_ort"))] if vs_ort else []),
                 fmt(r.get("gflops"), ".2f"),
                 fmt(r.get("gemm_gflops"), ".1f"),
+                *([pct(r.get("gemm_eff")), pct(t.get("gemm_eff"))] if eff else []),
             ]
         )
     headers = ["case", "shape", "backend", "torch ms", "ms", "ratio", "ratio IQR", "GFLOP/s", "sgemm GFLOP/s"]
     if vs_ort:
         headers.insert(7, "vs ORT")
+    if eff:  # run --efficiency: the call's GEMMs alone (torch.mm, same shapes) / the call, this row's and torch.nn's
+        headers += ["GEMM eff", "torch.nn GEMM eff"]
     return _table(headers, lines)
 
 

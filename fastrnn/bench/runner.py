@@ -7,6 +7,11 @@ Row fields besides the case's (cell, mode, T, B, H, I, dtype, threads, device) a
     note              why a row is not ok; for auto, the backend fastrnn chose
     flops, gflops     Case.flops() and Case.flops() / median time; gemm_gflops: the machine's measured GEMM rate
     peak_mem_bytes    Workload.peak_memory (peak_mem_kind says which of its two definitions)
+    gemm_ms, gemm_eff (run --efficiency) the time of the call's matrix products alone, each a torch.mm of its
+                      shape in the case's dtype on the same threads (machine.layer_gemm_ms, Case.gemms), and
+                      gemm_ms / median_ms: a lower bound on the rate the row's GEMMs ran at, as a fraction of the
+                      measured rate of the same shapes (it counts the pointwise work and the rest as GEMM time).
+                      1.0 would be an implementation doing nothing but those products at torch.mm's rate
     max_err           correctness.py's docstring
     ratio_vs_ort, ratio_vs_ort_q25/q75, ort_median_ms
                       where the onnxruntime peer is timed on the case (timing.py's docstring); None elsewhere
@@ -27,7 +32,8 @@ from fastrnn.bench.timing import Settings, Timer
 # a row's measured fields, None until measured (repeats and number: 0)
 _MEASURED = (
     "median_ms", "q25_ms", "q75_ms", "min_ms", "max_ms", "torch_median_ms", "ratio_vs_torch", "ratio_q25", "ratio_q75",
-    "gflops", "gemm_gflops", "peak_mem_bytes", "peak_mem_kind", "max_err", *timing.VS_ORT_FIELDS,
+    "gflops", "gemm_gflops", "gemm_ms", "gemm_eff", "peak_mem_bytes", "peak_mem_kind", "max_err",
+    *timing.VS_ORT_FIELDS,
 )  # fmt: skip
 
 
@@ -39,8 +45,10 @@ def _row(case: Case, backend: str, status: str, note: str = "", **fields) -> dic
     return row
 
 
-def measure_case(case: Case, names: Iterable[str], settings: Settings, gemm_gflops: float | None) -> list[dict]:
-    """Rows for torch.nn and each implementation in `names` on one case."""
+def measure_case(
+    case: Case, names: Iterable[str], settings: Settings, gemm_gflops: float | None, efficiency: bool = False
+) -> list[dict]:
+    """Rows for torch.nn and each implementation in `names` on one case (efficiency: with gemm_ms, gemm_eff)."""
     machine.set_threads(case.threads)
     wl = workload.Workload(case)
     torch_mod = wl.module_for(YARDSTICK)
@@ -75,6 +83,7 @@ def measure_case(case: Case, names: Iterable[str], settings: Settings, gemm_gflo
     machine.set_threads(case.threads)  # again: a backend's first call may have just imported numba (all cores)
     timing.time_interleaved(timers, settings, case.device, clock)
     t_torch = [x * 1e3 for x in timers[0].samples]
+    gemm_ms = machine.layer_gemm_ms(case, clock) if efficiency else None
     for tm in timers:
         row = rows.get(tm.name) or _row(case, tm.name, "ok", max_err=0.0)
         rows[tm.name] = row
@@ -93,6 +102,8 @@ def measure_case(case: Case, names: Iterable[str], settings: Settings, gemm_gflo
             peak_mem_bytes=peak,
             peak_mem_kind=kind,
         )
+        if gemm_ms is not None:
+            row.update(gemm_ms=gemm_ms, gemm_eff=gemm_ms / row["median_ms"])
     ort = next((tm for tm in timers if tm.name == ORT and rows[ORT]["status"] == "ok"), None)
     if ort is not None:  # every other implementation against the peer, round by round as against torch.nn
         t_ort = [x * 1e3 for x in ort.samples]
@@ -110,6 +121,7 @@ def run_cases(
     explicit: bool,
     gemm: dict[int, float],
     progress: bool,
+    efficiency: bool = False,
 ) -> list[dict]:
     rows: list[dict] = []
     bar = None
@@ -123,7 +135,9 @@ def run_cases(
     for case in cases:
         if bar is not None:
             bar.set_description(case.label())
-        rows += measure_case(case, workload.for_case(case, names, explicit), settings, gemm.get(case.threads))
+        rows += measure_case(
+            case, workload.for_case(case, names, explicit), settings, gemm.get(case.threads), efficiency
+        )
         if bar is not None:
             bar.update()
     if bar is not None:
@@ -145,13 +159,14 @@ def execute(
     progress: bool,
     runs: int = 1,
     command: str | None = None,
+    efficiency: bool = False,
 ) -> dict:
     """Measure `cases` (the whole grid `runs` times, pooled) and return a complete results object."""
     t0 = time.perf_counter()
     load0 = _load()
     threads = sorted({c.threads for c in cases})
     n, rates = machine.measure_gemm(threads, [c.H for c in cases], device, settings.clock)
-    runs_rows = [run_cases(cases, names, settings, explicit, rates, progress) for _ in range(runs)]
+    runs_rows = [run_cases(cases, names, settings, explicit, rates, progress, efficiency) for _ in range(runs)]
     rows = runs_rows[0] if runs == 1 else timing.merge_runs(runs_rows)
     data = machine.header(device, preset, settings, n, rates[threads[0]], threads[0], command)
     data["gemm"]["gflops_by_threads"] = {str(k): v for k, v in rates.items()}

@@ -16,7 +16,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from fastrnn.bench.report import Group, fmt, has_vs_ort, ratio_groups
+from fastrnn.bench.report import Group, fmt, has_vs_ort, pct, ratio_groups
 from fastrnn.bench.results import ORT, YARDSTICK, BenchError, case_key
 
 PROG = "fastrnn-bench"
@@ -149,11 +149,13 @@ def shapes_table(data: dict) -> str:
     """One line per cell x mode x shape x backend; where the onnxruntime peer was timed, a column "vs ORT"
     (onnxruntime time / backend time, same rounds)."""
     vs_ort = has_vs_ort(data["rows"])
+    eff = any(r.get("gemm_eff") is not None for r in data["rows"])  # run --efficiency
     lines = [
         "| cell | mode | T | B | H | threads | backend | torch.nn ms | backend ms | ratio | "
         + ("vs ORT | " if vs_ort else "")
-        + "GFLOP/s |",
-        "|---|---|--:|--:|--:|--:|---|--:|--:|--:|" + ("--:|" if vs_ort else "") + "--:|",
+        + "GFLOP/s |"
+        + (" GEMM eff | torch.nn GEMM eff |" if eff else ""),
+        "|---|---|--:|--:|--:|--:|---|--:|--:|--:|" + ("--:|" if vs_ort else "") + "--:|" + ("--:|--:|" if eff else ""),
     ]
     torch_rows = {case_key(r): r for r in data["rows"] if r["backend"] == YARDSTICK}
     for r in data["rows"]:
@@ -167,6 +169,8 @@ def shapes_table(data: dict) -> str:
         if vs_ort:
             ort = r.get("ratio_vs_ort")
             cells.insert(2, "-" if r["status"] != "ok" or not ort else f"{ort:.2f}x")
+        if eff:
+            cells += [pct(r.get("gemm_eff") if r["status"] == "ok" else None), pct(t.get("gemm_eff"))]
         lines.append(
             f"| {r['cell']} | {r['mode']} | {r['T']} | {r['B']} | {r['H']} | {r['threads']} | {r['backend']} | "
             f"{fmt(t.get('median_ms'), '.3f')} | " + " | ".join(cells) + " |"
