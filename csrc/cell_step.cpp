@@ -117,6 +117,30 @@ struct CellStep : public torch::autograd::Function<CellStep> {
   }
 };
 
+std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+// What torch's _VF.*_cell checks of a step's sizes, dtypes and devices, with its messages (RuntimeError), before any
+// memory is touched: so the Python side of a Cell call need not (functional.cell_step's fast path).
+void check_torch_cell_args(const Tensor& x, const Tensor& h, const OptTensor& c, const Tensor& w_ih,
+                           const Tensor& w_hh) {
+  TORCH_CHECK(w_hh.dim() == 2, "fastrnn: cell_step takes w_hh [G*H, H], got ", shape_str(w_hh.sizes()));
+  const int64_t H = w_hh.size(1);
+  TORCH_CHECK(x.size(1) == w_ih.size(1), "input has inconsistent input_size: got ", x.size(1), " expected ",
+              w_ih.size(1));
+  auto state = [&](const Tensor& s, int i) {
+    TORCH_CHECK(s.dim() == 2, "fastrnn: cell_step takes hidden", i, " [B, H], got ", shape_str(s.sizes()));
+    TORCH_CHECK(s.size(0) == x.size(0), "Input batch size ", x.size(0), " doesn't match hidden", i, " batch size ",
+                s.size(0));
+    TORCH_CHECK(s.size(1) == H, "hidden", i, " has inconsistent hidden_size: got ", s.size(1), ", expected ", H);
+    TORCH_CHECK(s.scalar_type() == x.scalar_type(), "hidden", i, " dtype ", dtype_name(s.scalar_type()),
+                " does not match input dtype ", dtype_name(x.scalar_type()));
+    TORCH_CHECK(s.device() == x.device(), "hidden", i, " is on ", s.device(), " but input is on ", x.device(),
+                "; expected both on one device");
+  };
+  state(h, 0);
+  if (c.has_value() && c->defined()) state(*c, 1);
+}
+
 }  // namespace
 
 std::vector<Tensor> cell_step(int64_t cell_id, const Tensor& x, const Tensor& h, const OptTensor& c,
@@ -126,6 +150,7 @@ std::vector<Tensor> cell_step(int64_t cell_id, const Tensor& x, const Tensor& h,
               kLstm, "..", kRnnRelu, "), got ", cell_id);
   TORCH_CHECK(x.dim() == 2 && w_ih.dim() == 2, "fastrnn: cell_step takes x [B, I] and w_ih [G*H, I], got ",
               shape_str(x.sizes()), " and ", shape_str(w_ih.sizes()));
+  check_torch_cell_args(x, h, c, w_ih, w_hh);
   // the walk takes contiguous states and W_hh (a copy here is part of the graph when autograd records)
   const Tensor hh = h.contiguous(), whh = w_hh.contiguous();
   const OptTensor cc = c.has_value() && c->defined() ? OptTensor(c->contiguous()) : OptTensor();

@@ -230,7 +230,7 @@ def cell_step(
     name = backends.select(cell, input.dtype, input.device, backend)
     if name == "cpp" and record is None and input.dtype in CPP_CELL_DTYPES and not torch.is_autocast_enabled("cpu"):
         if not torch.compiler.is_compiling():  # (torch.compile traces the op layer below instead)
-            _check_cell_args(input, hx, cx, w_ih, w_hh)
+            # the extension runs _check_cell_args's checks itself, with its messages, before it touches memory
             return backends.get(name).cell_step(spec(cell), input, hx, cx, w_ih, w_hh, b_ih, b_hh)
     if name == "torch":
         result = backends.get(name).cell(spec(cell), input, hx, cx, w_ih, w_hh, b_ih, b_hh)
@@ -253,7 +253,8 @@ def cell_step(
 
 
 def _check_cell_args(input: Tensor, hx: Tensor, cx: Tensor | None, w_ih: Tensor, w_hh: Tensor) -> None:
-    """What torch's _VF.*_cell checks of a step's sizes, dtypes and devices, with its messages."""
+    """What torch's _VF.*_cell checks of a step's sizes, dtypes and devices, with its messages (the cpp one-call
+    step checks the same in C++: csrc/cell_step.cpp check_torch_cell_args)."""
     H = w_hh.shape[1]
     if input.shape[1] != w_ih.shape[1]:
         raise RuntimeError(f"input has inconsistent input_size: got {input.shape[1]} expected {w_ih.shape[1]}")

@@ -215,13 +215,23 @@ def test_fp32_bf16_gemm_opt_in_reaches_cells(monkeypatch):
     [
         (lambda x, h, w: _C.cell_step(4, x, h, None, w[0], w[1], None, None), "Cell classes' cells"),
         (lambda x, h, w: _C.cell_step(1, x[None], h, None, w[0], w[1], None, None), r"x \[B, I\]"),
-        (lambda x, h, w: _C.cell_step(1, x, h[:, :2], None, w[0], w[1], None, None), "h0"),
+        (
+            lambda x, h, w: _C.cell_step(1, x, h[:, :2], None, w[0], w[1], None, None),
+            "hidden0 has inconsistent hidden_size",
+        ),
         (lambda x, h, w: _C.cell_step(1, x, h, None, w[0], w[1][:3], None, None), "w_hh"),
-        (lambda x, h, w: _C.cell_step(1, x, h, None, w[0][:, :2], w[1], None, None), ""),
+        (
+            lambda x, h, w: _C.cell_step(1, x, h, None, w[0][:, :2], w[1], None, None),
+            "input has inconsistent input_size",
+        ),
+        (
+            lambda x, h, w: _C.cell_step(1, x, h[:1], None, w[0], w[1], None, None),
+            "Input batch size 2 doesn't match hidden0",
+        ),
         (lambda x, h, w: _C.cell_step(1, x, h.double(), None, w[0], w[1], None, None), "dtype"),
         (lambda x, h, w: _C.cell_step(0, x, h, None, w[0].new_zeros(12, 4), w[1].new_zeros(12, 3), None, None), "c0"),
     ],
-    ids=["ln-cell", "x-rank", "h-shape", "w_hh-shape", "w_ih-shape", "h-dtype", "lstm-without-c"],
+    ids=["ln-cell", "x-rank", "h-shape", "w_hh-shape", "w_ih-shape", "h-batch", "h-dtype", "lstm-without-c"],
 )
 def test_extension_refuses_bad_arguments(call, msg):
     m = fastrnn.GRUCell(4, 3)
