@@ -20,6 +20,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         arg("reverse"), arg("out"), arg("gates"), arg("extra"), arg("bf16_gemm") = false, arg("norm") = py::none(),
         arg("zmask") = py::none(), arg("zkeep") = 1.0,
         "-> d_gx, d_h0, d_c0|None, d_w_hh, d_b_hh|None, d_w_hr|None, d_extra|None, d_norm|None");
+  m.def("layer_forward", &fastrnn::layer_forward, arg("cell_id"), arg("x"), arg("w_ih"), arg("b_ih"), arg("h0"),
+        arg("c0"), arg("w_hh"), arg("b_hh"), arg("reverse"), arg("bf16_gemm") = false,
+        "an unpacked layer in inference, its input projection made as the walk goes -> out, h_n, c_n|None");
   m.def("cell_step", &fastrnn::cell_step, arg("cell_id"), arg("x"), arg("h"), arg("c"), arg("w_ih"), arg("w_hh"),
         arg("b_ih"), arg("b_hh"), arg("bf16_gemm") = false,
         "one step of a Cell class (x W_ih^T + b_ih, then the cell's walk over T = 1) -> [h'] or [h', c']");

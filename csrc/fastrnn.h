@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -65,6 +66,15 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
                                         const Tensor& gates, const Tensor& extra, bool bf16_gemm = false,
                                         const OptTensor& norm = c10::nullopt, const OptTensor& zmask = c10::nullopt,
                                         double zkeep = 1.0);
+// A whole unpacked layer in inference (nothing saved; plain cells, no projection): x [T,B,I], w_ih [G*H,I],
+// b_ih [G*H]?, the rest as recurrence_forward. The input projection is made by the walk's caller as the walk goes:
+// in one GEMM up to kWholeProjectionBytes of gx, else in chunks of steps into one reused buffer. A [T,B,G*H] tensor
+// of 32 MB or more is a fresh mmap at every call here, and page-faults on first touch (bfloat16 [8192, 512] x
+// [512, 2048]: 18 ms into a new tensor, 6.6 ms into a reused one). -> out [T,B,H], h_n [B,H], c_n [B,H] (undefined
+// without a cell state)
+std::vector<Tensor> layer_forward(int64_t cell_id, const Tensor& x, const Tensor& w_ih, const OptTensor& b_ih,
+                                  const Tensor& h0, const OptTensor& c0, const Tensor& w_hh, const OptTensor& b_hh,
+                                  bool reverse, bool bf16_gemm = false);
 // One step of a Cell class (cell_step.cpp; lstm, gru, rnn_tanh, rnn_relu): x [B,I], h [B,H], c [B,H] (lstm), w_ih
 // [G*H,I], w_hh [G*H,H], b_ih, b_hh [G*H]? -> h' (and c'), differentiable (a C++ autograd node) when autograd records.
 std::vector<Tensor> cell_step(int64_t cell_id, const Tensor& x, const Tensor& h, const OptTensor& c,

@@ -4,6 +4,7 @@
 #include "walk.h"
 
 #include <cmath>
+#include <cstdlib>
 #include <iterator>
 
 namespace fastrnn {
@@ -218,6 +219,93 @@ std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const 
     k.forward.run<typename C::Pr>(a);
   });
   return {out, h_n, same ? c : (c.defined() ? c.to(dt) : c), gates, extra};
+}
+
+namespace {
+
+// layer_forward's projection: one GEMM while gx is at most kWholeProjectionBytes (below the 32 MB from which glibc
+// maps each allocation afresh), else chunks of about kChunkBytes (GEMMs of many rows still, reusing one buffer).
+// Chunks as small as a core's L2 (1 MB) were measured too: their GEMMs of few rows lost more than the cache won
+// (bfloat16 LSTM T=32 B=64 H=512: 7.6 -> 8.6 ms).
+constexpr int64_t kWholeProjectionBytes = int64_t(16) << 20, kChunkBytes = int64_t(8) << 20;
+
+int64_t chunk_steps(int64_t T, int64_t B, int64_t GH, int64_t elem) {
+  // FASTRNN_CPP_CHUNK_STEPS=n: chunks of n steps (tests: many chunks at small shapes; timing)
+  if (const char* v = std::getenv("FASTRNN_CPP_CHUNK_STEPS")) {
+    const long n = std::strtol(v, nullptr, 10);
+    if (n > 0) return std::max<int64_t>(1, std::min<int64_t>(T, n));
+  }
+  const int64_t step_bytes = std::max<int64_t>(B * GH * elem, 1);
+  if (T * step_bytes <= kWholeProjectionBytes) return std::max<int64_t>(T, 1);
+  return std::max<int64_t>(1, std::min(T, kChunkBytes / step_bytes));
+}
+
+}  // namespace
+
+std::vector<Tensor> layer_forward(int64_t cell_id, const Tensor& x, const Tensor& w_ih, const OptTensor& b_ih,
+                                  const Tensor& h0, const OptTensor& c0, const Tensor& w_hh, const OptTensor& b_hh,
+                                  bool reverse, bool bf16_gemm) {
+  const CellKernels& k = kernels_for(cell_id);
+  TORCH_CHECK(!k.norm, "fastrnn: layer_forward runs the plain cells; ", k.name, " takes recurrence_forward");
+  const ArgNames& names = arg_names(k);
+  check_dtype(x, "x [T, B, I]");
+  TORCH_CHECK(x.dim() == 3, "fastrnn: x must have shape [T, B, I], got ", shape_str(x.sizes()));
+  const auto dt = x.scalar_type();
+  const Sizes s = call_sizes(k, x.size(0), x.size(1), dt, w_hh, c10::nullopt);
+  const int64_t T = s.T, B = s.B, H = s.H, P = s.P, GH = k.G * H, I = x.size(2);
+  const std::string w_ih_name = "w_ih [" + width_sym(k.G) + ", I]", b_ih_name = "b_ih [" + width_sym(k.G) + "]";
+  check_tensor(x, "x [T, B, I]", {T, B, I}, dt);
+  check_tensor(w_ih, w_ih_name.c_str(), {GH, I}, dt);
+  check_opt(b_ih, b_ih_name.c_str(), {GH}, dt);
+  check_tensor(h0, names.h0.c_str(), {B, P}, dt);
+  check_state(k, c0, "c0 [B, H]", {B, H}, dt);
+  check_opt(b_hh, names.b_hh.c_str(), {GH}, dt);
+  check_bf16_gemm(bf16_gemm, dt);
+  check_blas_size(I, "I (columns of w_ih)");
+  const Walk w{batch_sizes_vec(c10::nullopt, T, B), T, B, reverse};
+
+  const auto opts = x.options(), acc = opts.dtype(acc_type(dt));
+  const bool same = acc_type(dt) == dt;
+  Tensor out = new_output({T, B, P}, opts);
+  Tensor h_n = new_output({B, P}, opts);
+  Tensor c = k.cell_state ? c0->to(acc, false, true) : Tensor();
+  const bool gh_home = !gh_in_extra(k.norm) && gh_in_h(k.G, s.proj, same);
+  Tensor gh_buf = gh_home ? Tensor() : at::empty({B, GH}, acc);
+  // As functional.rnn does for the op layer, so that a call computes the same bits on either path (fastrnn.record
+  // reruns a call on the op layer): in bfloat16, where the gates add gx and gh (d_gx reaches W_hh unchanged), b_ih
+  // joins b_hh in the step's bias, b_hh + b_ih in the call's dtype, and the GEMM skips addmm's copy of b_ih into
+  // every row; GRU (its n gate scales only h W_hn^T + b_hn by r) and the other dtypes keep b_ih in gx.
+  const bool fold = !k.dgh_differs && dt == at::kBFloat16 && given(b_ih) && given(b_hh);
+  Tensor bias = given(b_hh) ? (fold ? (*b_hh + *b_ih) : *b_hh).to(acc) : at::zeros({GH}, acc);
+  const int64_t Tc = chunk_steps(T, B, GH, x.element_size());
+  Tensor buf = at::empty({Tc * B, GH}, opts);
+  const Tensor x2 = x.view({T * B, I}), w_ih_t = w_ih.t();
+  int64_t chunk = -1;
+  // gx of step t: its chunk is projected when the walk first reaches one of its steps (the walk visits the steps in
+  // order or in reverse, so each chunk once), on the calling thread between the walk's parallel regions.
+  auto project = [&](int64_t t) -> const void* {
+    const int64_t ct = t / Tc;
+    if (ct != chunk) {
+      chunk = ct;
+      const int64_t t0 = ct * Tc, t1 = std::min(T, t0 + Tc);
+      Tensor dst = buf.narrow(0, 0, (t1 - t0) * B);
+      const Tensor src = x2.narrow(0, t0 * B, (t1 - t0) * B);
+      if (!fold && given(b_ih)) at::addmm_out(dst, *b_ih, src, w_ih_t);
+      else at::mm_out(dst, src, w_ih_t);
+    }
+    return static_cast<const char*>(buf.data_ptr()) + (t - chunk * Tc) * B * GH * x.element_size();
+  };
+  dispatch(k, dt, bf16_gemm, c10::nullopt, c10::nullopt, 1.0, [&](auto call) {
+    using C = decltype(call);
+    using S = typename C::S;
+    const std::function<const S*(int64_t)> gx_of = [&](int64_t t) { return static_cast<const S*>(project(t)); };
+    typename C::Forward a{w, H, P, false, false, nullptr, C::in(h0), C::in(w_hh), nullptr, C::in_acc(bias),
+                          C::out(out), C::out(h_n), C::out_acc(c), nullptr, nullptr, C::out_acc(gh_buf), nullptr,
+                          nullptr, nullptr, nullptr, typename C::T(1)};
+    a.gx_of = &gx_of;
+    k.forward.run<typename C::Pr>(a);
+  });
+  return {out, h_n, same ? c : (c.defined() ? c.to(dt) : c)};
 }
 
 std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, const Tensor& d_h_n,

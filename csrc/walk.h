@@ -157,6 +157,10 @@ struct ForwardArgs {
   const T* norm;                   // [norm_width*H] Norm.params (kNorm), else null
   const S* mask;                   // [T, B, H] zoneout keep mask (kNorm), or null: `keep`
   T keep;
+  // Where step t's gx is when the walk's caller makes gx as the walk goes (layer_forward: in chunks of steps), else
+  // null: gx above.
+  const std::function<const S*(int64_t)>* gx_of = nullptr;
+  const S* gx_at(int64_t t, int64_t row_width) const { return gx_of ? (*gx_of)(t) : gx + t * row_width; }
 };
 
 template <typename T, typename S = T>
@@ -511,7 +515,7 @@ void forward_walk(const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
       S *ot, *hdst;
       T *st, *et, *gh;
       step_ptrs(t, ot, hdst, st, et, gh);
-      const FwdRows<T, S> s{H, P, k, a.gx + t * B * GH, gh, GH, a.bias, hsrc, a.h0, a.c, hdst, st, et,
+      const FwdRows<T, S> s{H, P, k, a.gx_at(t, B * GH), gh, GH, a.bias, hsrc, a.h0, a.c, hdst, st, et,
                             nullptr, nullptr, T(1)};
       const GemmRows A = gemm_rows(whh, hsrc, a.h0, k, n, P);
       const UnitTasks ut = unit_tasks(n, whh.blocks(), 2 * P * G * kB);
@@ -544,7 +548,7 @@ void forward_walk(const ForwardArgs<typename Pr::T, typename Pr::S>& a) {
       const T* hsrc = k > 0 ? a.out + w.src(t) * B * P : nullptr;
       T *ot, *hdst, *st, *et, *gh;
       step_ptrs(t, ot, hdst, st, et, gh);
-      const FwdRows<T> s{H, P, k, a.gx + t * B * GH, gh, ldg, a.bias, hsrc, a.h0, a.c, hdst, st, et,
+      const FwdRows<T> s{H, P, k, a.gx_at(t, B * GH), gh, ldg, a.bias, hsrc, a.h0, a.c, hdst, st, et,
                          a.norm, mask_of(t), a.keep};
       if (row_blocks(n, P, GH)) {
         at::parallel_for(0, n, fused_grain(P, GH), [&](int64_t r0, int64_t r1) {

@@ -12,6 +12,7 @@ from torch import Tensor
 
 from fastrnn import backends, ops
 from fastrnn.backends.cpp import CELL_STEP_DTYPES as CPP_CELL_DTYPES
+from fastrnn.backends.cpp import KERNEL_DTYPES as CPP_LAYER_DTYPES
 from fastrnn.cells import Norm, Saved, spec
 
 # (w_ih [G*H, I], w_hh [G*H, P], b_ih [G*H] | None, b_hh [G*H] | None, w_hr [P, H] | None)
@@ -130,12 +131,26 @@ def rnn(
         x = input.transpose(0, 1) if batch_first else input
     h_n, c_n = [], []
     recorded: list[tuple[Tensor, Saved]] = []
+    # an unrecorded cpp call of plain, unpacked layers: the extension makes each layer's input projection as its walk
+    # goes (cpp.layer_forward), without F.linear or the op layer
+    chunked = (
+        name == "cpp" and record is None and batch_sizes is None and norms is None and weights[0][4] is None
+        and input.dtype in CPP_LAYER_DTYPES and not _records(input, hx, cx, weights)
+        and not torch.compiler.is_compiling()
+    )  # fmt: skip
     for layer in range(num_layers):
         outs = []
         for d in range(D):
             k = layer * D + d
             w_ih, w_hh, b_ih, b_hh, w_hr = weights[k]
             norm = None
+            if chunked:
+                c0 = None if cx is None else cx[k]
+                out, h, c = backends.get(name).layer_forward(spec(cell), x, w_ih, b_ih, hx[k], c0, w_hh, b_hh, d == 1)
+                outs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+                continue
             if norms is not None:  # normalised cell: gx = ln_ih ⊙ N(x W_ih^T) + b_ih, b_hh goes into Norm
                 gx, norm = _norm_inputs(cell, x, w_ih, b_ih, b_hh, norms[k], zoneout, training)
                 b_hh = None

@@ -137,6 +137,21 @@ def backward(cell, d_out, d_state_n, state0, weights, batch_sizes, reverse, out,
     return Grads(d_gx, State(d_h0, d_c0), Weights(d_w_hh, d_b_hh, d_w_hr), d_extra, d_norm)
 
 
+def layer_forward(
+    cell: Cell, x: Tensor, w_ih: Tensor, b_ih: Tensor | None, h0: Tensor, c0: Tensor | None, w_hh: Tensor,
+    b_hh: Tensor | None, reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor | None]:  # fmt: skip
+    """An unpacked layer in inference (plain cells, no projection, KERNEL_DTYPES): x [T, B, I] -> out, h_n, c_n, the
+    input projection made by the extension as the walk goes (csrc/fastrnn.h layer_forward: chunks of steps once gx
+    would pass 16 MB). Outside the kernel contract, like cell_step: functional.rnn takes it for the calls autograd
+    does not record."""
+    bf16_gemm = x.dtype == torch.float32 and fp32_bf16_gemm()
+    out, h_n, c_n = _ext().layer_forward(
+        cell.kernel_id, x.contiguous(), w_ih, b_ih, h0, c0, w_hh, b_hh, reverse, bf16_gemm
+    )
+    return out, h_n, c_n
+
+
 def cell_step(cell: Cell, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
               b_hh: Tensor | None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """One step of a Cell class (lstm, gru, rnn_tanh, rnn_relu) in one call to the extension (csrc/cell_step.cpp):
