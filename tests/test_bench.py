@@ -413,15 +413,20 @@ def test_wrong_backend_is_failing_not_timed(monkeypatch, spoil, needle):
     assert by["reference"]["median_ms"] is None and by["reference"]["ratio_vs_torch"] is None
 
 
-def test_wrong_gradient_is_failing(monkeypatch):
+def _spoil_reference_w_hh_grad(monkeypatch, factor: float) -> None:
+    """The reference backend's d W_hh scaled by factor: a wrong gradient for the gate to catch."""
     ref = fr_backends.get("reference")
     real_backward = ref.backward
 
     def wrong_backward(*args, **kwargs):
         g = real_backward(*args, **kwargs)
-        return g._replace(d_weights=g.d_weights._replace(w_hh=g.d_weights.w_hh * 1.1))
+        return g._replace(d_weights=g.d_weights._replace(w_hh=g.d_weights.w_hh * factor))
 
     monkeypatch.setattr(ref, "backward", wrong_backward)
+
+
+def test_wrong_gradient_is_failing(monkeypatch):
+    _spoil_reference_w_hh_grad(monkeypatch, 1.1)
     rows = runner.measure_case(Case("lstm", "training", 3, 2, 8, 8, threads=1), ["reference"], QUICK, None)
     bad = rows[-1]
     assert bad["status"] == "FAILING" and "grad_weight_hh" in bad["note"]
@@ -449,14 +454,7 @@ def test_half_precision_cases_are_judged_against_float64(monkeypatch):
     assert got["out"].dtype == torch.float64 and "grad_weight_hh_l0" in got
     assert correctness.exact_outputs(workload.Workload(dataclasses.replace(case, dtype="float32")), wl.module) is None
     # a wrong bfloat16 gradient still fails, named against float64
-    ref = fr_backends.get("reference")
-    real_backward = ref.backward
-
-    def wrong_backward(*args, **kwargs):
-        g = real_backward(*args, **kwargs)
-        return g._replace(d_weights=g.d_weights._replace(w_hh=g.d_weights.w_hh * 1.5))
-
-    monkeypatch.setattr(ref, "backward", wrong_backward)
+    _spoil_reference_w_hh_grad(monkeypatch, 1.5)
     bad = runner.measure_case(case, ["reference"], QUICK, None)[-1]
     assert bad["status"] == "FAILING" and "differs from float64 torch.nn: grad_weight_hh" in bad["note"], bad
 
