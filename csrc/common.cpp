@@ -4,8 +4,13 @@
 #include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
 #include <cstdlib>
 #include <limits>
+#include <utility>
 #include <sstream>
 #include <type_traits>
 
@@ -153,13 +158,125 @@ bool packing_enabled() {
 
 // One row against a small W (a Cell's step, a B=1 layer's): c = op(W) a + beta c as a
 // vectorised loop. MKL's sgemv costs about 1.5 us for W [256, 64] and 3.7 us for [1024, 64] at 2 threads (torch.mv,
-// dispatch taken off), several times what these loops take. trans: W [N, K], c[n] = W[n, :] . a (four rows at a
-// time); else W [K, N], c += a[k] W[k, :] row by row.
+// dispatch taken off), several times what these loops take. trans: W [N, K] (dot_gemm); else W [K, N],
+// c += a[k] W[k, :] row by row.
 constexpr int64_t kOwnGemvMax = int64_t(1) << 16;  // elements of W (256 KB); at 2^18 MKL threaded over 2 cores won (measured)
+
+#if defined(CPU_CAPABILITY_AVX512)
+// Rows of A that dot_gemm takes (a Cell's batch); beyond, MKL's packing of W pays.
+constexpr int64_t kDotMaxRows = 16;
+
+// out[j] = the sum of v[j]'s 16 lanes, j = 0..15: a transposing tree of 15 shuffles and adds, where summing each
+// vector on its own costs 8 (a dot product over K = 64 is only four FMAs).
+__attribute__((always_inline)) inline __m512 lane_sums16(const __m512* v) {
+  // (unrolled: a loop here would keep v, the caller's accumulators, in memory through its whole K loop)
+  __m512 s2[8], s4[4];
+#pragma GCC unroll 8
+  for (int i = 0; i < 8; ++i)  // [a0+a2, b0+b2, a1+a3, b1+b3] in each 128-bit lane
+    s2[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+#pragma GCC unroll 4
+  for (int i = 0; i < 4; ++i) {  // [a, b, c, d] partials in each 128-bit lane
+    const __m512d x = _mm512_castps_pd(s2[2 * i]), y = _mm512_castps_pd(s2[2 * i + 1]);
+    s4[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  // across the 128-bit lanes: [A0+A1, A2+A3, B0+B1, B2+B3], then [A, B, C, D]
+  auto pair = [](__m512 a, __m512 b) {
+    return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, 0x88), _mm512_shuffle_f32x4(a, b, 0xDD));
+  };
+  return pair(pair(s4[0], s4[1]), pair(s4[2], s4[3]));
+}
+
+// One 16-wide column of K for a block's 16 dot products (mask: the columns of K that are there); inlined and
+// unrolled, so that acc stays in registers.
+template <int Mr, int Nr>
+__attribute__((always_inline)) inline void dot_step(__m512* acc, const float* a, int64_t lda, const float* w,
+                                                    int64_t ldw, __mmask16 mask) {
+  __m512 av[Mr];
+#pragma GCC unroll 4
+  for (int m = 0; m < Mr; ++m) av[m] = _mm512_maskz_loadu_ps(mask, a + m * lda);
+#pragma GCC unroll 16
+  for (int n = 0; n < Nr; ++n) {
+    const __m512 wv = _mm512_maskz_loadu_ps(mask, w + n * ldw);
+#pragma GCC unroll 4
+    for (int m = 0; m < Mr; ++m) acc[m * Nr + n] = _mm512_fmadd_ps(av[m], wv, acc[m * Nr + n]);
+  }
+}
+
+// C[0:Mr, 0:Nr] = A[0:Mr, :K] . W[0:Nr, :K] (+ beta C), Mr * Nr = 16 dot products over K at once: A's Mr rows and
+// W's Nr rows are loaded once per 16 columns of K and meet in 16 FMAs; their lanes are summed once at the end.
+template <int Mr, int Nr>
+inline void dot_block(int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta, float* c,
+                      int64_t ldc) {
+  static_assert(Mr * Nr == 16, "a block is 16 dot products");
+  __m512 acc[16];
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) dot_step<Mr, Nr>(acc, a + k, lda, w + k, ldw, __mmask16(0xFFFF));
+  if (k < K) dot_step<Mr, Nr>(acc, a + k, lda, w + k, ldw, __mmask16((1u << (K - k)) - 1));
+  alignas(64) float r[16];
+  _mm512_store_ps(r, lane_sums16(acc));
+  for (int m = 0; m < Mr; ++m)
+    for (int n = 0; n < Nr; ++n) {
+      float* dst = c + m * ldc + n;
+      *dst = beta == 0.f ? r[m * Nr + n] : r[m * Nr + n] + beta * *dst;
+    }
+}
+
+// One dot product at a time: the columns a panel's blocks leave over.
+inline void dot_one(int64_t K, const float* a, const float* w, float beta, float* c) {
+  using V = Vec<float>;
+  V s(0.f);
+  int64_t k = 0;
+  for (; k + V::size() <= K; k += V::size()) s = at::vec::fmadd(V::loadu(a + k), V::loadu(w + k), s);
+  if (k < K) s = at::vec::fmadd(V::loadu(a + k, K - k), V::loadu(w + k, K - k), s);
+  const float r = _mm512_reduce_add_ps(__m512(s));
+  *c = beta == 0.f ? r : r + beta * *c;
+}
+
+// C[m, N] = A[m, K] W^T + beta C for W [N, K] row-major and m <= kDotMaxRows: dot products in blocks of 16
+// (dot_block), W in panels of 16 rows that every row of A meets while the panel is in L1. MKL's sgemm at these
+// shapes packs W on every call and ran at 95 GFLOP/s a core for [16, 512] x [512, 512] (no_grad torch.mm, 1 thread).
+// Panels are split over the threads when the call is outside a parallel region and carries the work for it.
+void dot_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, float beta, float* c,
+              int64_t ldc) {
+  constexpr int64_t kPanel = 16;
+  auto panel = [&](int64_t n0, int64_t n1) {
+    // rows in groups of 4, W's rows 4 at a time in the outer loop: those 4 rows stay in L1 while every group meets
+    // them (at K = 512 the 16 rows of A and 4 of W are 40 KB; a 16-row W panel with A was 64 KB, and ran from L2)
+    const int64_t m4 = m / 4 * 4;
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4)
+      for (int64_t r = 0; r < m4; r += 4) dot_block<4, 4>(K, a + r * lda, lda, w + n * K, K, beta, c + r * ldc + n, ldc);
+    for (; n < n1; ++n)
+      for (int64_t r = 0; r < m4; ++r) dot_one(K, a + r * lda, w + n * K, beta, c + r * ldc + n);
+    int64_t r = m4;
+    auto blocks = [&](auto mr, auto nr) {
+      constexpr int Mr = decltype(mr)::value, Nr = decltype(nr)::value;
+      int64_t j = n0;
+      for (; j + Nr <= n1; j += Nr) dot_block<Mr, Nr>(K, a + r * lda, lda, w + j * K, K, beta, c + r * ldc + j, ldc);
+      for (; j < n1; ++j)
+        for (int i = 0; i < Mr; ++i) dot_one(K, a + (r + i) * lda, w + j * K, beta, c + (r + i) * ldc + j);
+      r += Mr;
+    };
+    using std::integral_constant;
+    if (m - r >= 2) blocks(integral_constant<int, 2>{}, integral_constant<int, 8>{});
+    if (m - r >= 1) blocks(integral_constant<int, 1>{}, integral_constant<int, 16>{});
+  };
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(2 * m * kPanel * K, 1));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    panel(p0 * kPanel, std::min(N, p1 * kPanel));
+  });
+}
+#endif
 
 void small_gemv(bool trans, int64_t N, int64_t K, const float* w, const float* a, float beta, float* c) {
   using V = Vec<float>;
   constexpr int64_t L = V::size();
+#if defined(CPU_CAPABILITY_AVX512)
+  if (trans) return dot_gemm(1, N, K, a, K, w, beta, c, N);
+#endif
   auto sum = [](const V& v) {
     float t[L];
     v.store(t);
@@ -244,6 +361,9 @@ void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, i
     }
   }
   if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (trans_ && m <= kDotMaxRows) return dot_gemm(m, N_, K_, a, lda, w_, beta, c, ldc);
+#endif
     if (m == 1 && N_ * K_ <= kOwnGemvMax) return small_gemv(trans_, N_, K_, w_, a, beta, c);
   }
   auto* gemv = [] {

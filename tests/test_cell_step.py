@@ -158,6 +158,27 @@ def test_matches_torch_float32_layouts(kind, extra, shape):
         assert_close(ai, ei, F32, 1, f"{kind} {shape} result {i}")
 
 
+# The float32 step GEMMs of up to 16 rows (csrc/common.cpp dot_gemm): every register block (4x4, 2x8, 1x16), the
+# columns a 16-wide panel leaves over, and K tails shorter than a vector, in the input projection (K = I) and the
+# recurrent GEMM (K = H).
+@pytest.mark.parametrize(
+    "B,I,H", [(1, 1, 1), (2, 17, 5), (3, 16, 9), (5, 33, 13), (7, 3, 16), (9, 64, 17), (16, 70, 33)]
+)
+@pytest.mark.parametrize("kind,extra", [KINDS[0], KINDS[2]])
+def test_matches_torch_float32_sizes(kind, extra, B, I, H):
+    torch.manual_seed(0)
+    theirs = getattr(nn, kind)(I, H, **extra)
+    ours = getattr(fastrnn, kind)(I, H, **extra, backend="cpp")
+    ours.load_state_dict(theirs.state_dict())
+    gen = torch.Generator().manual_seed(3)
+    x, hx = torch.randn(B, I, generator=gen), _hx(kind, B, H, F32, gen)
+    with torch.no_grad():
+        for i, (a, e) in enumerate(zip(_run(ours, x, hx, ""), _run(theirs, x, hx, ""), strict=True)):
+            assert_close(a, e, F32, 1, f"{kind} B={B} I={I} H={H} no_grad result {i}")
+    for i, (a, e) in enumerate(zip(_run(ours, x, hx, "xhw"), _run(theirs, x, hx, "xhw"), strict=True)):
+        assert_close(a, e, F32, 1, f"{kind} B={B} I={I} H={H} result {i}")
+
+
 @pytest.mark.parametrize("kind,extra", KINDS)
 def test_double_backward(kind, extra):
     """create_graph differentiates torch's own cell maths on the saved operands: second derivatives are exact."""

@@ -24,12 +24,10 @@ gradients stay float32, each step's h_{t-1} (and d_gates in backward) and W_hh a
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import Tensor
 
-from fastrnn.backends import optional_import
+from fastrnn.backends import getenv, optional_import
 from fastrnn.cells import Cell, Grads, Norm, Saved, State, Weights
 
 NAME = "cpp"
@@ -76,7 +74,7 @@ def _norm_args(weights: Weights) -> tuple:
 
 def fp32_bf16_gemm() -> bool:
     """Whether float32 calls run their step GEMMs on bfloat16 operands (FASTRNN_CPP_FP32_BF16_GEMM=1)."""
-    return os.environ.get(FP32_BF16_GEMM_ENV, "0") == "1"
+    return getenv(FP32_BF16_GEMM_ENV) == "1"
 
 
 def available() -> tuple[bool, str]:
