@@ -44,6 +44,23 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih)
   return gx;
 }
 
+// d x = d_gx W_ih: [B, G*H] x [G*H, I]. On plain float32 / float64 operands one StepGemm call (at B <= 16 the
+// extension's own kernel, csrc/common.cpp axpy_gemm), else ATen.
+Tensor input_grad(const Tensor& d_gx, const Tensor& w_ih) {
+  const auto dt = d_gx.scalar_type();
+  const bool direct = (dt == at::kFloat || dt == at::kDouble) && plain_cpu(d_gx, dt) && plain_cpu(w_ih, dt) &&
+                      d_gx.dim() == 2 && w_ih.dim() == 2 && d_gx.size(1) == w_ih.size(0) &&
+                      std::max({d_gx.size(0), d_gx.size(1), w_ih.size(1)}) <= INT_MAX;
+  if (!direct) return d_gx.mm(w_ih);
+  const int64_t B = d_gx.size(0), K = w_ih.size(0), N = w_ih.size(1);
+  Tensor dx = at::empty({B, N}, d_gx.options());
+  AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_cell_input_grad", [&] {
+    const StepGemm<scalar_t> w(w_ih.data_ptr<scalar_t>(), false, N, K, /*max_m=*/0);  // used once: not packed
+    w(B, d_gx.data_ptr<scalar_t>(), K, scalar_t(0), dx.data_ptr<scalar_t>(), N);
+  });
+  return dx;
+}
+
 // torch's own maths of the step, differentiable: what a double backward differentiates.
 variable_list torch_cell(int64_t cell_id, const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih,
                          const Tensor& w_hh, const Tensor& b_ih, const Tensor& b_hh) {
@@ -106,7 +123,7 @@ struct CellStep : public torch::autograd::Function<CellStep> {
                                  w_hh, opt(b_hh), c10::nullopt, c10::nullopt, false, out_saved, s[8], s[9],
                                  bf16_gemm);
     const Tensor d_gx = g[0].view({B, g[0].size(2)});
-    if (ctx->needs_input_grad(0)) out[1] = d_gx.mm(w_ih);
+    if (ctx->needs_input_grad(0)) out[1] = input_grad(d_gx, w_ih);
     out[2] = g[1];
     out[3] = g[2];
     if (ctx->needs_input_grad(3)) out[4] = d_gx.t().mm(x);

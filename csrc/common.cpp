@@ -269,6 +269,79 @@ void dot_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, cons
     panel(p0 * kPanel, std::min(N, p1 * kPanel));
   });
 }
+
+// C[0:Mr, n:n+16*Nv] (+)= A[0:Mr, k0:k1] W[k0:k1, n:n+16*Nv] for W [K, N] row-major: each step of k broadcasts Mr
+// elements of A against Nv vectors of W's row k (no lane sums: the columns are C's). last: the lanes of the last
+// vector that are there. load: start from C (a later chunk of K, or beta = 1), else from zero.
+template <int Mr, int Nv>
+inline void axpy_block(int64_t k0, int64_t k1, const float* a, int64_t lda, const float* w, int64_t ldw, float* c,
+                       int64_t ldc, __mmask16 last, bool load) {
+  __m512 acc[Mr][Nv];
+  auto mask = [&](int v) { return v == Nv - 1 ? last : __mmask16(0xFFFF); };
+#pragma GCC unroll 4
+  for (int m = 0; m < Mr; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < Nv; ++v)
+      acc[m][v] = load ? _mm512_maskz_loadu_ps(mask(v), c + m * ldc + 16 * v) : _mm512_setzero_ps();
+  for (int64_t k = k0; k < k1; ++k) {
+    __m512 wv[Nv];
+#pragma GCC unroll 4
+    for (int v = 0; v < Nv; ++v) wv[v] = _mm512_maskz_loadu_ps(mask(v), w + k * ldw + 16 * v);
+#pragma GCC unroll 4
+    for (int m = 0; m < Mr; ++m) {
+      const __m512 av = _mm512_set1_ps(a[m * lda + k]);
+#pragma GCC unroll 4
+      for (int v = 0; v < Nv; ++v) acc[m][v] = _mm512_fmadd_ps(av, wv[v], acc[m][v]);
+    }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < Mr; ++m)
+#pragma GCC unroll 4
+    for (int v = 0; v < Nv; ++v) _mm512_mask_storeu_ps(c + m * ldc + 16 * v, mask(v), acc[m][v]);
+}
+
+// C[m, N] = A[m, K] W + beta C for W [K, N] row-major and m <= kDotMaxRows (the backward's d h = d_gates W_hh of a
+// Cell or a B <= 2 layer): blocks of 4 rows x 64 columns (axpy_block) over chunks of 128 rows of W (32 KB, in L1
+// while every group of rows meets them), column blocks split over the threads outside a parallel region.
+void axpy_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, float beta, float* c,
+               int64_t ldc) {
+  constexpr int64_t kCols = 64, kChunk = 128;
+  if (beta != 0.f && beta != 1.f)
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t n = 0; n < N; ++n) c[r * ldc + n] *= beta;
+  const int64_t blocks = (N + kCols - 1) / kCols;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(2 * m * kCols * K, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * kCols, cols = std::min(kCols, N - n0), nv = (cols + 15) / 16;
+      const __mmask16 last = __mmask16(cols % 16 == 0 ? 0xFFFF : (1u << (cols % 16)) - 1);
+      for (int64_t k0 = 0; k0 < K; k0 += kChunk) {
+        const int64_t k1 = std::min(K, k0 + kChunk);
+        const bool load = k0 > 0 || beta != 0.f;
+        auto rows = [&](auto mr, int64_t r) {
+          constexpr int Mr = decltype(mr)::value;
+          const float *ar = a + r * lda, *wb = w + n0;
+          float* cr = c + r * ldc + n0;
+          switch (nv) {
+            case 1: return axpy_block<Mr, 1>(k0, k1, ar, lda, wb, N, cr, ldc, last, load);
+            case 2: return axpy_block<Mr, 2>(k0, k1, ar, lda, wb, N, cr, ldc, last, load);
+            case 3: return axpy_block<Mr, 3>(k0, k1, ar, lda, wb, N, cr, ldc, last, load);
+            default: return axpy_block<Mr, 4>(k0, k1, ar, lda, wb, N, cr, ldc, last, load);
+          }
+        };
+        using std::integral_constant;
+        int64_t r = 0;
+        for (; r + 4 <= m; r += 4) rows(integral_constant<int, 4>{}, r);
+        switch (m - r) {
+          case 3: rows(integral_constant<int, 3>{}, r); break;
+          case 2: rows(integral_constant<int, 2>{}, r); break;
+          case 1: rows(integral_constant<int, 1>{}, r); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
 #endif
 
 void small_gemv(bool trans, int64_t N, int64_t K, const float* w, const float* a, float beta, float* c) {
@@ -362,7 +435,10 @@ void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, i
   }
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    if (trans_ && m <= kDotMaxRows) return dot_gemm(m, N_, K_, a, lda, w_, beta, c, ldc);
+    if (m <= kDotMaxRows) {
+      if (trans_) return dot_gemm(m, N_, K_, a, lda, w_, beta, c, ldc);
+      return axpy_gemm(m, N_, K_, a, lda, w_, beta, c, ldc);
+    }
 #endif
     if (m == 1 && N_ * K_ <= kOwnGemvMax) return small_gemv(trans_, N_, K_, w_, a, beta, c);
   }

@@ -158,11 +158,12 @@ def test_matches_torch_float32_layouts(kind, extra, shape):
         assert_close(ai, ei, F32, 1, f"{kind} {shape} result {i}")
 
 
-# The float32 step GEMMs of up to 16 rows (csrc/common.cpp dot_gemm): every register block (4x4, 2x8, 1x16), the
-# columns a 16-wide panel leaves over, and K tails shorter than a vector, in the input projection (K = I) and the
-# recurrent GEMM (K = H).
+# The float32 step GEMMs of up to 16 rows (csrc/common.cpp): forward's dot_gemm (every register block 4x4, 2x8,
+# 1x16, the columns a 16-wide panel leaves over, K tails shorter than a vector; in the input projection, K = I, and
+# the recurrent GEMM, K = H) and backward's axpy_gemm for d h = d_gates W_hh (rows in 4, 3, 2, 1, column blocks of
+# 64 with a partial last vector, K = G*H in chunks of 128: LSTM H = 33 and 70).
 @pytest.mark.parametrize(
-    "B,I,H", [(1, 1, 1), (2, 17, 5), (3, 16, 9), (5, 33, 13), (7, 3, 16), (9, 64, 17), (16, 70, 33)]
+    "B,I,H", [(1, 1, 1), (2, 17, 5), (3, 16, 9), (5, 33, 13), (7, 3, 16), (9, 64, 17), (16, 70, 33), (4, 8, 70)]
 )
 @pytest.mark.parametrize("kind,extra", [KINDS[0], KINDS[2]])
 def test_matches_torch_float32_sizes(kind, extra, B, I, H):
