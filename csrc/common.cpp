@@ -156,10 +156,10 @@ bool packing_enabled() {
 }
 }  // namespace
 
-// One row against a small W (a Cell's step, a B=1 layer's): c = op(W) a + beta c as a
-// vectorised loop. MKL's sgemv costs about 1.5 us for W [256, 64] and 3.7 us for [1024, 64] at 2 threads (torch.mv,
-// dispatch taken off), several times what these loops take. trans: W [N, K] (dot_gemm); else W [K, N],
-// c += a[k] W[k, :] row by row.
+// Without AVX-512 (dot_gemm and axpy_gemm below take every GEMM of up to 16 rows there), one row against a small W
+// (a Cell's step, a B=1 layer's): c = op(W) a + beta c as a vectorised loop. MKL's sgemv costs about 1.5 us for
+// W [256, 64] and 3.7 us for [1024, 64] at 2 threads (torch.mv, dispatch taken off), several times what these loops
+// take. trans: W [N, K], c[n] = W[n, :] . a (four rows at a time); else W [K, N], c += a[k] W[k, :] row by row.
 constexpr int64_t kOwnGemvMax = int64_t(1) << 16;  // elements of W (256 KB); at 2^18 MKL threaded over 2 cores won (measured)
 
 #if defined(CPU_CAPABILITY_AVX512)
@@ -347,9 +347,6 @@ void axpy_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, con
 void small_gemv(bool trans, int64_t N, int64_t K, const float* w, const float* a, float beta, float* c) {
   using V = Vec<float>;
   constexpr int64_t L = V::size();
-#if defined(CPU_CAPABILITY_AVX512)
-  if (trans) return dot_gemm(1, N, K, a, K, w, beta, c, N);
-#endif
   auto sum = [](const V& v) {
     float t[L];
     v.store(t);

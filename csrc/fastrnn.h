@@ -119,8 +119,9 @@ bool has_direct_blas();
 
 // C[m, N] = A[m, K] @ op(W) + beta C for one weight W that every step multiplies: W is [N, K] (trans, op = W^T) or
 // [K, N], row-major. With MKL (float32, 3+ rows) W is packed once here, so a step's GEMM does not repack W;
-// otherwise a one-row step is a gemv and any other a plain gemm. FASTRNN_CPP_PACKED=0 turns packing off (read
-// when the object is built).
+// otherwise float32 steps of up to 16 rows run the extension's own AVX-512 kernels on W as it is (common.cpp
+// dot_gemm, axpy_gemm: MKL would pack W on every call), a one-row step elsewhere is a gemv and any other a plain
+// gemm. FASTRNN_CPP_PACKED=0 turns packing off (read when the object is built).
 template <typename T>
 class StepGemm {
  public:
