@@ -24,14 +24,21 @@ bool plain_cpu(const Tensor& t, at::ScalarType dt) {
   return t.device().is_cpu() && t.scalar_type() == dt && t.is_contiguous() && t.layout() == at::kStrided;
 }
 
-// gx = x W_ih^T + b_ih: [B, G*H]. float32 / float64 operands that are plain contiguous CPU tensors of matching sizes
-// take one StepGemm call on b_ih's rows (a vectorised loop at B = 1, else BLAS) (ATen's addmm costs as much again as the step's own GEMM at B=1 H=64); anything
-// else goes to ATen, whose checks and messages then apply.
+// Whether a @ op(w) can go to one StepGemm call on raw pointers: float32 / float64 plain contiguous CPU matrices of
+// one dtype whose inner sizes match (op(w) = w^T when trans) and whose sizes fit BLAS's int.
+bool step_gemm_operands(const Tensor& a, const Tensor& w, bool trans) {
+  const auto dt = a.scalar_type();
+  if (!(dt == at::kFloat || dt == at::kDouble) || a.dim() != 2 || w.dim() != 2) return false;
+  const int64_t K = w.size(trans ? 1 : 0), N = w.size(trans ? 0 : 1);
+  return a.size(1) == K && std::max({a.size(0), K, N}) <= INT_MAX && plain_cpu(a, dt) && plain_cpu(w, dt);
+}
+
+// gx = x W_ih^T + b_ih: [B, G*H]. Operands that step_gemm_operands takes (and a matching b_ih) take one StepGemm call
+// on b_ih's rows (the extension's own kernel up to 16 rows, else BLAS; ATen's addmm costs as much again as the step's
+// own GEMM at B=1 H=64); anything else goes to ATen, whose checks and messages then apply.
 Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih) {
   const auto dt = x.scalar_type();
-  const bool direct = (dt == at::kFloat || dt == at::kDouble) && x.dim() == 2 && w_ih.dim() == 2 &&
-                      x.size(1) == w_ih.size(1) && std::max({x.size(0), x.size(1), w_ih.size(0)}) <= INT_MAX &&
-                      plain_cpu(x, dt) && plain_cpu(w_ih, dt) &&
+  const bool direct = step_gemm_operands(x, w_ih, /*trans=*/true) &&
                       (!b_ih.defined() || (plain_cpu(b_ih, dt) && b_ih.dim() == 1 && b_ih.size(0) == w_ih.size(0)));
   if (!direct) return b_ih.defined() ? at::addmm(b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
   const int64_t B = x.size(0), N = w_ih.size(0), K = x.size(1);
@@ -48,10 +55,7 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih)
 // extension's own kernel, csrc/common.cpp axpy_gemm), else ATen.
 Tensor input_grad(const Tensor& d_gx, const Tensor& w_ih) {
   const auto dt = d_gx.scalar_type();
-  const bool direct = (dt == at::kFloat || dt == at::kDouble) && plain_cpu(d_gx, dt) && plain_cpu(w_ih, dt) &&
-                      d_gx.dim() == 2 && w_ih.dim() == 2 && d_gx.size(1) == w_ih.size(0) &&
-                      std::max({d_gx.size(0), d_gx.size(1), w_ih.size(1)}) <= INT_MAX;
-  if (!direct) return d_gx.mm(w_ih);
+  if (!step_gemm_operands(d_gx, w_ih, /*trans=*/false)) return d_gx.mm(w_ih);
   const int64_t B = d_gx.size(0), K = w_ih.size(0), N = w_ih.size(1);
   Tensor dx = at::empty({B, N}, d_gx.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_cell_input_grad", [&] {

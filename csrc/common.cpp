@@ -10,9 +10,9 @@
 
 #include <cstdlib>
 #include <limits>
-#include <utility>
 #include <sstream>
 #include <type_traits>
+#include <utility>
 
 // The Fortran BLAS that torch links (MKL in the x86 wheels, OpenBLAS elsewhere). Weak, so an extension loaded into
 // a torch without these symbols still imports and takes the at::addmm_out path.
@@ -163,7 +163,7 @@ bool packing_enabled() {
 constexpr int64_t kOwnGemvMax = int64_t(1) << 16;  // elements of W (256 KB); at 2^18 MKL threaded over 2 cores won (measured)
 
 #if defined(CPU_CAPABILITY_AVX512)
-// Rows of A that dot_gemm takes (a Cell's batch); beyond, MKL's packing of W pays.
+// Rows of A that dot_gemm and axpy_gemm take (a Cell's batch); beyond, MKL's packing of W pays.
 constexpr int64_t kDotMaxRows = 16;
 
 // out[j] = the sum of v[j]'s 16 lanes, j = 0..15: a transposing tree of 15 shuffles and adds, where summing each
@@ -235,9 +235,9 @@ inline void dot_one(int64_t K, const float* a, const float* w, float beta, float
 }
 
 // C[m, N] = A[m, K] W^T + beta C for W [N, K] row-major and m <= kDotMaxRows: dot products in blocks of 16
-// (dot_block), W in panels of 16 rows that every row of A meets while the panel is in L1. MKL's sgemm at these
-// shapes packs W on every call and ran at 95 GFLOP/s a core for [16, 512] x [512, 512] (no_grad torch.mm, 1 thread).
-// Panels are split over the threads when the call is outside a parallel region and carries the work for it.
+// (dot_block) over panels of 16 rows of W, each panel walked 4 rows at a time (see panel below). MKL's sgemm at
+// these shapes packs W on every call and ran at 95 GFLOP/s a core for [16, 512] x [512, 512] (no_grad torch.mm, 1
+// thread). Panels are split over the threads when the call is outside a parallel region and carries the work for it.
 void dot_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, float beta, float* c,
               int64_t ldc) {
   constexpr int64_t kPanel = 16;
