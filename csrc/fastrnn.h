@@ -142,10 +142,11 @@ extern template class StepGemm<double>;
 // The step GEMM on bfloat16 operands with float32 accumulation: C[r0:r1, n0:n1] (+)= A[r0:r1, K] @ op(W)[:, n0:n1].
 // W is [N, K] (trans) or [K, N], row-major, bfloat16 or float32 (rounded once here). Its columns come in segments of
 // `seg` (a gate's H columns, or all N), each split into blocks of kBlock from the segment's start, so a task can take
-// one block of hidden units of every gate and run its GEMM and pointwise pass alone. With AMX (oneDNN's brgemm
-// ukernel through ATen's cpublas) W is packed once into VNNI blocks and a block is one brgemm call per 64 rows;
-// otherwise (also when `pack` is false: a call too short to repay packing) MKL's cblas_gemm_bf16bf16f32 on W as it
-// is, or ATen. FASTRNN_CPP_AMX=0 turns the AMX path off (read when the object is built).
+// one block of hidden units of every gate and run its GEMM and pointwise pass alone. Where oneDNN's brgemm ukernel
+// (through ATen's cpublas) has bfloat16 kernels (AMX, or AVX512-BF16 alone) W is packed once into VNNI blocks and a
+// block is one brgemm call per 64 rows; otherwise (also when `pack` is false: a call too short to repay packing) MKL's
+// cblas_gemm_bf16bf16f32 on W as it is, or ATen. FASTRNN_CPP_AMX=0 turns the brgemm path off (read when the object
+// is built).
 class Bf16Gemm {
  public:
   static constexpr int64_t kBlock = 64;
@@ -156,8 +157,9 @@ class Bf16Gemm {
   // [n0, n1) of block b of segment q
   int64_t col0(int64_t q, int64_t b) const { return q * seg_ + b * kBlock; }
   int64_t col1(int64_t q, int64_t b) const { return std::min(q * seg_ + seg_, col0(q, b) + kBlock); }
-  // Whether A must be staged (copied to bfloat16 with an even row length) before run: a float32 A, or an odd K on AMX.
-  bool stages(bool a_is_float) const { return a_is_float || (amx_ && K_ % 2 != 0); }
+  // Whether A must be staged (copied to bfloat16 with an even row length) before run: a float32 A, or an odd K on the
+  // brgemm path.
+  bool stages(bool a_is_float) const { return a_is_float || (brgemm_ && K_ % 2 != 0); }
   // A's rows [0, n) as bfloat16 with stride staged_ld() (zero past K): row r from (r < k ? a_lo : a_hi) + r * lda.
   template <typename S>
   const BF16* stage(const S* a_lo, const S* a_hi, int64_t k, int64_t n, int64_t lda) const;
@@ -166,16 +168,16 @@ class Bf16Gemm {
   // stages() says so. accumulate: C += (beta 1), else C = (beta 0).
   void run(const BF16* a_lo, const BF16* a_hi, int64_t k, int64_t lda, int64_t r0, int64_t r1, int64_t n0, int64_t n1,
            bool accumulate, float* c, int64_t ldc) const;
-  // Ends a thread's AMX use (its tile state) once its part of a parallel region is done.
+  // Ends a thread's brgemm use (AMX: its tile state) once its part of a parallel region is done.
   void release() const;
-  bool amx() const { return amx_; }
+  bool brgemm() const { return brgemm_; }
 
  private:
-  bool trans_, amx_ = false;
+  bool trans_, brgemm_ = false;
   int64_t N_, K_, Kp_, seg_, nbs_;
   const BF16* w16_ = nullptr;  // W in bfloat16 (the fallback's operand)
   Tensor w16_buf_;             // W rounded to bfloat16 when it came as float32
-  Tensor packed_;              // [segments * blocks, Kp / 2, kBlock, 2] bfloat16, VNNI (AMX)
+  Tensor packed_;              // [segments * blocks, Kp / 2, kBlock, 2] bfloat16, VNNI (brgemm)
   mutable Tensor stage_;       // staged A
 };
 
