@@ -24,7 +24,7 @@ from fastrnn.bench.configs import Case
 from fastrnn.bench.results import ORT, YARDSTICK
 from fastrnn.bench.timing import Settings
 
-BASELINE = Path(__file__).resolve().parent.parent / "benchmarks" / "baselines" / "cpu-2core-x86_64.json"
+BASELINE = Path(__file__).resolve().parent.parent / "benchmarks" / "baselines" / "cpu-2core-x86_64-intel-xeon-amx.json"
 
 TINY = [
     "--cells",
@@ -582,6 +582,36 @@ def test_gate_passes_on_itself_and_confirms_a_regression(tiny_run, tmp_path, cap
     results.save(slow, base)
     assert cli.main(["gate", "--baseline", str(base), *args]) == 0
     assert "GATE OK" in capsys.readouterr().out
+
+
+def test_gate_without_a_baseline_for_this_machine_type_passes_and_says_so(monkeypatch, capsys):
+    """Ratios against torch.nn belong to a machine type (MKL runs AVX2 kernels on AMD, oneDNN AVX-512): a type
+    with no stored baseline is not gated against another type's numbers; the gate says so and times nothing."""
+    from fastrnn.bench import machine
+
+    monkeypatch.setattr(machine, "machine_name", lambda device="cpu": "cpu-1core-nowhere-imaginary")
+    monkeypatch.setattr(runner, "execute", lambda *a, **k: pytest.fail("the gate timed something"))
+    assert cli.main(["gate", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "no baseline for this machine type" in err and "cpu-1core-nowhere-imaginary.json" in err
+    assert "bash scripts/bench_baseline.sh" in err
+
+
+@pytest.mark.parametrize(
+    "model, flags, slug",
+    [
+        ("Intel(R) Xeon(R) Processor", "fpu avx512f amx_bf16 amx_tile", "intel-xeon-amx"),
+        ("Intel(R) Xeon(R) Processor", "fpu avx512f", "intel-xeon"),
+        ("AMD EPYC 9B45 96-Core Processor", "fpu avx512_bf16", "amd-epyc-9b45"),
+        ("Intel(R) Core(TM) i7-9700K CPU @ 3.60GHz", "fpu", "intel-core-i7-9700k"),
+        ("", "", "unknown"),
+    ],
+)
+def test_machine_type_names_the_cpu(model, flags, slug):
+    from fastrnn.bench import machine
+
+    assert machine.cpu_slug(model, flags) == slug
+    assert machine.machine_name().startswith("cpu-")
 
 
 def test_merged_runs_pool_samples_and_widen_the_spread():

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-BASELINE = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines" / "cpu-2core-x86_64.json"
+BASELINE = Path(__file__).resolve().parents[1] / "benchmarks" / "baselines" / "cpu-2core-x86_64-intel-xeon-amx.json"
 
 
 @pytest.mark.parametrize(

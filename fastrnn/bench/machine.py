@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -21,14 +22,29 @@ from fastrnn.bench.results import SCHEMA, YARDSTICK
 from fastrnn.bench.timing import CLOCKS, Settings, clock_name, sync
 
 
-def _cpu_model() -> str:
+def _cpuinfo_field(name: str) -> str | None:
+    """The first `name : value` of /proc/cpuinfo (Linux), else None."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == name:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def _cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+
+
+def cpu_slug(model: str, flags: str = "") -> str:
+    """The CPU part of a machine type's name: the model's first four words without trademarks, clock or core
+    count, plus `amx` where the CPU has AMX-BF16 (the bfloat16 kernels differ there), e.g. "Intel(R) Xeon(R)
+    Processor" with amx_bf16 -> intel-xeon-amx, "AMD EPYC 9B45 96-Core Processor" -> amd-epyc-9b45."""
+    text = re.sub(r"\((r|tm)\)|@.*$|\b\d+-core\b", " ", model.lower())
+    words = [w for w in re.split(r"[^a-z0-9]+", text) if w and w not in ("processor", "cpu")]
+    slug = "-".join(words[:4]) or "unknown"
+    return slug + ("-amx" if "amx_bf16" in flags.split() else "")
 
 
 def machine_info(device: str = "cpu") -> dict:
@@ -46,10 +62,13 @@ def machine_info(device: str = "cpu") -> dict:
 
 
 def machine_name(device: str = "cpu") -> str:
-    """The baseline file stem for this machine type, e.g. cpu-2core-x86_64 or cuda-nvidia-h100."""
+    """The baseline file stem for this machine type, e.g. cpu-2core-x86_64-intel-xeon-amx or cuda-nvidia-h100.
+    The CPU model is part of it: the same code's ratios against torch.nn differ by vendor (MKL, which the cpp
+    backend's float32 GEMMs call, runs AVX2 kernels on AMD where torch.nn's oneDNN runs AVX-512), so a baseline
+    gates only runs on its own machine type."""
     if device == "cuda" and torch.cuda.is_available():
         return "cuda-" + "-".join(torch.cuda.get_device_name().lower().replace("_", " ").split()[:3])
-    return f"cpu-{os.cpu_count() or 1}core-{platform.machine()}"
+    return f"cpu-{os.cpu_count() or 1}core-{platform.machine()}-{cpu_slug(_cpu_model(), _cpuinfo_field('flags') or '')}"
 
 
 def _version(dist: str) -> str | None:
