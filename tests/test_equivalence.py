@@ -298,8 +298,12 @@ def test_non_contiguous(backend, kind, extra):
     hx = tuple(h.detach()[:, ::2] for h in hx) if has_c(kind) else hx.detach()[:, ::2]
     got = flat(m(x, hx))
     want = flat(m(x.contiguous(), tuple(h.contiguous() for h in hx) if has_c(kind) else hx.contiguous()))
+    # Bit for bit where the backend owns its arithmetic on the views; reference and torch hand them to torch's
+    # BLAS, where MKL picks its kernel by layout (on AMD a strided x rounds 1 ulp differently: 3e-8), so within
+    # float32 rounding there: a stride mistake is off by O(1) either way.
+    exact = {"rtol": 0, "atol": 0} if backend not in ("reference", "torch") else {}
     for a, e in zip(got, want):
-        assert_close(a, e, F32, 4, "non-contiguous", rtol=0, atol=0)
+        assert_close(a, e, F32, 4, "non-contiguous", **exact)
 
 
 def test_backends_under_test_include_reference():

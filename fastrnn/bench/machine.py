@@ -18,23 +18,13 @@ from pathlib import Path
 import torch
 
 import fastrnn
+from fastrnn import cpuinfo
 from fastrnn.bench.results import SCHEMA, YARDSTICK
 from fastrnn.bench.timing import CLOCKS, Settings, clock_name, sync
 
 
-def _cpuinfo_field(name: str) -> str | None:
-    """The first `name : value` of /proc/cpuinfo (Linux), else None."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.split(":", 1)[0].strip() == name:
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
-
-
 def _cpu_model() -> str:
-    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    return cpuinfo.field("model name") or platform.processor() or platform.machine()
 
 
 def cpu_slug(model: str, flags: str = "") -> str:
@@ -68,7 +58,7 @@ def machine_name(device: str = "cpu") -> str:
     gates only runs on its own machine type."""
     if device == "cuda" and torch.cuda.is_available():
         return "cuda-" + "-".join(torch.cuda.get_device_name().lower().replace("_", " ").split()[:3])
-    return f"cpu-{os.cpu_count() or 1}core-{platform.machine()}-{cpu_slug(_cpu_model(), _cpuinfo_field('flags') or '')}"
+    return f"cpu-{os.cpu_count() or 1}core-{platform.machine()}-{cpu_slug(_cpu_model(), cpuinfo.field('flags') or '')}"
 
 
 def _version(dist: str) -> str | None:
