@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import fastrnn
-from fastrnn import backends
+from fastrnn import backends, cpuinfo
 from fastrnn.cells import spec
 
 CPU = torch.device("cpu")
@@ -127,6 +127,17 @@ def fake_cpp(monkeypatch):
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
 
 
+def _pin_cpu(monkeypatch, cpu: str) -> None:
+    """Auto's rules as they hold on CPU class `cpu` (fastrnn.cpuinfo.cpu_class), whatever this machine is."""
+    monkeypatch.setattr(backends, "_RULE_INDEX", backends._rule_index(backends._AUTO_RULES, cpu))
+
+
+@pytest.fixture
+def intel_amx(monkeypatch):
+    """The rules of the Xeon with AMX on which results-grid-2threads.md and results-bf16-2threads.md were made."""
+    _pin_cpu(monkeypatch, "intel-amx")
+
+
 def _auto(cell, batch, hidden, grad, dtype=F32, step=False, explicit=None):
     return backends.select(cell, dtype, CPU, explicit, batch, hidden, grad, step)
 
@@ -151,21 +162,90 @@ def _auto(cell, batch, hidden, grad, dtype=F32, step=False, explicit=None):
         (1, 64, True, "cpp"),
     ],
 )
-def test_auto_rules_lstm_cpu_float32(fake_cpp, batch, hidden, grad, want):
+def test_auto_rules_lstm_cpu_float32(fake_cpp, intel_amx, batch, hidden, grad, want):
     assert _auto("lstm", batch, hidden, grad) == want
 
 
-def test_auto_rules_touch_only_what_was_measured(fake_cpp):
+@pytest.mark.parametrize(
+    "cell,batch,hidden,grad,want",
+    [
+        ("lstm", 1, 64, False, "cpp"),  # results-grid-2threads-amd-epyc.md: 1.87x, 3.42x
+        ("lstm", 1, 256, False, "cpp"),  # 1.27x, 1.01x
+        ("lstm", 1, 512, False, "torch"),  # 1.27x, 0.88x
+        ("lstm", 4, 1024, False, "torch"),  # B=1 and B=16 both lose at H=1024: the class spans the gap
+        ("lstm", 4, 256, False, "cpp"),  # between B=1 (wins) and B=16 (loses): not measured
+        ("lstm", 16, 64, False, "torch"),  # 0.83x, 0.83x
+        ("lstm", 64, 256, False, "torch"),
+        ("lstm", 16, 64, True, "torch"),  # training 0.83x, 0.79x
+        ("lstm", 1, 64, True, "cpp"),  # 1.47x, 2.55x
+        ("lstm", 1, 256, True, "torch"),  # 1.06x, 0.97x
+        ("lstm", 1, 1024, True, "cpp"),  # 1.82x, 1.11x
+        ("gru", 16, 1024, False, "torch"),  # 0.97x, 0.98x
+        ("gru", 16, 512, False, "cpp"),  # 1.05x, 1.08x
+        ("gru", 16, 1024, True, "cpp"),
+        ("rnn_tanh", 64, 1024, False, "cpp"),
+    ],
+)
+def test_auto_rules_cpu_float32_amd(fake_cpp, monkeypatch, cell, batch, hidden, grad, want):
+    _pin_cpu(monkeypatch, "amd")
+    assert _auto(cell, batch, hidden, grad) == want
+
+
+@pytest.mark.parametrize(
+    "cell,batch,hidden,grad,want",
+    [
+        ("lstm", 1, 1024, False, "cpp"),  # results-bf16-2threads-amd-epyc.md: 1.11x, 1.13x
+        ("lstm", 16, 1024, False, "torch"),  # 1.05x, 0.96x
+        ("lstm", 16, 1024, True, "cpp"),  # 2.46x, 2.06x
+        ("lstm", 16, 256, True, "torch"),  # 0.78x, 0.74x
+        ("lstm", 64, 1024, True, "torch"),  # 0.97x, 0.98x
+        ("gru", 64, 256, True, "cpp"),  # 1.19x, 1.34x
+        ("gru", 64, 512, True, "torch"),  # 0.96x, 0.89x
+        ("rnn_tanh", 64, 1024, True, "torch"),  # 0.91x, 0.81x
+        ("rnn_relu", 64, 1024, True, "torch"),
+        ("rnn_tanh", 64, 512, True, "cpp"),  # 1.07x, 1.08x
+    ],
+)
+def test_auto_rules_cpu_bfloat16_amd(monkeypatch, cell, batch, hidden, grad, want):
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    _pin_cpu(monkeypatch, "amd")
+    assert _auto(cell, batch, hidden, grad, torch.bfloat16) == want
+
+
+def test_auto_rules_touch_only_what_was_measured(fake_cpp, intel_amx):
     """Other cells, Cell steps, other dtypes, autocast and calls that do not give their shape keep auto's order."""
     for cell in ("gru", "rnn_tanh", "rnn_relu"):
         assert _auto(cell, 64, 64, False) == "cpp"
     assert _auto("lstm", 64, 64, False, step=True) == "cpp"  # no Cell-step rule
-    for dtype in (torch.float64, torch.bfloat16, torch.float16):
+    for dtype in (torch.float64, torch.float16):
         assert _auto("lstm", 64, 64, False, dtype) == backends.select("lstm", dtype, CPU) != "torch"
     assert _auto("lstm", 64, 64, None) == _auto("lstm", None, 64, False) == _auto("lstm", 64, None, False) == "cpp"
     with torch.autocast("cpu", torch.bfloat16):
         assert _auto("lstm", 64, 64, False) == "cpp"
     assert backends.select("lstm", F32, torch.device("cuda"), None, 64, 64, False) == "torch"  # CUDA: its own order
+
+
+def test_auto_rules_hold_only_on_the_cpu_class_measured(fake_cpp, monkeypatch):
+    """A rule holds on the CPU class it was measured on ("intel": every Intel CPU, "intel-amx": those with AMX);
+    a class nothing was measured on keeps auto's order."""
+    rule = backends.AutoRule("cpu", False, "lstm", (F32,), None, (1, None), (1, None), "torch", cpu="intel")
+    amx = rule._replace(cpu="intel-amx")
+    assert [backends.rule_holds_on(rule, c) for c in ("intel", "intel-amx", "amd", "other")] == [1, 1, 0, 0]
+    assert [backends.rule_holds_on(amx, c) for c in ("intel", "intel-amx", "amd", "amd-amx")] == [0, 1, 0, 0]
+    assert backends.rule_holds_on(rule._replace(cpu=None), "amd")
+    _pin_cpu(monkeypatch, "other")
+    assert _auto("lstm", 64, 256, False) == _auto("lstm", 64, 256, True) == "cpp"
+    assert cpuinfo.cpu_class().split("-")[0] in ("intel", "amd", "other")
+
+
+def test_auto_rules_lstm_cpu_bfloat16_intel_amx(intel_amx, monkeypatch):
+    """results-bf16-2threads.md (Xeon, AMX): inference B >= 16 at H=256 (0.89x, 0.91x; 0.87x, 0.85x) -> torch;
+    H=512 (1.36x, 1.27x; 1.01x, 1.15x), B=1 and training stay with cpp."""
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    bf = torch.bfloat16
+    assert _auto("lstm", 16, 256, False, bf) == _auto("lstm", 64, 128, False, bf) == "torch"
+    for b, h, g in ((16, 512, False), (64, 512, False), (1, 256, False), (64, 256, True)):
+        assert _auto("lstm", b, h, g, bf) == "cpp", (b, h, g)
 
 
 def test_auto_rules_never_override_an_explicit_backend(fake_cpp, monkeypatch):
@@ -178,15 +258,18 @@ def test_auto_rules_never_override_an_explicit_backend(fake_cpp, monkeypatch):
     assert _auto("lstm", 64, 256, False) == "torch"
 
 
-def test_auto_rule_table_is_well_formed(fake_cpp):
+def test_auto_rule_table_is_well_formed(fake_cpp, monkeypatch):
     """Every rule names a known cell, device, mode and a backend that runs it, with sane inclusive ranges, and
     selects its backend at the corners of its own class (no earlier rule shadows it)."""
     from fastrnn.cells import CELLS
 
     assert backends._AUTO_RULES, "the CPU grid has losing rows: the table should not be empty"
-    assert backends._RULE_INDEX == backends._rule_index(backends._AUTO_RULES)
+    assert backends._RULE_INDEX == backends._rule_index(backends._AUTO_RULES, cpuinfo.cpu_class())
     for r in backends._AUTO_RULES:
         assert isinstance(r, backends.AutoRule)
+        assert (r.cpu in ("intel", "intel-amx", "amd")) == (r.device == "cpu"), r
+        if r.cpu is not None:
+            monkeypatch.setattr(backends, "_RULE_INDEX", backends._rule_index(backends._AUTO_RULES, r.cpu))
         assert r.device in backends._AUTO and isinstance(r.step, bool) and r.cell in CELLS
         assert r.mode in (None, "inference", "training")
         assert r.dtypes and all(isinstance(d, torch.dtype) for d in r.dtypes)
@@ -213,7 +296,7 @@ def _torch_calls(monkeypatch) -> list:
     return calls
 
 
-def test_layer_calls_pass_their_shape_to_auto(monkeypatch):
+def test_layer_calls_pass_their_shape_to_auto(monkeypatch, intel_amx):
     """functional.rnn hands select its batch, hidden size and whether autograd records: the module gets torch.nn's
     kernel (bit for bit) at a losing class and stays off it elsewhere; packed input and proj_size are not ruled."""
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
@@ -243,7 +326,7 @@ def test_layer_calls_pass_their_shape_to_auto(monkeypatch):
     assert len(calls) == 2
 
 
-def test_record_works_when_auto_resolves_to_torch(monkeypatch):
+def test_record_works_when_auto_resolves_to_torch(monkeypatch, intel_amx):
     """fastrnn.record reruns a torch-backend call on a kernel backend: auto's rules must not send it back."""
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     calls = _torch_calls(monkeypatch)

@@ -20,10 +20,13 @@ How a call's backend is chosen, first match wins:
     3. the environment variable FASTRNN_BACKEND   (explicit; read at every call)
     4. automatic: first the shape rules (`_AUTO_RULES`): a class of calls (device, layer or Cell step, cell,
        dtype, inference or training, batch and hidden size) where a measurement recorded in the repo shows
-       torch.nn's own kernel beating the fused one gets `torch` (today: some float32 LSTM layer shapes on CPU,
-       at batch >= 16); then the order (`_AUTO`): CUDA -> torch (torch.nn's cuDNN kernels, until a recorded
-       gpu_check measurement shows triton faster); CPU -> cpp, numba, reference (first that is available and
-       supports the call; on CPU without the C++ extension, warns once saying how to build it)
+       torch.nn's own kernel beating the fused one gets `torch` (today, on CPU: some float32 LSTM layer shapes at
+       batch >= 16 and bfloat16 LSTM inference at H <= 256 on Intel; most float32 LSTM shapes and GRU inference at
+       H >= 1024 on AMD, where MKL runs its AVX2 kernels, and bfloat16 LSTM at B >= 16 and training at B=64 there;
+       each rule holds only on the CPU class it was measured on, fastrnn.cpuinfo.cpu_class); then the order
+       (`_AUTO`): CUDA -> torch (torch.nn's cuDNN kernels, until a recorded gpu_check measurement shows triton
+       faster); CPU -> cpp, numba, reference (first that is available and supports the call; on CPU without the
+       C++ extension, warns once saying how to build it)
 An explicit backend that cannot run the call raises with the reason; it is never silently replaced, except
 while tracing or exporting (`deploying()`), where every call runs torch.nn's kernels (the `torch` backend).
 """
@@ -42,6 +45,7 @@ from typing import NamedTuple, Protocol
 import torch
 from torch import Tensor
 
+from fastrnn import cpuinfo
 from fastrnn.cells import Cell, Grads, Saved, State, Weights, spec
 
 BACKENDS = ("reference", "cpp", "numba", "triton", "torch")
@@ -68,12 +72,16 @@ class AutoRule(NamedTuple):
     batch: tuple[int, int | None]
     hidden: tuple[int, int | None]
     backend: str
+    # the CPU class the measurement was made on (fastrnn.cpuinfo.cpu_class): "intel" holds for every Intel CPU,
+    # "intel-amx" only for those with AMX; None: any (a rule for another device)
+    cpu: str | None = None
 
 
 # Auto's shape rules, before `_AUTO`'s order (first match wins). Each rests on measured rows, cited. Only calls
 # that say their batch size, hidden size and whether autograd records (functional.rnn / cell_step, outside
 # torch.compile, not under autocast, without packed input or proj_size: none of those was measured) are matched.
-# benchmarks/results-grid-2threads.md: 2 threads, float32, one unidirectional layer, I = H, T in {32, 128},
+# benchmarks/results-grid-2threads.md (a 2-core Xeon with AMX; its rules hold on Intel CPUs, cpu="intel"): 2 threads,
+# float32, one unidirectional layer, I = H, T in {32, 128},
 # B in {1, 16, 64}, H in {64, 256, 512, 1024}; ratio = torch.nn time / cpp time, listed as (T=32, T=128).
 # Between measured sizes a class reaches only as far as the measurements on both sides of the gap agree.
 # Left to cpp: lstm inference B=1 (min 1.06x) and B=16 H=64 (1.13x, 1.04x) win now; rnn_relu inference T=128 B=1
@@ -81,26 +89,71 @@ class AutoRule(NamedTuple):
 # that does not repeat). GRU and RNN tanh lose nowhere (min 1.13x). Rows within about 5% of 1.0x move either way
 # from run to run; a class keeps torch where a run had cpp losing at either T.
 # No Cell-step rule: benchmarks/results-cells-2threads.md (B {1, 16} x H {64, 256, 512}) has cpp's one-call step
-# ahead of torch's cells at every shape but those within noise of 1.0x (its minimum is in that file's summary).
+# ahead of torch's cells at every shape but those within noise of 1.0x (its minimum is in that file's summary); on
+# AMD, benchmarks/results-cells-2threads-amd-epyc.md has it ahead everywhere (min 1.10x).
 _AUTO_RULES: tuple[AutoRule, ...] = (
     # lstm inference B=64: H=256 (0.95x, 1.03x) loses at T=32; H=64 (1.05x, 1.02x) and H=512 (1.01x, 1.04x) are
     # within noise of 1.0x and lost at one T in the grid before (1.00x, 0.91x; 0.95x, 1.03x); at H=1024 cpp holds
     # (1.04x, 1.00x), and at B=16 it wins for H in {64, 512} (1.13x, 1.04x; 1.23x, 1.19x), so B starts at 64.
-    AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (64, None), (1, 512), "torch"),
+    AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (64, None), (1, 512), "torch", cpu="intel"),
     # lstm training B=64: H=64 (1.02x, 0.99x); at H=256 (1.06x, 1.07x) and above cpp wins.
-    AutoRule("cpu", False, "lstm", (torch.float32,), "training", (64, None), (1, 64), "torch"),
+    AutoRule("cpu", False, "lstm", (torch.float32,), "training", (64, None), (1, 64), "torch", cpu="intel"),
     # lstm inference B=16 H=256 (1.01x, 1.00x; the grid before: 0.98x, 0.97x), and B=64 H=256 loses (above), so
     # B 16-63 at H=256 only: at B=16, H=64 and H=512 cpp wins (above); B=16 training H=256 (1.09x, 1.05x) stays.
-    AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (16, 63), (256, 256), "torch"),
+    AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (16, 63), (256, 256), "torch", cpu="intel"),
+    # benchmarks/results-bf16-2threads.md (bfloat16 on AMX, H in {256, 512, 1024}): lstm inference at H=256 loses at
+    # B=16 (0.89x, 0.91x) and B=64 (0.87x, 0.85x); H=512 wins (1.36x, 1.27x; 1.01x, 1.15x), as does B=1 (min 1.07x);
+    # below H=256 nothing was measured, and the class reaches down: oneDNN's fused step gains most where GEMMs are
+    # small. Training loses nowhere beyond noise (T=128 B=64 H=512: 0.99x, where T=32 reads 1.59x).
+    AutoRule("cpu", False, "lstm", (torch.bfloat16,), "inference", (16, None), (1, 256), "torch", cpu="intel-amx"),
+    # ---- AMD (benchmarks/results-grid-2threads-amd-epyc.md, the same float32 grid on a 2-core EPYC, Zen 5). MKL,
+    # behind cpp's float32 GEMMs, runs its AVX2 kernels on AMD; torch.nn's LSTM runs oneDNN's AVX-512 RNN, so cpp's
+    # LSTM loses at every B >= 16 (0.37x-0.83x) and wins only at B=1 for small H.
+    # lstm inference B=1: H=64 (1.87x, 3.42x) and H=256 (1.27x, 1.01x) stay with cpp; H=512 (1.27x, 0.88x) and
+    # H=1024 (0.98x, 0.83x) lose, and so does B=16 at those H (0.41x-0.47x), so the class spans every B from 1.
+    AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (1, None), (512, None), "torch", cpu="amd"),
+    # lstm inference B >= 16 below H=512: H=64 (0.83x, 0.83x), H=256 (0.46x, 0.45x); B=64 lower still. B 2-15 at
+    # H <= 256 lies between B=1 (cpp wins) and B=16 (cpp loses): not measured, auto's order.
+    AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (16, None), (1, 511), "torch", cpu="amd"),
+    # lstm training B >= 16 loses at every H (0.39x-0.83x).
+    AutoRule("cpu", False, "lstm", (torch.float32,), "training", (16, None), (1, None), "torch", cpu="amd"),
+    # lstm training H in {256, 512} loses at B=1 too (1.06x, 0.97x; 1.22x, 0.84x), and at B=16: B from 1. B=1 H=64
+    # (1.47x, 2.55x) and H=1024 (1.82x, 1.11x) stay with cpp; the H gaps next to them are not measured.
+    AutoRule("cpu", False, "lstm", (torch.float32,), "training", (1, None), (256, 512), "torch", cpu="amd"),
+    # gru inference H=1024: B=16 (0.97x, 0.98x), B=64 (1.00x, 1.06x); H=512 wins (1.05x, 1.08x at B=16).
+    AutoRule("cpu", False, "gru", (torch.float32,), "inference", (16, None), (1024, None), "torch", cpu="amd"),
+    # bfloat16 on AMD (benchmarks/results-bf16-2threads-amd-epyc.md: AVX512-BF16, no AMX; H in {256, 512, 1024}).
+    # lstm inference loses at B >= 16 for every H (B=16: 0.96x, 0.95x; 0.99x, 0.94x; 1.05x, 0.96x; B=64 down to
+    # 0.80x); B=1 wins (min 1.02x).
+    AutoRule("cpu", False, "lstm", (torch.bfloat16,), "inference", (16, None), (1, None), "torch", cpu="amd"),
+    # lstm training B=64 loses at every H (0.62x-0.98x); B=16 at H <= 512 (0.78x, 0.74x; 0.90x, 0.99x) but not at
+    # H=1024 (2.46x, 2.06x); B=1 wins (min 2.00x).
+    AutoRule("cpu", False, "lstm", (torch.bfloat16,), "training", (64, None), (1, None), "torch", cpu="amd"),
+    AutoRule("cpu", False, "lstm", (torch.bfloat16,), "training", (16, 63), (1, 512), "torch", cpu="amd"),
+    # gru training B=64 at H=512 (0.96x, 0.89x) and H=1024 (0.86x, 0.94x); H=256 wins (1.19x, 1.34x).
+    AutoRule("cpu", False, "gru", (torch.bfloat16,), "training", (64, None), (512, None), "torch", cpu="amd"),
+    # rnn training B=64 H=1024 (tanh: 0.91x, 0.81x; H=512: 1.07x, 1.08x). relu is not in the bfloat16 grid: the
+    # same GEMMs, which are the step at this shape, so the same class.
+    AutoRule("cpu", False, "rnn_tanh", (torch.bfloat16,), "training", (64, None), (1024, None), "torch", cpu="amd"),
+    AutoRule("cpu", False, "rnn_relu", (torch.bfloat16,), "training", (64, None), (1024, None), "torch", cpu="amd"),
 )
 
 
-def _rule_index(rules: tuple[AutoRule, ...]) -> dict[tuple, tuple[tuple[bool | None, int, int, int, int, str], ...]]:
-    """(device, step, cell, dtype) -> the rules for it as (grad, batch lo, hi, hidden lo, hi, backend), in table
-    order: select() then costs one dict lookup and a few int comparisons."""
+def rule_holds_on(rule: AutoRule, cpu: str) -> bool:
+    """Whether a rule measured on CPU class rule.cpu applies on CPU class `cpu` (a CUDA rule: on every CPU)."""
+    return rule.cpu is None or cpu == rule.cpu or cpu.startswith(rule.cpu + "-")
+
+
+def _rule_index(
+    rules: tuple[AutoRule, ...], cpu: str
+) -> dict[tuple, tuple[tuple[bool | None, int, int, int, int, str], ...]]:
+    """(device, step, cell, dtype) -> the rules that hold on CPU class `cpu`, as (grad, batch lo, hi, hidden lo,
+    hi, backend), in table order: select() then costs one dict lookup and a few int comparisons."""
     index: dict[tuple, list] = {}
     grads = {"inference": False, "training": True, None: None}
     for r in rules:
+        if not rule_holds_on(r, cpu):
+            continue
         entry = (
             grads[r.mode], r.batch[0], sys.maxsize if r.batch[1] is None else r.batch[1],
             r.hidden[0], sys.maxsize if r.hidden[1] is None else r.hidden[1], r.backend,
@@ -110,7 +163,7 @@ def _rule_index(rules: tuple[AutoRule, ...]) -> dict[tuple, tuple[tuple[bool | N
     return {k: tuple(v) for k, v in index.items()}
 
 
-_RULE_INDEX = _rule_index(_AUTO_RULES)
+_RULE_INDEX = _rule_index(_AUTO_RULES, cpuinfo.cpu_class())
 
 ENV_VAR = "FASTRNN_BACKEND"
 
