@@ -82,8 +82,8 @@ def _run(benchmark, case: Case, backend: str) -> None:
     wl = workload.Workload(case)
     m = wl.module_for(backend)
     if backend != workload.YARDSTICK:
-        ref = correctness.outputs(wl, workload.YARDSTICK, wl.module_for(workload.YARDSTICK))
-        good, _, what = correctness.check(wl, backend, m, ref)
+        yard = correctness.yardstick(wl, wl.module_for(workload.YARDSTICK))
+        good, _, what = correctness.check(wl, backend, m, yard)
         assert good, f"{backend} differs from torch.nn on {case.label()}: {what}"
     benchmark.group = f"{case.cell} {_case_id(case)}"
     benchmark.extra_info.update(case.as_dict(), backend=backend, flops=case.flops())

@@ -432,6 +432,46 @@ def test_wrong_gradient_is_failing(monkeypatch):
     assert bad["status"] == "FAILING" and "grad_weight_hh" in bad["note"]
 
 
+def _relu_case_with_a_tie(monkeypatch, row: int = 2) -> Case:
+    """An rnn_relu training case whose row `row` has a pre-activation of exactly 0 at step 0, unit 0 (float64):
+    the Workload's first input row is set so x_0 W_ih^T + b_ih + h0 W_hh^T + b_hh is 0 there."""
+    case = Case("rnn_relu", "training", 3, 4, 5, 5, threads=1)
+    real_init = workload.Workload.__init__
+
+    def init(self, c, seed=0):
+        real_init(self, c, seed)
+        if c.cell != "rnn_relu":
+            return
+        m = self.module.double()
+        with torch.no_grad():
+            rest = (self.x[0, row].double() @ m.weight_ih_l0[0] + m.bias_ih_l0[0] + self.h0[row].double()
+                    @ m.weight_hh_l0[0] + m.bias_hh_l0[0])  # fmt: skip
+            m.bias_hh_l0[0] -= rest  # now exactly 0 for that row (float64); the others are moved by the same shift
+        self.module = m.float()
+
+    monkeypatch.setattr(workload.Workload, "__init__", init)
+    return case
+
+
+def test_relu_ties_leave_their_rows_out_of_the_judgement(monkeypatch):
+    """A ReLU training case is judged on the rows whose pre-activations are all clear of 0 (correctness.py): a row
+    with a tie is left out and said so; a wrong gradient still fails on the others."""
+    case = _relu_case_with_a_tie(monkeypatch)
+    wl = workload.Workload(case)
+    yard = correctness.yardstick(wl, wl.module_for(YARDSTICK))
+    assert yard.rows is not None and 2 not in yard.rows.tolist() and yard.rows.numel() < 4
+    assert yard.ref["grad_x"].shape == (3, yard.rows.numel(), 5) and "judged on" in yard.note
+    rows = runner.measure_case(case, ["reference"], QUICK, None)
+    good = rows[-1]
+    assert good["status"] == "ok" and "rows: " in good["note"] and good["max_err"] < 1e-5, good
+    _spoil_reference_w_hh_grad(monkeypatch, 1.1)
+    bad = runner.measure_case(case, ["reference"], QUICK, None)[-1]
+    assert bad["status"] == "FAILING" and "grad_weight_hh" in bad["note"], bad
+    # a case without ties (or not a ReLU) is judged on every row
+    plain = workload.Workload(Case("rnn_tanh", "training", 3, 4, 5, 5, threads=1))
+    assert correctness.yardstick(plain, plain.module_for(YARDSTICK)).rows is None
+
+
 def test_half_precision_cases_are_judged_against_float64(monkeypatch):
     """A bfloat16 case: each tensor may be off float64 by at most 2x torch.nn's own bfloat16 error (or the
     tolerance), so a kernel more exact than torch.nn passes where torch.nn itself is far off, and a wrong one

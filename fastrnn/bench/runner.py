@@ -52,11 +52,12 @@ def measure_case(
     machine.set_threads(case.threads)
     wl = workload.Workload(case)
     torch_mod = wl.module_for(YARDSTICK)
-    ref = correctness.outputs(wl, YARDSTICK, torch_mod)
-    exact = correctness.exact_outputs(wl, torch_mod)
+    yard = correctness.yardstick(wl, torch_mod)
+    exact = yard.exact
     rows: dict[str, dict] = {}
     if exact is not None:  # torch.nn's own half-precision error against float64, the bar the others are held to
-        rows[YARDSTICK] = _row(case, YARDSTICK, "ok", max_err=correctness.compare_half(ref, ref, exact, 0.0)[1])
+        own = correctness.compare_half(yard.ref, yard.ref, exact, 0.0)[1]
+        rows[YARDSTICK] = _row(case, YARDSTICK, "ok", yard.note, max_err=own)
     timers = [Timer(YARDSTICK, wl.call_fn(YARDSTICK, torch_mod))]
     mods = {YARDSTICK: torch_mod}
     names = [b for b in names if b != YARDSTICK]
@@ -67,14 +68,20 @@ def measure_case(
             continue
         try:
             m = wl.module_for(b)
-            note = workload.note(b, case)
-            good, err, why = correctness.check(wl, b, m, ref, exact)
+            note = "; ".join(n for n in (workload.note(b, case), yard.note) if n)
+            good, err, why = correctness.check(wl, b, m, yard)
         except Exception as e:
             rows[b] = _row(case, b, "SKIPPED" if b == workload.COMPILE else "ERROR", timing.one_line(e))
             continue
         if not good:
             against = "float64 torch.nn" if exact is not None else "torch.nn"
-            rows[b] = _row(case, b, "FAILING", f"differs from {against}: {why}", max_err=err)
+            rows[b] = _row(
+                case,
+                b,
+                "FAILING",
+                "; ".join(n for n in (f"differs from {against}: {why}", yard.note) if n),
+                max_err=err,
+            )
             continue
         rows[b] = _row(case, b, "ok", note, max_err=err)
         mods[b] = m
