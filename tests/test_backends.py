@@ -166,50 +166,45 @@ def test_auto_rules_lstm_cpu_float32(fake_cpp, intel_amx, batch, hidden, grad, w
     assert _auto("lstm", batch, hidden, grad) == want
 
 
-@pytest.mark.parametrize(
-    "cell,batch,hidden,grad,want",
-    [
-        ("lstm", 1, 64, False, "cpp"),  # results-grid-2threads-amd-epyc.md: 1.87x, 3.42x
-        ("lstm", 1, 256, False, "cpp"),  # 1.27x, 1.01x
-        ("lstm", 1, 512, False, "torch"),  # 1.27x, 0.88x
-        ("lstm", 4, 1024, False, "torch"),  # B=1 and B=16 both lose at H=1024: the class spans the gap
-        ("lstm", 4, 256, False, "cpp"),  # between B=1 (wins) and B=16 (loses): not measured
-        ("lstm", 16, 64, False, "torch"),  # 0.83x, 0.83x
-        ("lstm", 64, 256, False, "torch"),
-        ("lstm", 16, 64, True, "torch"),  # training 0.83x, 0.79x
-        ("lstm", 1, 64, True, "cpp"),  # 1.47x, 2.55x
-        ("lstm", 1, 256, True, "torch"),  # 1.06x, 0.97x
-        ("lstm", 1, 1024, True, "cpp"),  # 1.82x, 1.11x
-        ("gru", 16, 1024, False, "torch"),  # 0.97x, 0.98x
-        ("gru", 16, 512, False, "cpp"),  # 1.05x, 1.08x
-        ("gru", 16, 1024, True, "cpp"),
-        ("rnn_tanh", 64, 1024, False, "cpp"),
-    ],
-)
-def test_auto_rules_cpu_float32_amd(fake_cpp, monkeypatch, cell, batch, hidden, grad, want):
-    _pin_cpu(monkeypatch, "amd")
-    assert _auto(cell, batch, hidden, grad) == want
+BF16 = torch.bfloat16
 
 
 @pytest.mark.parametrize(
-    "cell,batch,hidden,grad,want",
+    "dtype,cell,batch,hidden,grad,want",
     [
-        ("lstm", 1, 1024, False, "cpp"),  # results-bf16-2threads-amd-epyc.md: 1.11x, 1.13x
-        ("lstm", 16, 1024, False, "torch"),  # 1.05x, 0.96x
-        ("lstm", 16, 1024, True, "cpp"),  # 2.46x, 2.06x
-        ("lstm", 16, 256, True, "torch"),  # 0.78x, 0.74x
-        ("lstm", 64, 1024, True, "torch"),  # 0.97x, 0.98x
-        ("gru", 64, 256, True, "cpp"),  # 1.19x, 1.34x
-        ("gru", 64, 512, True, "torch"),  # 0.96x, 0.89x
-        ("rnn_tanh", 64, 1024, True, "torch"),  # 0.91x, 0.81x
-        ("rnn_relu", 64, 1024, True, "torch"),
-        ("rnn_tanh", 64, 512, True, "cpp"),  # 1.07x, 1.08x
+        (F32, "lstm", 1, 64, False, "cpp"),  # results-grid-2threads-amd-epyc.md: 1.87x, 3.42x
+        (F32, "lstm", 1, 256, False, "cpp"),  # 1.27x, 1.01x
+        (F32, "lstm", 1, 512, False, "torch"),  # 1.27x, 0.88x
+        (F32, "lstm", 4, 1024, False, "torch"),  # B=1 and B=16 both lose at H=1024: the class spans the gap
+        (F32, "lstm", 4, 256, False, "cpp"),  # between B=1 (wins) and B=16 (loses): not measured
+        (F32, "lstm", 16, 64, False, "torch"),  # 0.83x, 0.83x
+        (F32, "lstm", 64, 256, False, "torch"),
+        (F32, "lstm", 16, 64, True, "torch"),  # training 0.83x, 0.79x
+        (F32, "lstm", 1, 64, True, "cpp"),  # 1.47x, 2.55x
+        (F32, "lstm", 1, 256, True, "torch"),  # 1.06x, 0.97x
+        (F32, "lstm", 1, 1024, True, "cpp"),  # 1.82x, 1.11x
+        (F32, "gru", 16, 1024, False, "torch"),  # 0.97x, 0.98x
+        (F32, "gru", 16, 512, False, "cpp"),  # 1.05x, 1.08x
+        (F32, "gru", 16, 1024, True, "cpp"),
+        (F32, "rnn_tanh", 64, 1024, False, "cpp"),
+        (BF16, "lstm", 1, 1024, False, "cpp"),  # results-bf16-2threads-amd-epyc.md: 1.11x, 1.13x
+        (BF16, "lstm", 16, 1024, False, "torch"),  # 1.05x, 0.96x
+        (BF16, "lstm", 16, 1024, True, "cpp"),  # 2.46x, 2.06x
+        (BF16, "lstm", 16, 256, True, "torch"),  # 0.78x, 0.74x
+        (BF16, "lstm", 64, 1024, True, "torch"),  # 0.97x, 0.98x
+        (BF16, "gru", 64, 256, True, "cpp"),  # 1.19x, 1.34x
+        (BF16, "gru", 64, 512, True, "torch"),  # 0.96x, 0.89x
+        (BF16, "rnn_tanh", 64, 1024, True, "torch"),  # 0.91x, 0.81x
+        (BF16, "rnn_relu", 64, 1024, True, "torch"),
+        (BF16, "rnn_tanh", 64, 512, True, "cpp"),  # 1.07x, 1.08x
     ],
 )
-def test_auto_rules_cpu_bfloat16_amd(monkeypatch, cell, batch, hidden, grad, want):
+def test_auto_rules_cpu_amd(monkeypatch, dtype, cell, batch, hidden, grad, want):
+    yes = types.SimpleNamespace(available=lambda: (True, ""), supports=lambda c, d, dev: (d in (F32, BF16), ""))
+    monkeypatch.setitem(backends._modules, "cpp", yes)  # auto's order gives cpp whether or not it is built
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     _pin_cpu(monkeypatch, "amd")
-    assert _auto(cell, batch, hidden, grad, torch.bfloat16) == want
+    assert _auto(cell, batch, hidden, grad, dtype) == want
 
 
 def test_auto_rules_touch_only_what_was_measured(fake_cpp, intel_amx):
