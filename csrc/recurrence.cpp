@@ -147,6 +147,17 @@ void dispatch(const CellKernels& k, at::ScalarType dt, bool bf16_gemm, const Opt
   }
 }
 
+// The recurrent half of a forward call, which recurrence_forward and layer_forward share: h0 [B, P], c0 [B, H] (cells
+// with a cell state), w_hh [G*H, P], b_hh [G*H]?.
+void check_recurrent_args(const CellKernels& k, const ArgNames& names, const Sizes& s, at::ScalarType dt,
+                          const Tensor& h0, const OptTensor& c0, const Tensor& w_hh, const OptTensor& b_hh) {
+  const int64_t GH = k.G * s.H;
+  check_tensor(h0, names.h0.c_str(), {s.B, s.P}, dt);
+  check_state(k, c0, "c0 [B, H]", {s.B, s.H}, dt);
+  check_tensor(w_hh, names.w_hh.c_str(), {GH, s.P}, dt);
+  check_opt(b_hh, names.b_hh.c_str(), {GH}, dt);
+}
+
 void check_bf16_gemm(bool bf16_gemm, at::ScalarType dt) {
   TORCH_CHECK(!bf16_gemm || dt == at::kFloat || dt == at::kBFloat16,
               "fastrnn: bf16_gemm is for float32 (bfloat16 calls always run bfloat16 GEMMs), got ", dt);
@@ -188,10 +199,7 @@ std::vector<Tensor> recurrence_forward(int64_t cell_id, const Tensor& gx, const 
   const Sizes s = call_sizes(k, gx.size(0), gx.size(1), dt, w_hh, w_hr);
   const int64_t T = s.T, B = s.B, H = s.H, P = s.P, GH = k.G * H;
   check_tensor(gx, names.gx.c_str(), {T, B, GH}, dt);
-  check_tensor(h0, names.h0.c_str(), {B, P}, dt);
-  check_state(k, c0, "c0 [B, H]", {B, H}, dt);
-  check_tensor(w_hh, names.w_hh.c_str(), {GH, P}, dt);
-  check_opt(b_hh, names.b_hh.c_str(), {GH}, dt);
+  check_recurrent_args(k, names, s, dt, h0, c0, w_hh, b_hh);
   check_bf16_gemm(bf16_gemm, dt);
   check_norm(k, names, s, dt, bf16_gemm, b_hh, norm, zmask, zkeep);
   const Walk w{batch_sizes_vec(batch_sizes, T, B), T, B, reverse};
@@ -257,9 +265,7 @@ std::vector<Tensor> layer_forward(int64_t cell_id, const Tensor& x, const Tensor
   check_tensor(x, "x [T, B, I]", {T, B, I}, dt);
   check_tensor(w_ih, w_ih_name.c_str(), {GH, I}, dt);
   check_opt(b_ih, b_ih_name.c_str(), {GH}, dt);
-  check_tensor(h0, names.h0.c_str(), {B, P}, dt);
-  check_state(k, c0, "c0 [B, H]", {B, H}, dt);
-  check_opt(b_hh, names.b_hh.c_str(), {GH}, dt);
+  check_recurrent_args(k, names, s, dt, h0, c0, w_hh, b_hh);  // w_hh's contiguity too: the walk reads it dense
   check_bf16_gemm(bf16_gemm, dt);
   check_blas_size(I, "I (columns of w_ih)");
   const Walk w{batch_sizes_vec(c10::nullopt, T, B), T, B, reverse};

@@ -306,6 +306,34 @@ def test_non_contiguous(backend, kind, extra):
         assert_close(a, e, F32, 4, "non-contiguous", **exact)
 
 
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values in memory that is not dense: a transposed copy's transpose, every other element of one."""
+    t = t.detach()
+    return t.t().contiguous().t() if t.dim() == 2 else torch.stack([t, t], -1)[..., 0]
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("kind,extra", LAYER_CASES)
+def test_strided_parameters_and_states(backend, kind, extra, grad):
+    """torch.nn runs on strided parameters (a transposed or tied weight) and states sliced out of wider tensors, in
+    inference and in training; so does fastrnn, with torch.nn's results (the cpp inference path once read a
+    strided w_hh as if dense)."""
+    kw = dict(input_size=3, hidden_size=5, **extra)
+    device = skip_unless_supported(backend, cell_name(kind, kw), F32)
+    torch.manual_seed(11)
+    ref, fast = make_pair(kind, kw, backend, F32, device)
+    for m in (ref, fast):
+        for name, p in list(m.named_parameters()):
+            setattr(m, name, nn.Parameter(_strided(p)))
+            assert not getattr(m, name).is_contiguous()
+    x = torch.randn(4, 3, 3, device=device)
+    h = torch.randn(1, 3, 2 * (kw.get("proj_size") or 5), device=device)[..., ::2]  # every other column
+    hx = (h, torch.randn(1, 3, 10, device=device)[..., ::2]) if has_c(kind) else h
+    with torch.set_grad_enabled(grad):
+        for a, e in zip(flat(fast(x, hx)), flat(ref(x, hx)), strict=True):
+            assert_close(a, e, F32, 4, "strided")
+
+
 def test_backends_under_test_include_reference():
     assert "reference" in BACKENDS_UNDER_TEST
 

@@ -123,8 +123,21 @@ def test_recorded_packed_and_streaming_calls_keep_their_paths(calls):
         (lambda x, w, h, c: (0, x.double(), w[0], w[2], h, c, w[1], w[3]), "dtype"),
         (lambda x, w, h, c: (4, x, w[0], w[2], h, c, w[1], w[3]), "layer_forward runs the plain cells"),
         (lambda x, w, h, c: (0, x.transpose(0, 1), w[0], w[2], h, c, w[1], w[3]), "contiguous|shape"),
+        (lambda x, w, h, c: (0, x, w[0], w[2], h, c, w[1].t().contiguous().t(), w[3]), r"w_hh \[4H, P\] must be cont"),
+        (lambda x, w, h, c: (0, x, w[0], w[2], h, c, w[1].double(), w[3]), r"w_hh must have dtype"),
     ],
-    ids=["x-rank", "w_ih-shape", "b_ih-shape", "h0-shape", "lstm-without-c0", "x-dtype", "ln-cell", "x-strided"],
+    ids=[
+        "x-rank",
+        "w_ih-shape",
+        "b_ih-shape",
+        "h0-shape",
+        "lstm-without-c0",
+        "x-dtype",
+        "ln-cell",
+        "x-strided",
+        "w_hh-strided",
+        "w_hh-dtype",
+    ],  # fmt: skip
 )
 def test_extension_refuses_bad_arguments(args, msg):
     m = nn.LSTM(5, 6)

@@ -144,9 +144,12 @@ def layer_forward(
     would pass 16 MB). Outside the kernel contract, like cell_step: functional.rnn takes it for the calls autograd
     does not record."""
     bf16_gemm = x.dtype == torch.float32 and fp32_bf16_gemm()
+    # torch.nn takes strided operands (a transposed or tied weight, a state sliced from a wider one); the extension
+    # reads dense memory and refuses anything else (.contiguous() is free where they are dense already)
     out, h_n, c_n = _ext().layer_forward(
-        cell.kernel_id, x.contiguous(), w_ih, b_ih, h0, c0, w_hh, b_hh, reverse, bf16_gemm
-    )
+        cell.kernel_id, *(None if t is None else t.contiguous() for t in (x, w_ih, b_ih, h0, c0, w_hh, b_hh)),
+        reverse, bf16_gemm,
+    )  # fmt: skip
     return out, h_n, c_n
 
 
