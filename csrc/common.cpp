@@ -186,34 +186,66 @@ __attribute__((always_inline)) inline __m512 lane_sums16(const __m512* v) {
   return pair(pair(s4[0], s4[1]), pair(s4[2], s4[3]));
 }
 
-// One 16-wide column of K for a block's 16 dot products (mask: the columns of K that are there); inlined and
-// unrolled, so that acc stays in registers.
-template <int Mr, int Nr>
-__attribute__((always_inline)) inline void dot_step(__m512* acc, const float* a, int64_t lda, const float* w,
-                                                    int64_t ldw, __mmask16 mask) {
-  __m512 av[Mr];
+// The element types the small-M kernels take: float32, and bfloat16 where the CPU has AVX512-BF16 (vdpbf16ps:
+// pairs of products, exact in float32, accumulated in float32, as oneDNN's and MKL's bfloat16 GEMMs do; a Cell's
+// unpacked step on a CPU without AMX, where MKL's bfloat16 GEMM ran it at 0.23x-0.47x torch's cell at H >= 256).
+#if defined(__AVX512BF16__)
+#define FASTRNN_DOT_BF16 1
+#endif
+// A column of K a step takes: 16 float32, or 16 pairs of bfloat16. mask: the elements of that column there.
+template <typename E>
+constexpr int64_t kLanesK = 64 / int64_t(sizeof(E));
+template <typename E>
+using KMask = std::conditional_t<std::is_same_v<E, float>, __mmask16, __mmask32>;
+template <typename E>
+inline KMask<E> k_mask(int64_t n) {
+  return n >= kLanesK<E> ? KMask<E>(~KMask<E>(0)) : KMask<E>((uint64_t(1) << n) - 1);
+}
+
+// One column of K for a block's 16 dot products (mask: the elements of K that are there); inlined and unrolled,
+// so that acc stays in registers.
+template <int Mr, int Nr, typename E>
+__attribute__((always_inline)) inline void dot_step(__m512* acc, const E* a, int64_t lda, const E* w, int64_t ldw,
+                                                    KMask<E> mask) {
+  if constexpr (std::is_same_v<E, float>) {
+    __m512 av[Mr];
 #pragma GCC unroll 4
-  for (int m = 0; m < Mr; ++m) av[m] = _mm512_maskz_loadu_ps(mask, a + m * lda);
+    for (int m = 0; m < Mr; ++m) av[m] = _mm512_maskz_loadu_ps(mask, a + m * lda);
 #pragma GCC unroll 16
-  for (int n = 0; n < Nr; ++n) {
-    const __m512 wv = _mm512_maskz_loadu_ps(mask, w + n * ldw);
+    for (int n = 0; n < Nr; ++n) {
+      const __m512 wv = _mm512_maskz_loadu_ps(mask, w + n * ldw);
 #pragma GCC unroll 4
-    for (int m = 0; m < Mr; ++m) acc[m * Nr + n] = _mm512_fmadd_ps(av[m], wv, acc[m * Nr + n]);
+      for (int m = 0; m < Mr; ++m) acc[m * Nr + n] = _mm512_fmadd_ps(av[m], wv, acc[m * Nr + n]);
+    }
+  } else {
+#if defined(FASTRNN_DOT_BF16)
+    __m512i av[Mr];
+#pragma GCC unroll 4
+    for (int m = 0; m < Mr; ++m) av[m] = _mm512_maskz_loadu_epi16(mask, a + m * lda);
+#pragma GCC unroll 16
+    for (int n = 0; n < Nr; ++n) {
+      const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + n * ldw);
+#pragma GCC unroll 4
+      for (int m = 0; m < Mr; ++m)
+        acc[m * Nr + n] = _mm512_dpbf16_ps(acc[m * Nr + n], __m512bh(av[m]), __m512bh(wv));
+    }
+#endif
   }
 }
 
 // C[0:Mr, 0:Nr] = A[0:Mr, :K] . W[0:Nr, :K] (+ beta C), Mr * Nr = 16 dot products over K at once: A's Mr rows and
 // W's Nr rows are loaded once per 16 columns of K and meet in 16 FMAs; their lanes are summed once at the end.
-template <int Mr, int Nr>
-inline void dot_block(int64_t K, const float* a, int64_t lda, const float* w, int64_t ldw, float beta, float* c,
+template <int Mr, int Nr, typename E>
+inline void dot_block(int64_t K, const E* a, int64_t lda, const E* w, int64_t ldw, float beta, float* c,
                       int64_t ldc) {
   static_assert(Mr * Nr == 16, "a block is 16 dot products");
+  constexpr int64_t L = kLanesK<E>;
   __m512 acc[16];
 #pragma GCC unroll 16
   for (int j = 0; j < 16; ++j) acc[j] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 16 <= K; k += 16) dot_step<Mr, Nr>(acc, a + k, lda, w + k, ldw, __mmask16(0xFFFF));
-  if (k < K) dot_step<Mr, Nr>(acc, a + k, lda, w + k, ldw, __mmask16((1u << (K - k)) - 1));
+  for (; k + L <= K; k += L) dot_step<Mr, Nr, E>(acc, a + k, lda, w + k, ldw, k_mask<E>(L));
+  if (k < K) dot_step<Mr, Nr, E>(acc, a + k, lda, w + k, ldw, k_mask<E>(K - k));
   alignas(64) float r[16];
   _mm512_store_ps(r, lane_sums16(acc));
   for (int m = 0; m < Mr; ++m)
@@ -224,13 +256,14 @@ inline void dot_block(int64_t K, const float* a, int64_t lda, const float* w, in
 }
 
 // One dot product at a time: the columns a panel's blocks leave over.
-inline void dot_one(int64_t K, const float* a, const float* w, float beta, float* c) {
-  using V = Vec<float>;
-  V s(0.f);
+template <typename E>
+inline void dot_one(int64_t K, const E* a, const E* w, float beta, float* c) {
+  __m512 acc[1] = {_mm512_setzero_ps()};
+  constexpr int64_t L = kLanesK<E>;
   int64_t k = 0;
-  for (; k + V::size() <= K; k += V::size()) s = at::vec::fmadd(V::loadu(a + k), V::loadu(w + k), s);
-  if (k < K) s = at::vec::fmadd(V::loadu(a + k, K - k), V::loadu(w + k, K - k), s);
-  const float r = _mm512_reduce_add_ps(__m512(s));
+  for (; k + L <= K; k += L) dot_step<1, 1, E>(acc, a + k, 0, w + k, 0, k_mask<E>(L));
+  if (k < K) dot_step<1, 1, E>(acc, a + k, 0, w + k, 0, k_mask<E>(K - k));
+  const float r = _mm512_reduce_add_ps(acc[0]);
   *c = beta == 0.f ? r : r + beta * *c;
 }
 
@@ -238,7 +271,8 @@ inline void dot_one(int64_t K, const float* a, const float* w, float beta, float
 // (dot_block) over panels of 16 rows of W, each panel walked 4 rows at a time (see panel below). MKL's sgemm at
 // these shapes packs W on every call and ran at 95 GFLOP/s a core for [16, 512] x [512, 512] (no_grad torch.mm, 1
 // thread). Panels are split over the threads when the call is outside a parallel region and carries the work for it.
-void dot_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, float beta, float* c,
+template <typename E>
+void dot_gemm(int64_t m, int64_t N, int64_t K, const E* a, int64_t lda, const E* w, float beta, float* c,
               int64_t ldc) {
   constexpr int64_t kPanel = 16;
   auto panel = [&](int64_t n0, int64_t n1) {
@@ -247,14 +281,16 @@ void dot_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, cons
     const int64_t m4 = m / 4 * 4;
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4)
-      for (int64_t r = 0; r < m4; r += 4) dot_block<4, 4>(K, a + r * lda, lda, w + n * K, K, beta, c + r * ldc + n, ldc);
+      for (int64_t r = 0; r < m4; r += 4)
+        dot_block<4, 4, E>(K, a + r * lda, lda, w + n * K, K, beta, c + r * ldc + n, ldc);
     for (; n < n1; ++n)
       for (int64_t r = 0; r < m4; ++r) dot_one(K, a + r * lda, w + n * K, beta, c + r * ldc + n);
     int64_t r = m4;
     auto blocks = [&](auto mr, auto nr) {
       constexpr int Mr = decltype(mr)::value, Nr = decltype(nr)::value;
       int64_t j = n0;
-      for (; j + Nr <= n1; j += Nr) dot_block<Mr, Nr>(K, a + r * lda, lda, w + j * K, K, beta, c + r * ldc + j, ldc);
+      for (; j + Nr <= n1; j += Nr)
+        dot_block<Mr, Nr, E>(K, a + r * lda, lda, w + j * K, K, beta, c + r * ldc + j, ldc);
       for (; j < n1; ++j)
         for (int i = 0; i < Mr; ++i) dot_one(K, a + (r + i) * lda, w + j * K, beta, c + (r + i) * ldc + j);
       r += Mr;
@@ -270,11 +306,17 @@ void dot_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, cons
   });
 }
 
+// 16 elements of a W row as float32 (bfloat16 widened); a's elements likewise.
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const BF16* p, __mmask16 m) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+}
+
 // C[0:Mr, n:n+16*Nv] (+)= A[0:Mr, k0:k1] W[k0:k1, n:n+16*Nv] for W [K, N] row-major: each step of k broadcasts Mr
 // elements of A against Nv vectors of W's row k (no lane sums: the columns are C's). last: the lanes of the last
 // vector that are there. load: start from C (a later chunk of K, or beta = 1), else from zero.
-template <int Mr, int Nv>
-inline void axpy_block(int64_t k0, int64_t k1, const float* a, int64_t lda, const float* w, int64_t ldw, float* c,
+template <int Mr, int Nv, typename E>
+inline void axpy_block(int64_t k0, int64_t k1, const E* a, int64_t sm, int64_t sk, const E* w, int64_t ldw, float* c,
                        int64_t ldc, __mmask16 last, bool load) {
   __m512 acc[Mr][Nv];
   auto mask = [&](int v) { return v == Nv - 1 ? last : __mmask16(0xFFFF); };
@@ -286,10 +328,10 @@ inline void axpy_block(int64_t k0, int64_t k1, const float* a, int64_t lda, cons
   for (int64_t k = k0; k < k1; ++k) {
     __m512 wv[Nv];
 #pragma GCC unroll 4
-    for (int v = 0; v < Nv; ++v) wv[v] = _mm512_maskz_loadu_ps(mask(v), w + k * ldw + 16 * v);
+    for (int v = 0; v < Nv; ++v) wv[v] = load16(w + k * ldw + 16 * v, mask(v));
 #pragma GCC unroll 4
     for (int m = 0; m < Mr; ++m) {
-      const __m512 av = _mm512_set1_ps(a[m * lda + k]);
+      const __m512 av = _mm512_set1_ps(float(a[m * sm + k * sk]));
 #pragma GCC unroll 4
       for (int v = 0; v < Nv; ++v) acc[m][v] = _mm512_fmadd_ps(av, wv[v], acc[m][v]);
     }
@@ -300,11 +342,14 @@ inline void axpy_block(int64_t k0, int64_t k1, const float* a, int64_t lda, cons
     for (int v = 0; v < Nv; ++v) _mm512_mask_storeu_ps(c + m * ldc + 16 * v, mask(v), acc[m][v]);
 }
 
-// C[m, N] = A[m, K] W + beta C for W [K, N] row-major and m <= kDotMaxRows (the backward's d h = d_gates W_hh of a
-// Cell or a B <= 2 layer): blocks of 4 rows x 64 columns (axpy_block) over chunks of 128 rows of W (32 KB, in L1
+// C[m, N] = A[m, K] W + beta C for W [K, N] (row stride ldw) and m <= kDotMaxRows (the backward's d h = d_gates
+// W_hh of a Cell or a B <= 2 layer; bfloat16 W widened as it is read): blocks of 4 rows x 64 columns (axpy_block) over chunks of 128 rows of W (32 KB, in L1
 // while every group of rows meets them), column blocks split over the threads outside a parallel region.
-void axpy_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, const float* w, float beta, float* c,
-               int64_t ldc) {
+template <typename E>
+void axpy_gemm(int64_t m, int64_t N, int64_t K, const E* a, int64_t lda, const E* w, int64_t ldw, float beta,
+               float* c, int64_t ldc, bool trans_a = false) {
+  // A's element (r, k): a[r * lda + k], or a[k * lda + r] when trans_a (A^T stored: a weight gradient's d_gates)
+  const int64_t sm = trans_a ? 1 : lda, sk = trans_a ? lda : 1;
   constexpr int64_t kCols = 64, kChunk = 128;
   if (beta != 0.f && beta != 1.f)
     for (int64_t r = 0; r < m; ++r)
@@ -320,13 +365,13 @@ void axpy_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t lda, con
         const bool load = k0 > 0 || beta != 0.f;
         auto rows = [&](auto mr, int64_t r) {
           constexpr int Mr = decltype(mr)::value;
-          const float *ar = a + r * lda, *wb = w + n0;
+          const E *ar = a + r * sm, *wb = w + n0;
           float* cr = c + r * ldc + n0;
           switch (nv) {
-            case 1: return axpy_block<Mr, 1>(k0, k1, ar, lda, wb, N, cr, ldc, last, load);
-            case 2: return axpy_block<Mr, 2>(k0, k1, ar, lda, wb, N, cr, ldc, last, load);
-            case 3: return axpy_block<Mr, 3>(k0, k1, ar, lda, wb, N, cr, ldc, last, load);
-            default: return axpy_block<Mr, 4>(k0, k1, ar, lda, wb, N, cr, ldc, last, load);
+            case 1: return axpy_block<Mr, 1, E>(k0, k1, ar, sm, sk, wb, ldw, cr, ldc, last, load);
+            case 2: return axpy_block<Mr, 2, E>(k0, k1, ar, sm, sk, wb, ldw, cr, ldc, last, load);
+            case 3: return axpy_block<Mr, 3, E>(k0, k1, ar, sm, sk, wb, ldw, cr, ldc, last, load);
+            default: return axpy_block<Mr, 4, E>(k0, k1, ar, sm, sk, wb, ldw, cr, ldc, last, load);
           }
         };
         using std::integral_constant;
@@ -434,7 +479,7 @@ void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, i
 #if defined(CPU_CAPABILITY_AVX512)
     if (m <= kDotMaxRows) {
       if (trans_) return dot_gemm(m, N_, K_, a, lda, w_, beta, c, ldc);
-      return axpy_gemm(m, N_, K_, a, lda, w_, beta, c, ldc);
+      return axpy_gemm(m, N_, K_, a, lda, w_, N_, beta, c, ldc);
     }
 #endif
     if (m == 1 && N_ * K_ <= kOwnGemvMax) return small_gemv(trans_, N_, K_, w_, a, beta, c);
@@ -483,10 +528,16 @@ void gemm_bf16_aten(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alp
 // oneDNN's brgemm ukernel (ATen's cpublas) has bfloat16 kernels for AMX and for AVX512-BF16; could_pack answers only
 // for AMX, but on AVX512-BF16 alone (AMD Zen 4/5, Intel Cooper Lake) the same VNNI-packed call runs too: Zen 5, B = 64,
 // K = 1024: 487 GFLOP/s on 2 cores, where MKL's cblas_gemm_bf16bf16f32 is not tuned for the CPU (0.3x torch.nn's LSTM).
+// AMX-BF16 (which ATen's could_pack answers for bfloat16): where MKL's bfloat16 GEMM runs on AMX tiles.
+bool has_amx_bf16() {
+  static const bool amx = at::native::cpublas::could_pack(at::kBFloat16);
+  return amx;
+}
+
 bool brgemm_enabled() {
   const char* v = std::getenv("FASTRNN_CPP_AMX");
   if (v != nullptr && std::string(v) == "0") return false;
-  return at::native::cpublas::could_pack(at::kBFloat16) || __builtin_cpu_supports("avx512bf16");
+  return has_amx_bf16() || __builtin_cpu_supports("avx512bf16");
 }
 
 }  // namespace
@@ -495,6 +546,12 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
           int64_t ldb, float beta, float* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) return scale_rows(m, n, beta, c, ldc);
+#if defined(CPU_CAPABILITY_AVX512) && defined(FASTRNN_DOT_BF16)
+  // A^T B over a few rows (a Cell's weight gradient: k is its batch) on a CPU without AMX: the rank-k update in the
+  // extension's own kernel, where MKL's bfloat16 GEMM widens both operands first and is not tuned for the CPU
+  if (ta && !tb && alpha == 1.f && k <= kDotMaxRows && !has_amx_bf16())
+    return axpy_gemm(m, n, k, a, lda, b, ldb, beta, c, ldc, /*trans_a=*/true);
+#endif
   if (cblas_gemm_bf16bf16f32 == nullptr) return gemm_bf16_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(m), int(n), int(k), alpha,
                          reinterpret_cast<const uint16_t*>(a), int(lda), reinterpret_cast<const uint16_t*>(b),
@@ -589,6 +646,9 @@ Bf16Gemm::Bf16Gemm(const S* w, bool trans, int64_t N, int64_t K, int64_t seg, bo
   if (N == 0 || K == 0) return;
   const auto f32 = at::TensorOptions().dtype(at::kFloat), b16 = at::TensorOptions().dtype(at::kBFloat16);
   brgemm_ = pack && brgemm_enabled();
+  // unpacked steps of few rows: the extension's own AVX512-BF16 kernels where MKL has no AMX to run them on (on
+  // AMX, MKL's bfloat16 GEMM keeps them: not measured against these)
+  own_small_ = !brgemm_ && !has_amx_bf16();
   if constexpr (std::is_same_v<S, float>) {
     // rounded to bfloat16 once: the operand of either path
     w16_buf_ = at::from_blob(const_cast<S*>(w), {trans ? N : K, trans ? K : N}, f32).to(at::kBFloat16);
@@ -652,8 +712,15 @@ void Bf16Gemm::run(const BF16* a_lo, const BF16* a_hi, int64_t k, int64_t lda, i
       } else {
         // op(W)[:, n0:n1] is rows n0.. of W [N, K] (trans) or columns n0.. of W [K, N]
         const BF16* wc = trans_ ? w16_ + n0 * K_ : w16_ + n0;
-        gemm(false, trans_, m, n1 - n0, K_, 1.f, a + r * lda, lda, wc, trans_ ? K_ : N_, accumulate ? 1.f : 0.f, cr,
-             ldc);
+        const float beta = accumulate ? 1.f : 0.f;
+#if defined(CPU_CAPABILITY_AVX512) && defined(FASTRNN_DOT_BF16)
+        if (own_small_ && m <= kDotMaxRows) {
+          if (trans_) dot_gemm(m, n1 - n0, K_, a + r * lda, lda, wc, beta, cr, ldc);
+          else axpy_gemm(m, n1 - n0, K_, a + r * lda, lda, wc, N_, beta, cr, ldc);
+          continue;
+        }
+#endif
+        gemm(false, trans_, m, n1 - n0, K_, 1.f, a + r * lda, lda, wc, trans_ ? K_ : N_, beta, cr, ldc);
       }
     }
   }

@@ -144,9 +144,10 @@ extern template class StepGemm<double>;
 // `seg` (a gate's H columns, or all N), each split into blocks of kBlock from the segment's start, so a task can take
 // one block of hidden units of every gate and run its GEMM and pointwise pass alone. Where oneDNN's brgemm ukernel
 // (through ATen's cpublas) has bfloat16 kernels (AMX, or AVX512-BF16 alone) W is packed once into VNNI blocks and a
-// block is one brgemm call per 64 rows; otherwise (also when `pack` is false: a call too short to repay packing) MKL's
-// cblas_gemm_bf16bf16f32 on W as it is, or ATen. FASTRNN_CPP_AMX=0 turns the brgemm path off (read when the object
-// is built).
+// block is one brgemm call per 64 rows; otherwise (also when `pack` is false: a call too short to repay packing) W
+// as it is: up to 16 rows on a CPU without AMX, the extension's own AVX512-BF16 kernels (common.cpp dot_gemm,
+// axpy_gemm), else MKL's cblas_gemm_bf16bf16f32, or ATen. FASTRNN_CPP_AMX=0 turns the brgemm path off (read when
+// the object is built).
 class Bf16Gemm {
  public:
   static constexpr int64_t kBlock = 64;
@@ -173,7 +174,7 @@ class Bf16Gemm {
   bool brgemm() const { return brgemm_; }
 
  private:
-  bool trans_, brgemm_ = false;
+  bool trans_, brgemm_ = false, own_small_ = false;
   int64_t N_, K_, Kp_, seg_, nbs_;
   const BF16* w16_ = nullptr;  // W in bfloat16 (the fallback's operand)
   Tensor w16_buf_;             // W rounded to bfloat16 when it came as float32
