@@ -240,9 +240,13 @@ def cell_step(
 ) -> tuple[Tensor, Tensor | None]:
     """torch's _VF.*_cell: one step for input [B, I], hx [B, H] (cx [B, H]) -> h' (and c').
     record: fastrnn.record's hook, handed the step as a layer of T = 1."""
-    # No auto rule names a Cell step (cpp's one-call step beats torch's cells on the Cell grid, see
-    # backends/cpp.py cell_step), so the call's class is not worked out here.
-    name = backends.select(cell, input.dtype, input.device, backend)
+    # Auto's Cell-step rules are bfloat16's (cpp's float32 step beats torch's cells on the Cell grids), so only a
+    # bfloat16 step pays for working out its class (batch, hidden size, whether autograd records).
+    if input.dtype is torch.bfloat16 and input.dim() == 2 and w_hh.dim() == 2:
+        grad = _records(input, hx, cx, ((w_ih, w_hh, b_ih, b_hh),))
+        name = backends.select(cell, input.dtype, input.device, backend, input.shape[0], w_hh.shape[1], grad, True)
+    else:
+        name = backends.select(cell, input.dtype, input.device, backend)
     if name == "cpp" and record is None and input.dtype in CPP_CELL_DTYPES and not torch.is_autocast_enabled("cpu"):
         if not torch.compiler.is_compiling():  # (torch.compile traces the op layer below instead)
             # the extension runs _check_cell_args's checks itself, with its messages, before it touches memory

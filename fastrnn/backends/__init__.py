@@ -22,7 +22,8 @@ How a call's backend is chosen, first match wins:
        dtype, inference or training, batch and hidden size) where a measurement recorded in the repo shows
        torch.nn's own kernel beating the fused one gets `torch` (today, on CPU: some float32 LSTM layer shapes at
        batch >= 16 and bfloat16 LSTM inference at H <= 256 on Intel; most float32 LSTM shapes and GRU inference at
-       H >= 1024 on AMD, where MKL runs its AVX2 kernels, and bfloat16 LSTM at B >= 16 and training at B=64 there;
+       H >= 1024 on AMD, where MKL runs its AVX2 kernels, and bfloat16 LSTM at B >= 16, GRU/RNN training at B=64
+       and LSTMCell training at B >= 16, H >= 512 there;
        each rule holds only on the CPU class it was measured on, fastrnn.cpuinfo.cpu_class); then the order
        (`_AUTO`): CUDA -> torch (torch.nn's cuDNN kernels, until a recorded gpu_check measurement shows triton
        faster); CPU -> cpp, numba, reference (first that is available and supports the call; on CPU without the
@@ -88,9 +89,9 @@ class AutoRule(NamedTuple):
 # H=1024 read 0.95x in the grid run and 1.38x rerun alone (rnn_tanh, the same GEMMs: 1.73x; no rule for a row
 # that does not repeat). GRU and RNN tanh lose nowhere (min 1.13x). Rows within about 5% of 1.0x move either way
 # from run to run; a class keeps torch where a run had cpp losing at either T.
-# No Cell-step rule: benchmarks/results-cells-2threads.md (B {1, 16} x H {64, 256, 512}) has cpp's one-call step
-# ahead of torch's cells at every shape but those within noise of 1.0x (its minimum is in that file's summary); on
-# AMD, benchmarks/results-cells-2threads-amd-epyc.md has it ahead everywhere (min 1.10x).
+# No float32 Cell-step rule: benchmarks/results-cells-2threads.md (B {1, 16} x H {64, 256, 512}) has cpp's one-call
+# step ahead of torch's cells at every shape but those within noise of 1.0x (its minimum is in that file's summary);
+# on AMD, benchmarks/results-cells-2threads-amd-epyc.md has it ahead everywhere (min 1.10x). bfloat16 Cells: below.
 _AUTO_RULES: tuple[AutoRule, ...] = (
     # lstm inference B=64: H=256 (0.95x, 1.03x) loses at T=32; H=64 (1.05x, 1.02x) and H=512 (1.01x, 1.04x) are
     # within noise of 1.0x and lost at one T in the grid before (1.00x, 0.91x; 0.95x, 1.03x); at H=1024 cpp holds
@@ -123,19 +124,23 @@ _AUTO_RULES: tuple[AutoRule, ...] = (
     # gru inference H=1024: B=16 (0.97x, 0.98x), B=64 (1.00x, 1.06x); H=512 wins (1.05x, 1.08x at B=16).
     AutoRule("cpu", False, "gru", (torch.float32,), "inference", (16, None), (1024, None), "torch", cpu="amd"),
     # bfloat16 on AMD (benchmarks/results-bf16-2threads-amd-epyc.md: AVX512-BF16, no AMX; H in {256, 512, 1024}).
-    # lstm inference loses at B >= 16 for every H (B=16: 0.96x, 0.95x; 0.99x, 0.94x; 1.05x, 0.96x; B=64 down to
-    # 0.80x); B=1 wins (min 1.02x).
+    # lstm inference loses at B >= 16 for every H (B=16: 0.94x, 1.01x; 1.01x, 0.94x; 1.00x, 0.97x; B=64 down to
+    # 0.78x); B=1 wins (min 1.12x).
     AutoRule("cpu", False, "lstm", (torch.bfloat16,), "inference", (16, None), (1, None), "torch", cpu="amd"),
-    # lstm training B=64 loses at every H (0.62x-0.98x); B=16 at H <= 512 (0.78x, 0.74x; 0.90x, 0.99x) but not at
-    # H=1024 (2.46x, 2.06x); B=1 wins (min 2.00x).
+    # lstm training B=64 loses at every H (0.64x-0.99x); B=16 at H <= 512 (0.82x, 0.74x; 0.90x, 0.97x) but not at
+    # H=1024 (2.29x, 2.39x); B=1 wins (min 1.82x).
     AutoRule("cpu", False, "lstm", (torch.bfloat16,), "training", (64, None), (1, None), "torch", cpu="amd"),
     AutoRule("cpu", False, "lstm", (torch.bfloat16,), "training", (16, 63), (1, 512), "torch", cpu="amd"),
-    # gru training B=64 at H=512 (0.96x, 0.89x) and H=1024 (0.86x, 0.94x); H=256 wins (1.19x, 1.34x).
+    # gru training B=64 at H=512 (1.05x, 0.94x) and H=1024 (0.85x, 0.77x); H=256 wins (1.31x, 1.45x).
     AutoRule("cpu", False, "gru", (torch.bfloat16,), "training", (64, None), (512, None), "torch", cpu="amd"),
-    # rnn training B=64 H=1024 (tanh: 0.91x, 0.81x; H=512: 1.07x, 1.08x). relu is not in the bfloat16 grid: the
-    # same GEMMs, which are the step at this shape, so the same class.
-    AutoRule("cpu", False, "rnn_tanh", (torch.bfloat16,), "training", (64, None), (1024, None), "torch", cpu="amd"),
-    AutoRule("cpu", False, "rnn_relu", (torch.bfloat16,), "training", (64, None), (1024, None), "torch", cpu="amd"),
+    # rnn training B=64 at H=512 (tanh: 0.94x, 1.03x) and H=1024 (0.81x, 0.97x); H=256 wins (1.46x, 1.41x). relu
+    # is not in the bfloat16 grid: the same GEMMs, which are the step at these shapes, so the same class.
+    AutoRule("cpu", False, "rnn_tanh", (torch.bfloat16,), "training", (64, None), (512, None), "torch", cpu="amd"),
+    AutoRule("cpu", False, "rnn_relu", (torch.bfloat16,), "training", (64, None), (512, None), "torch", cpu="amd"),
+    # bfloat16 Cell steps on AMD (benchmarks/results-cells-bf16-2threads-amd-epyc.md, B {1, 16} x H {64, 256, 512}):
+    # cpp is ahead everywhere (min 1.00x, RNNCell relu training B=16 H=512) but LSTMCell training at B=16 H=512
+    # (0.92x); at B=1 (1.03x) and at H=256 (1.22x) it wins, so the class starts at B=16 and H=512.
+    AutoRule("cpu", True, "lstm", (torch.bfloat16,), "training", (16, None), (512, None), "torch", cpu="amd"),
 )
 
 
