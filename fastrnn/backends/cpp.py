@@ -7,10 +7,10 @@ Every tensor argument is contiguous and of one dtype and device (ops.py sees to 
 shapes, dtypes, devices and contiguity again before touching memory. Outputs are allocated in C++.
 
 The kernels are float64, float32 and bfloat16. bfloat16 keeps torch's bf16 recipe: its step GEMMs take bfloat16
-operands (h_{t-1} rounded to bfloat16, as torch's own bf16 RNNs feed it) with float32 accumulation, on AMX where the
-CPU has it; the state (c, the running h of the pointwise pass, the running gradients) and the saved activations are
-float32 (cells.saved_dtype); gx, out, the states and the gradients are bfloat16. float16 runs the float32 kernels on
-inputs widened once per call and rounds the results back (the reference's recipe).
+operands (h_{t-1} rounded to bfloat16, as torch's own bf16 RNNs feed it) with float32 accumulation, on AMX or
+AVX512-BF16 where the CPU has them; the state (c, the running h of the pointwise pass, the running gradients) and the
+saved activations are float32 (cells.saved_dtype); gx, out, the states and the gradients are bfloat16. float16 runs
+the float32 kernels on inputs widened once per call and rounds the results back (the reference's recipe).
 
 The normalised cells (ln_lstm, ln_gru: cells.Norm travels as norm, zmask, zkeep) have float64 and float32 kernels only:
 their layer norms reduce over whole rows, which the bfloat16 kernels' per-unit-block tasks never see, so bfloat16
