@@ -461,12 +461,28 @@ def test_relu_ties_leave_their_rows_out_of_the_judgement(monkeypatch):
     yard = correctness.yardstick(wl, wl.module_for(YARDSTICK))
     assert yard.rows is not None and 2 not in yard.rows.tolist() and yard.rows.numel() < 4
     assert yard.ref["grad_x"].shape == (3, yard.rows.numel(), 5) and "judged on" in yard.note
+    assert yard.whole_ref["out"].shape == (3, 4, 5) and "grad_x" not in yard.whole_ref  # forward: every row
     rows = runner.measure_case(case, ["reference"], QUICK, None)
     good = rows[-1]
     assert good["status"] == "ok" and "rows: " in good["note"] and good["max_err"] < 1e-5, good
     _spoil_reference_w_hh_grad(monkeypatch, 1.1)
     bad = runner.measure_case(case, ["reference"], QUICK, None)[-1]
     assert bad["status"] == "FAILING" and "grad_weight_hh" in bad["note"], bad
+    # a wrong output in a row left out of the gradients' judgement fails too
+    real_forward = fr_backends.get("reference").forward
+
+    def wrong_row_two(*args, **kwargs):
+        out, state, saved = real_forward(*args, **kwargs)
+        if out.shape[1] == 4:
+            out = out.clone()
+            out[:, 2] += 1.0
+        return out, state, saved
+
+    monkeypatch.undo()
+    case = _relu_case_with_a_tie(monkeypatch)
+    monkeypatch.setattr(fr_backends.get("reference"), "forward", wrong_row_two)
+    bad = runner.measure_case(case, ["reference"], QUICK, None)[-1]
+    assert bad["status"] == "FAILING" and "differs from torch.nn: out:" in bad["note"], bad
     # a case without ties (or not a ReLU) is judged on every row
     plain = workload.Workload(Case("rnn_tanh", "training", 3, 4, 5, 5, threads=1))
     assert correctness.yardstick(plain, plain.module_for(YARDSTICK)).rows is None

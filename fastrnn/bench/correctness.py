@@ -11,8 +11,9 @@ A ReLU's derivative jumps at 0. Where a pre-activation lies within rounding of 0
 in the case's dtype, and the other sign flips that unit's derivative and so its row's gradients at every earlier
 step, by O(their size): at T*B*H ~ 10^6 pre-activations some such tie is likely (rnn_relu T=128 B=64 H=256 had one
 at 8.6e-9, where cpp, numba and the reference all rounded the other way than torch.nn). So a ReLU training case is
-judged on the batch rows (independent of each other) whose every pre-activation, in float64, lies farther from 0
-than 4x torch.nn's own forward error there; the row's note says how many were left out.
+judged, for its gradients, on the batch rows (independent of each other) whose every pre-activation, in float64,
+lies farther from 0 than 4x torch.nn's own forward error there (its forward results on every row); the row's note
+says how many were left out.
 
 Half-precision cases (bfloat16, float16) are judged against torch.nn run in float64 on the same rounded weights
 and inputs, as the test suite judges them: each tensor's error may be at most twice torch.nn's own half-precision
@@ -168,26 +169,37 @@ def relu_tie_free_rows(wl: Workload, torch_mod: nn.Module, ref: dict[str, Tensor
 
 class Yardstick(NamedTuple):
     """What a case's implementations are judged against: torch.nn's outputs `ref` in the case's dtype, `exact`
-    (its float64 outputs, half-precision cases), `rows` (the batch rows judged; None: all) and `note` (why not all)."""
+    (its float64 outputs, half-precision cases), `rows` (the batch rows judged; None: all) and `note` (why not all).
+    Where rows leaves some out, the forward results (which a ReLU tie does not disturb) are judged on every row as
+    well, against whole_ref (and whole_exact)."""
 
     ref: dict[str, Tensor]
     exact: dict[str, Tensor] | None
     rows: Tensor | None
     note: str
+    whole_ref: dict[str, Tensor] | None = None
+    whole_exact: dict[str, Tensor] | None = None
+
+
+_FORWARD_RESULTS = ("out", "h_n", "c_n")
+
+
+def _forward_results(res: dict[str, Tensor] | None) -> dict[str, Tensor] | None:
+    return None if res is None else {k: res[k] for k in _FORWARD_RESULTS if k in res}
 
 
 def yardstick(wl: Workload, torch_mod: nn.Module) -> Yardstick:
-    ref = outputs(wl, "torch.nn", torch_mod)
+    ref, exact = outputs(wl, "torch.nn", torch_mod), exact_outputs(wl, torch_mod)
     rows = relu_tie_free_rows(wl, torch_mod, ref)
-    note = ""
-    if rows is not None:
-        B = wl.case.B
-        note = (
-            f"judged on {rows.numel()} of {B} rows: {B - rows.numel()} hold a ReLU pre-activation within "
-            "rounding of 0, where either sign is correct"
-        )
-        ref = outputs(wl, "torch.nn", torch_mod, rows=rows)
-    return Yardstick(ref, exact_outputs(wl, torch_mod, rows), rows, note)
+    if rows is None:
+        return Yardstick(ref, exact, None, "")
+    B = wl.case.B
+    note = (
+        f"gradients judged on {rows.numel()} of {B} rows: {B - rows.numel()} hold a ReLU pre-activation within "
+        "rounding of 0, where either sign is correct"
+    )
+    part_ref, part_exact = outputs(wl, "torch.nn", torch_mod, rows=rows), exact_outputs(wl, torch_mod, rows)
+    return Yardstick(part_ref, part_exact, rows, note, _forward_results(ref), _forward_results(exact))
 
 
 def compare_half(
@@ -214,9 +226,18 @@ def compare_half(
 
 
 def check(wl: Workload, name: str, m: nn.Module | peers.OrtLayer, yard: Yardstick) -> tuple[bool, float, str]:
-    """Run implementation `name` (module `m`) on the workload (on yard.rows) and compare with torch.nn's outputs
-    yard.ref (with yard.exact, torch.nn's float64 outputs, for a half-precision case: compare_half)."""
-    got, tol = outputs(wl, name, m, rows=yard.rows), tolerance(wl.case.dtype, wl.case.T)
-    if yard.exact is None:
-        return compare_outputs(yard.ref, got, tol)
-    return compare_half(yard.ref, got, yard.exact, tol)
+    """Run implementation `name` (module `m`) on the workload and compare with torch.nn's outputs yard.ref (with
+    yard.exact, torch.nn's float64 outputs, for a half-precision case: compare_half); where yard.rows leaves rows
+    out, the forward results on every row first, then everything on yard.rows."""
+    tol = tolerance(wl.case.dtype, wl.case.T)
+
+    def judge(ref: dict[str, Tensor], got: dict[str, Tensor], exact: dict[str, Tensor] | None):
+        return compare_outputs(ref, got, tol) if exact is None else compare_half(ref, got, exact, tol)
+
+    if yard.rows is None:
+        return judge(yard.ref, outputs(wl, name, m), yard.exact)
+    ok, err, why = judge(yard.whole_ref, _forward_results(outputs(wl, name, m)), yard.whole_exact)
+    if not ok:
+        return ok, err, why
+    ok, part_err, why = judge(yard.ref, outputs(wl, name, m, rows=yard.rows), yard.exact)
+    return ok, max(err, part_err), why
