@@ -234,7 +234,8 @@ __attribute__((always_inline)) inline void dot_step(__m512* acc, const E* a, int
 }
 
 // C[0:Mr, 0:Nr] = A[0:Mr, :K] . W[0:Nr, :K] (+ beta C), Mr * Nr = 16 dot products over K at once: A's Mr rows and
-// W's Nr rows are loaded once per 16 columns of K and meet in 16 FMAs; their lanes are summed once at the end.
+// W's Nr rows are loaded once per column of K (kLanesK) and meet in 16 FMAs (or dpbf16s); their lanes are summed
+// once at the end.
 template <int Mr, int Nr, typename E>
 inline void dot_block(int64_t K, const E* a, int64_t lda, const E* w, int64_t ldw, float beta, float* c,
                       int64_t ldc) {
@@ -306,7 +307,7 @@ void dot_gemm(int64_t m, int64_t N, int64_t K, const E* a, int64_t lda, const E*
   });
 }
 
-// 16 elements of a W row as float32 (bfloat16 widened); a's elements likewise.
+// 16 elements of a W row as float32 (bfloat16 widened exactly).
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const BF16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
