@@ -202,34 +202,28 @@ inline KMask<E> k_mask(int64_t n) {
   return n >= kLanesK<E> ? KMask<E>(~KMask<E>(0)) : KMask<E>((uint64_t(1) << n) - 1);
 }
 
+// A column of K as a vector, and one multiply-add of two columns into 16 float32 lanes: FMA on float32, vdpbf16ps
+// (a pair a lane) on bfloat16.
+inline __m512 k_load(const float* p, __mmask16 mask) { return _mm512_maskz_loadu_ps(mask, p); }
+inline __m512 k_madd(__m512 acc, __m512 a, __m512 w) { return _mm512_fmadd_ps(a, w, acc); }
+#if defined(FASTRNN_DOT_BF16)
+inline __m512i k_load(const BF16* p, __mmask32 mask) { return _mm512_maskz_loadu_epi16(mask, p); }
+inline __m512 k_madd(__m512 acc, __m512i a, __m512i w) { return _mm512_dpbf16_ps(acc, __m512bh(a), __m512bh(w)); }
+#endif
+
 // One column of K for a block's 16 dot products (mask: the elements of K that are there); inlined and unrolled,
 // so that acc stays in registers.
 template <int Mr, int Nr, typename E>
 __attribute__((always_inline)) inline void dot_step(__m512* acc, const E* a, int64_t lda, const E* w, int64_t ldw,
                                                     KMask<E> mask) {
-  if constexpr (std::is_same_v<E, float>) {
-    __m512 av[Mr];
+  decltype(k_load(a, mask)) av[Mr];
 #pragma GCC unroll 4
-    for (int m = 0; m < Mr; ++m) av[m] = _mm512_maskz_loadu_ps(mask, a + m * lda);
+  for (int m = 0; m < Mr; ++m) av[m] = k_load(a + m * lda, mask);
 #pragma GCC unroll 16
-    for (int n = 0; n < Nr; ++n) {
-      const __m512 wv = _mm512_maskz_loadu_ps(mask, w + n * ldw);
+  for (int n = 0; n < Nr; ++n) {
+    const auto wv = k_load(w + n * ldw, mask);
 #pragma GCC unroll 4
-      for (int m = 0; m < Mr; ++m) acc[m * Nr + n] = _mm512_fmadd_ps(av[m], wv, acc[m * Nr + n]);
-    }
-  } else {
-#if defined(FASTRNN_DOT_BF16)
-    __m512i av[Mr];
-#pragma GCC unroll 4
-    for (int m = 0; m < Mr; ++m) av[m] = _mm512_maskz_loadu_epi16(mask, a + m * lda);
-#pragma GCC unroll 16
-    for (int n = 0; n < Nr; ++n) {
-      const __m512i wv = _mm512_maskz_loadu_epi16(mask, w + n * ldw);
-#pragma GCC unroll 4
-      for (int m = 0; m < Mr; ++m)
-        acc[m * Nr + n] = _mm512_dpbf16_ps(acc[m * Nr + n], __m512bh(av[m]), __m512bh(wv));
-    }
-#endif
+    for (int m = 0; m < Mr; ++m) acc[m * Nr + n] = k_madd(acc[m * Nr + n], av[m], wv);
   }
 }
 
