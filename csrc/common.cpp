@@ -135,11 +135,6 @@ void gemm_impl(F* blas, bool ta, bool tb, int64_t m, int64_t n, int64_t k, T alp
 
 }  // namespace
 
-void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
-          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
-  gemm_impl<float>(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
-}
-
 void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, double alpha, const double* a, int64_t lda,
           const double* b, int64_t ldb, double beta, double* c, int64_t ldc) {
   gemm_impl<double>(dgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
@@ -382,7 +377,126 @@ void axpy_gemm(int64_t m, int64_t N, int64_t K, const E* a, int64_t lda, const E
     }
   });
 }
+
+// ---- the extension's own packed float32 GEMM: C[m, N] = A[m, K] op(W) for a W that many rows meet ----
+// MKL runs its AVX-512 kernels on Intel CPUs only: on an AMD EPYC (Zen 5) its sgemm ran the LSTM's step GEMM
+// [64, 1024] x [1024, 4096] at 170 GFLOP/s on 2 cores, this kernel at 485 (oneDNN's RNN, torch.nn's LSTM, about
+// 382). op(W) [K, N] is packed once into panels of kPanelCols columns, each [K, kPanelCols] row-major and zero past N,
+// so a panel's rows are 256 bytes apart whatever N is. A block of kPanelRows rows of A meets a panel's chunk of kKc
+// rows (64 KB, in L2 while every block of the task's rows meets it) in axpy_block: 24 accumulators, each step of k
+// one broadcast of A per row against four vectors of W.
+constexpr int64_t kPanelCols = 64, kPanelRows = 6, kKc = 256, kMc = 192;
+// gemm() packs op(B) on every call: from this many rows of A the packing is a small part of the call.
+constexpr int64_t kOwnGemmMinRows = 16;
+
+int64_t panel_floats(int64_t N, int64_t K) { return (N + kPanelCols - 1) / kPanelCols * kPanelCols * K; }
+
+void pack_panels(const float* w, bool trans, int64_t N, int64_t K, float* p, int64_t ld) {
+  const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(kPanelCols * K, 1));
+  at::parallel_for(0, panels, grain, [&](int64_t q0, int64_t q1) {
+    for (int64_t q = q0; q < q1; ++q) {
+      const int64_t n0 = q * kPanelCols, cols = std::min(kPanelCols, N - n0);
+      float* pq = p + q * K * kPanelCols;
+      if (!trans) {  // W [K, N]: each row of the panel is a piece of one row of W
+        for (int64_t k = 0; k < K; ++k) {
+          std::copy(w + k * ld + n0, w + k * ld + n0 + cols, pq + k * kPanelCols);
+          std::fill(pq + k * kPanelCols + cols, pq + (k + 1) * kPanelCols, 0.f);
+        }
+        continue;
+      }
+      // W [N, K]: a transpose, 16 rows of the panel at a time (4 KB, in L1 while the panel's 64 rows of W fill it)
+      for (int64_t k0 = 0; k0 < K; k0 += 16) {
+        const int64_t kn = std::min<int64_t>(16, K - k0);
+        for (int64_t j = 0; j < kPanelCols; ++j) {
+          const float* src = w + (n0 + j) * ld + k0;
+          for (int64_t i = 0; i < kn; ++i) pq[(k0 + i) * kPanelCols + j] = j < cols ? src[i] : 0.f;
+        }
+      }
+    }
+  });
+}
+
+// C (ldc) = beta C + A op(W) (+ bias, a row of N added to every row, when bias is given) for W packed by pack_panels;
+// A's element (r, k) at a[r * sm + k * sk]. Tasks of kMc rows by one panel, split over the threads outside a parallel
+// region when the call carries the work for it.
+void panel_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t sm, int64_t sk, const float* p, float beta,
+                const float* bias, float* c, int64_t ldc) {
+  if (m <= 0 || N <= 0) return;
+  if (beta != 0.f && beta != 1.f)
+    for (int64_t r = 0; r < m; ++r)
+      for (int64_t n = 0; n < N; ++n) c[r * ldc + n] *= beta;
+  const int64_t panels = (N + kPanelCols - 1) / kPanelCols, chunks = (m + kMc - 1) / kMc;
+  const int64_t rows = std::min(m, kMc);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(2 * rows * kPanelCols * K, 1));
+  at::parallel_for(0, chunks * panels, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t q = t % panels, r0 = (t / panels) * kMc, r1 = std::min(m, r0 + kMc);
+      const int64_t n0 = q * kPanelCols, cols = std::min(kPanelCols, N - n0), nv = (cols + 15) / 16;
+      const __mmask16 last = __mmask16(cols % 16 == 0 ? 0xFFFF : (1u << (cols % 16)) - 1);
+      const float* pq = p + q * K * kPanelCols;
+      if (K == 0 || bias != nullptr) {  // the bias rows first (the block is in cache for its first chunk of K)
+        for (int64_t r = r0; r < r1; ++r) {
+          float* cr = c + r * ldc + n0;
+          for (int64_t j = 0; j < cols; ++j) cr[j] = (beta == 0.f ? 0.f : cr[j]) + (bias ? bias[n0 + j] : 0.f);
+        }
+      }
+      for (int64_t k0 = 0; k0 < K; k0 += kKc) {
+        const int64_t k1 = std::min(K, k0 + kKc);
+        const bool load = k0 > 0 || beta != 0.f || bias != nullptr;
+        auto block = [&](auto mr, int64_t r) {
+          constexpr int Mr = decltype(mr)::value;
+          const float* ar = a + r * sm;
+          float* cr = c + r * ldc + n0;
+          switch (nv) {
+            case 1: return axpy_block<Mr, 1, float>(k0, k1, ar, sm, sk, pq, kPanelCols, cr, ldc, last, load);
+            case 2: return axpy_block<Mr, 2, float>(k0, k1, ar, sm, sk, pq, kPanelCols, cr, ldc, last, load);
+            case 3: return axpy_block<Mr, 3, float>(k0, k1, ar, sm, sk, pq, kPanelCols, cr, ldc, last, load);
+            default: return axpy_block<Mr, 4, float>(k0, k1, ar, sm, sk, pq, kPanelCols, cr, ldc, last, load);
+          }
+        };
+        using std::integral_constant;
+        int64_t r = r0;
+        for (; r + kPanelRows <= r1; r += kPanelRows) block(integral_constant<int, kPanelRows>{}, r);
+        switch (r1 - r) {
+          case 5: block(integral_constant<int, 5>{}, r); break;
+          case 4: block(integral_constant<int, 4>{}, r); break;
+          case 3: block(integral_constant<int, 3>{}, r); break;
+          case 2: block(integral_constant<int, 2>{}, r); break;
+          case 1: block(integral_constant<int, 1>{}, r); break;
+          default: break;
+        }
+      }
+    }
+  });
+}
 #endif
+
+bool own_gemm_enabled() {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (const char* v = std::getenv("FASTRNN_CPP_OWN_GEMM")) {
+    if (std::string(v) == "1") return true;
+    if (std::string(v) == "0") return false;
+  }
+  return !__builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+
+void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+#if defined(CPU_CAPABILITY_AVX512)
+  // Where the own kernel runs (own_gemm_enabled), a GEMM of enough rows to repay packing op(B) (a pass over it) runs
+  // there too: the weight gradients over all T*B rows, the projections.
+  if (alpha == 1.f && m >= kOwnGemmMinRows && n > 0 && k > 0 && own_gemm_enabled()) {
+    Tensor p = at::empty({panel_floats(n, k)}, at::TensorOptions().dtype(at::kFloat));
+    pack_panels(b, tb, n, k, p.data_ptr<float>(), ldb);
+    return panel_gemm(m, n, k, a, ta ? 1 : lda, ta ? lda : 1, p.data_ptr<float>(), beta, nullptr, c, ldc);
+  }
+#endif
+  gemm_impl<float>(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
+}
 
 void small_gemv(bool trans, int64_t N, int64_t K, const float* w, const float* a, float beta, float* c) {
   using V = Vec<float>;
@@ -445,8 +559,15 @@ void small_gemv(bool trans, int64_t N, int64_t K, const float* w, const float* a
 template <typename T>
 StepGemm<T>::StepGemm(const T* w, bool trans, int64_t N, int64_t K, int64_t max_m)
     : w_(w), trans_(trans), N_(N), K_(K) {
-  // One or two rows are a matrix-vector product in all but name: plain sgemm beats the packed weight there.
   if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (max_m >= 1 && N > 0 && K > 0 && own_gemm_enabled()) {
+      own_ = at::empty({panel_floats(N, K)}, at::TensorOptions().dtype(at::kFloat));
+      pack_panels(w, trans, N, K, own_.data_ptr<float>(), trans ? K : N);
+      return;
+    }
+#endif
+    // One or two rows are a matrix-vector product in all but name: plain sgemm beats the packed weight there.
     if (max_m < kPackMinRows || N <= 0 || K <= 0 || !packing_enabled()) return;
     const size_t bytes = cblas_sgemm_pack_get_size(kBMatrix, int(max_m), int(N), int(K));
     packed_ = at::empty({int64_t(bytes / sizeof(float)) + 16}, at::TensorOptions().dtype(at::kFloat));
@@ -464,6 +585,9 @@ void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, i
     return;
   }
   if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (own_.defined()) return panel_gemm(m, N_, K_, a, lda, 1, own_.data_ptr<float>(), beta, nullptr, c, ldc);
+#endif
     if (packed_.defined()) {
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m), int(N_), int(K_), a, int(lda),
                           packed_.data_ptr<float>(), int(trans_ ? K_ : N_), beta, c, int(ldc));
@@ -492,6 +616,17 @@ void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, i
     return;
   }
   gemm(false, trans_, m, N_, K_, T(1), a, lda, w_, trans_ ? K_ : N_, beta, c, ldc);
+}
+
+template <typename T>
+void StepGemm<T>::with_bias(int64_t m, const T* a, int64_t lda, const T* bias, T* c, int64_t ldc) const {
+  if constexpr (std::is_same_v<T, float>) {
+#if defined(CPU_CAPABILITY_AVX512)
+    if (own_.defined()) return panel_gemm(m, N_, K_, a, lda, 1, own_.data_ptr<float>(), 0.f, bias, c, ldc);
+#endif
+  }
+  for (int64_t r = 0; r < m; ++r) std::copy(bias, bias + N_, c + r * ldc);
+  (*this)(m, a, lda, T(1), c, ldc);
 }
 
 template class StepGemm<float>;
@@ -655,7 +790,7 @@ Bf16Gemm::Bf16Gemm(const S* w, bool trans, int64_t N, int64_t K, int64_t seg, bo
   at::cpu::init_amx();  // false, and nothing to do, without AMX
   // VNNI: block (q, b) holds columns col0(q, b) .. + kBlock of op(W) as [Kp / 2][kBlock][2], pairs of k adjacent;
   // the columns past a segment's end and the row k = K (odd K) are zero, so a full-width tile reads zeros there.
-  const int64_t nseg = N / seg, nblk = nseg * nbs_, half = Kp_ / 2, K2 = K / 2;
+  const int64_t nseg = N / seg, nblk = nseg * nbs_, half = Kp_ / 2;
   packed_ = at::empty({nblk * half * kBlock * 2}, b16);
   const uint16_t* src = reinterpret_cast<const uint16_t*>(w16_);
   uint16_t* dst = reinterpret_cast<uint16_t*>(packed_.data_ptr());

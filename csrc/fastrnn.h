@@ -117,23 +117,33 @@ void column_sums(const BF16* a, int64_t rows, int64_t cols, float* out);
 // True when gemm goes straight to the BLAS linked into torch (sgemm_/dgemm_), false on the at::addmm_ fallback.
 bool has_direct_blas();
 
+// Whether float32 GEMMs of many rows run on the extension's own packed AVX-512 kernel (common.cpp panel_gemm) rather
+// than MKL: by default on AVX-512 builds on CPUs that are not Intel's, where MKL takes its AVX2 kernels (an EPYC:
+// 170 GFLOP/s against the kernel's 485 on a step of [64, 1024] x [1024, 4096], 2 cores). FASTRNN_CPP_OWN_GEMM=1 or 0
+// forces it on or off (read at every call).
+bool own_gemm_enabled();
+
 // C[m, N] = A[m, K] @ op(W) + beta C for one weight W that every step multiplies: W is [N, K] (trans, op = W^T) or
-// [K, N], row-major. With MKL (float32, 3+ rows) W is packed once here, so a step's GEMM does not repack W;
-// otherwise float32 steps of up to 16 rows run the extension's own AVX-512 kernels on W as it is (common.cpp
+// [K, N], row-major. W is packed once here when max_m > 0 (the walk passes 0 for a single step, which reads W once):
+// into the own kernel's panels where own_gemm_enabled, else (float32, 3+ rows) by MKL, so a step's GEMM does not
+// repack W. Unpacked, float32 steps of up to 16 rows run the extension's own AVX-512 kernels on W as it is (common.cpp
 // dot_gemm, axpy_gemm: MKL would pack W on every call), a one-row step elsewhere is a gemv and any other a plain
-// gemm. FASTRNN_CPP_PACKED=0 turns packing off (read when the object is built).
+// gemm. FASTRNN_CPP_PACKED=0 turns MKL's packing off (read when the object is built).
 template <typename T>
 class StepGemm {
  public:
   StepGemm(const T* w, bool trans, int64_t N, int64_t K, int64_t max_m);
   void operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const;
-  bool packed() const { return packed_.defined(); }
+  // C = A op(W) + bias (a row of N added to every row of C)
+  void with_bias(int64_t m, const T* a, int64_t lda, const T* bias, T* c, int64_t ldc) const;
+  bool packed() const { return packed_.defined() || own_.defined(); }
 
  private:
   const T* w_;
   bool trans_;
   int64_t N_, K_;
   Tensor packed_;  // MKL's packed copy of W, undefined when not packing
+  Tensor own_;     // W in the own kernel's panels (float32), undefined when not packing for it
 };
 
 extern template class StepGemm<float>;

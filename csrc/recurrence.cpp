@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <iterator>
+#include <optional>
 
 namespace fastrnn {
 namespace {
@@ -286,6 +287,9 @@ std::vector<Tensor> layer_forward(int64_t cell_id, const Tensor& x, const Tensor
   const int64_t Tc = chunk_steps(T, B, GH, x.element_size());
   Tensor buf = at::empty({Tc * B, GH}, opts);
   const Tensor x2 = x.view({T * B, I}), w_ih_t = w_ih.t();
+  // float32 on the own GEMM (own_gemm_enabled): W_ih packed once for every chunk, b_ih added as the GEMM writes gx
+  std::optional<StepGemm<float>> own;
+  if (dt == at::kFloat && own_gemm_enabled()) own.emplace(w_ih.data_ptr<float>(), true, GH, I, Tc * B);
   int64_t chunk = -1;
   // gx of step t: its chunk is projected when the walk first reaches one of its steps (the walk visits the steps in
   // order or in reverse, so each chunk once), on the calling thread between the walk's parallel regions.
@@ -296,7 +300,10 @@ std::vector<Tensor> layer_forward(int64_t cell_id, const Tensor& x, const Tensor
       const int64_t t0 = ct * Tc, t1 = std::min(T, t0 + Tc);
       Tensor dst = buf.narrow(0, 0, (t1 - t0) * B);
       const Tensor src = x2.narrow(0, t0 * B, (t1 - t0) * B);
-      if (!fold && given(b_ih)) at::addmm_out(dst, *b_ih, src, w_ih_t);
+      if (own && given(b_ih))
+        own->with_bias(src.size(0), src.data_ptr<float>(), I, b_ih->data_ptr<float>(), dst.data_ptr<float>(), GH);
+      else if (own) (*own)(src.size(0), src.data_ptr<float>(), I, 0.f, dst.data_ptr<float>(), GH);
+      else if (!fold && given(b_ih)) at::addmm_out(dst, *b_ih, src, w_ih_t);
       else at::mm_out(dst, src, w_ih_t);
     }
     return static_cast<const char*>(buf.data_ptr()) + (t - chunk * Tc) * B * GH * x.element_size();
