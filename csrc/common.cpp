@@ -310,25 +310,25 @@ inline void axpy_block(int64_t k0, int64_t k1, const E* a, int64_t sm, int64_t s
                        int64_t ldc, __mmask16 last, bool load) {
   __m512 acc[Mr][Nv];
   auto mask = [&](int v) { return v == Nv - 1 ? last : __mmask16(0xFFFF); };
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int m = 0; m < Mr; ++m)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < Nv; ++v)
       acc[m][v] = load ? _mm512_maskz_loadu_ps(mask(v), c + m * ldc + 16 * v) : _mm512_setzero_ps();
   for (int64_t k = k0; k < k1; ++k) {
     __m512 wv[Nv];
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < Nv; ++v) wv[v] = load16(w + k * ldw + 16 * v, mask(v));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int m = 0; m < Mr; ++m) {
       const __m512 av = _mm512_set1_ps(float(a[m * sm + k * sk]));
-#pragma GCC unroll 4
+#pragma GCC unroll 8
       for (int v = 0; v < Nv; ++v) acc[m][v] = _mm512_fmadd_ps(av, wv[v], acc[m][v]);
     }
   }
-#pragma GCC unroll 4
+#pragma GCC unroll 8
   for (int m = 0; m < Mr; ++m)
-#pragma GCC unroll 4
+#pragma GCC unroll 8
     for (int v = 0; v < Nv; ++v) _mm512_mask_storeu_ps(c + m * ldc + 16 * v, mask(v), acc[m][v]);
 }
 
@@ -405,12 +405,23 @@ void pack_panels(const float* w, bool trans, int64_t N, int64_t K, float* p, int
         }
         continue;
       }
-      // W [N, K]: a transpose, 16 rows of the panel at a time (4 KB, in L1 while the panel's 64 rows of W fill it)
-      for (int64_t k0 = 0; k0 < K; k0 += 16) {
-        const int64_t kn = std::min<int64_t>(16, K - k0);
-        for (int64_t j = 0; j < kPanelCols; ++j) {
-          const float* src = w + (n0 + j) * ld + k0;
-          for (int64_t i = 0; i < kn; ++i) pq[(k0 + i) * kPanelCols + j] = j < cols ? src[i] : 0.f;
+      // W [N, K]: a transpose. Row k of the panel's 16 columns j0.. is two 8-lane gathers down 16 rows of W (their
+      // lines stay in L1 over 16 steps of k; 64-bit offsets, so any ld); columns past N are zero.
+      for (int64_t j0 = 0; j0 < kPanelCols; j0 += 16) {
+        const int64_t jn = std::clamp<int64_t>(cols - j0, 0, 16);
+        float* dst = pq + j0;
+        if (jn == 0) {
+          for (int64_t k = 0; k < K; ++k) _mm512_storeu_ps(dst + k * kPanelCols, _mm512_setzero_ps());
+          continue;
+        }
+        const __mmask16 lanes = __mmask16((1u << jn) - 1);
+        const __m512i idx = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(ld));
+        const __m512i idx8 = _mm512_add_epi64(idx, _mm512_set1_epi64(8 * ld));
+        const float* src = w + (n0 + j0) * ld;
+        for (int64_t k = 0; k < K; ++k) {
+          const __m256 lo = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), __mmask8(lanes), idx, src + k, 4);
+          const __m256 hi = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), __mmask8(lanes >> 8), idx8, src + k, 4);
+          _mm512_storeu_ps(dst + k * kPanelCols, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
         }
       }
     }
