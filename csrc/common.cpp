@@ -572,7 +572,7 @@ StepGemm<T>::StepGemm(const T* w, bool trans, int64_t N, int64_t K, int64_t max_
     : w_(w), trans_(trans), N_(N), K_(K) {
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
-    if (max_m >= 1 && N > 0 && K > 0 && own_gemm_enabled()) {
+    if (max_m >= kPackMinRows && N > 0 && K > 0 && own_gemm_enabled()) {
       own_ = at::empty({panel_floats(N, K)}, at::TensorOptions().dtype(at::kFloat));
       pack_panels(w, trans, N, K, own_.data_ptr<float>(), trans ? K : N);
       return;
