@@ -26,4 +26,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("cell_step", &fastrnn::cell_step, arg("cell_id"), arg("x"), arg("h"), arg("c"), arg("w_ih"), arg("w_hh"),
         arg("b_ih"), arg("b_hh"), arg("bf16_gemm") = false,
         "one step of a Cell class (x W_ih^T + b_ih, then the cell's walk over T = 1) -> [h'] or [h', c']");
+  m.def("linear", &fastrnn::linear, arg("x"), arg("w"), arg("b") = py::none(),
+        "x [rows, I] W^T + b on the extension's GEMMs, differentiable (a layer's input projection in training)");
+  m.def("own_gemm_enabled", &fastrnn::own_gemm_enabled,
+        "whether float32 GEMMs of many rows run on the extension's own AVX-512 kernel rather than MKL");
 }

@@ -65,6 +65,24 @@ Tensor input_grad(const Tensor& d_gx, const Tensor& w_ih) {
   return dx;
 }
 
+// d W_ih = d_gx^T x: [G*H, B] x [B, I]. On plain float32 / float64 operands one extension GEMM (the own kernel where
+// own_gemm_enabled), else ATen.
+Tensor input_weight_grad(const Tensor& d_gx, const Tensor& x) {
+  const auto dt = d_gx.scalar_type();
+  const bool direct = (dt == at::kFloat || dt == at::kDouble) && d_gx.dim() == 2 && x.dim() == 2 &&
+                      d_gx.size(0) == x.size(0) && std::max({x.size(0), x.size(1), d_gx.size(1)}) <= INT_MAX &&
+                      plain_cpu(d_gx, dt) && plain_cpu(x, dt);
+  if (!direct) return d_gx.t().mm(x);
+  const int64_t B = x.size(0), N = d_gx.size(1), K = x.size(1);
+  Tensor dw = at::empty({N, K}, x.options());
+  if (B == 0 || N == 0 || K == 0) return dw.zero_();
+  AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_input_weight_grad", [&] {
+    gemm(true, false, N, K, B, scalar_t(1), d_gx.data_ptr<scalar_t>(), N, x.data_ptr<scalar_t>(), K, scalar_t(0),
+         dw.data_ptr<scalar_t>(), K);
+  });
+  return dw;
+}
+
 // torch's own maths of the step, differentiable: what a double backward differentiates.
 variable_list torch_cell(int64_t cell_id, const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih,
                          const Tensor& w_hh, const Tensor& b_ih, const Tensor& b_hh) {
@@ -130,10 +148,29 @@ struct CellStep : public torch::autograd::Function<CellStep> {
     if (ctx->needs_input_grad(0)) out[1] = input_grad(d_gx, w_ih);
     out[2] = g[1];
     out[3] = g[2];
-    if (ctx->needs_input_grad(3)) out[4] = d_gx.t().mm(x);
+    if (ctx->needs_input_grad(3)) out[4] = input_weight_grad(d_gx, x);
     out[5] = g[3];
     if (b_ih.defined() && ctx->needs_input_grad(5)) out[6] = d_gx.sum(0);
     out[7] = g[4];
+    return out;
+  }
+};
+
+struct Linear : public torch::autograd::Function<Linear> {
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& w, const OptTensor& b) {
+    ctx->save_for_backward({x, w});
+    ctx->saved_data["bias"] = b.has_value() && b->defined();
+    return input_projection(x, w, b.value_or(Tensor()));
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Tensor &x = s[0], &w = s[1], d = grads[0].contiguous();
+    const bool grad_mode = at::GradMode::is_enabled();  // create_graph: ATen's differentiable mm
+    variable_list out(3);
+    if (ctx->needs_input_grad(0)) out[0] = grad_mode ? d.mm(w) : input_grad(d, w);
+    if (ctx->needs_input_grad(1)) out[1] = grad_mode ? d.t().mm(x) : input_weight_grad(d, x);
+    if (ctx->saved_data["bias"].toBool() && ctx->needs_input_grad(2)) out[2] = d.sum(0);
     return out;
   }
 };
@@ -186,6 +223,18 @@ std::vector<Tensor> cell_step(int64_t cell_id, const Tensor& x, const Tensor& h,
                               c10::nullopt, c10::nullopt, false, /*need_saved=*/false, bf16_gemm);
   if (cell_id == kLstm) return {r[1], r[2]};
   return {r[1]};
+}
+
+Tensor linear(const Tensor& x, const Tensor& w, const OptTensor& b) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "fastrnn: linear takes x [rows, I] and w [N, I], got ",
+              shape_str(x.sizes()), " and ", shape_str(w.sizes()));
+  const bool bias = b.has_value() && b->defined();
+  const bool records =
+      at::GradMode::is_enabled() && (x.requires_grad() || w.requires_grad() || (bias && b->requires_grad()));
+  // a strided x (a layer's batch_first input, a slice) is copied once, so that it too takes the extension's GEMMs
+  const Tensor xc = x.contiguous();
+  if (records) return Linear::apply(xc, w, b);
+  return input_projection(xc, w, bias ? *b : Tensor());
 }
 
 }  // namespace fastrnn

@@ -80,6 +80,10 @@ std::vector<Tensor> layer_forward(int64_t cell_id, const Tensor& x, const Tensor
 std::vector<Tensor> cell_step(int64_t cell_id, const Tensor& x, const Tensor& h, const OptTensor& c,
                               const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
                               bool bf16_gemm = false);
+// x [rows, I] W^T + b for a layer's input projection in training (cell_step.cpp): float32 / float64 on the
+// extension's GEMMs (the own kernel where own_gemm_enabled, for d x and d W too), differentiable (a C++ autograd
+// node; a double backward runs ATen's mm). Other operands go to ATen, whose checks and messages then apply.
+Tensor linear(const Tensor& x, const Tensor& w, const OptTensor& b);
 // What the kernel table holds for cell_id: name, G, saved widths (gates, extra), cell state, projection, norm width
 // (the tests compare it with fastrnn.cells).
 std::tuple<std::string, int64_t, int64_t, int64_t, bool, bool, int64_t> cell_info(int64_t cell_id);

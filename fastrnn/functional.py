@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastrnn import backends, ops
+from fastrnn.backends import cpp
 from fastrnn.backends.cpp import CELL_STEP_DTYPES as CPP_CELL_DTYPES
 from fastrnn.backends.cpp import KERNEL_DTYPES as CPP_LAYER_DTYPES
 from fastrnn.cells import Norm, Saved, spec
@@ -161,6 +162,8 @@ def rnn(
                 # bfloat16 LSTM inference, T=32 B {16, 64} H {256, 512}: 0.95x -> 1.00x torch.nn). Autograd hands
                 # both biases d b. In float32 the copy is 3-5% of the projection and the fold measured no gain.
                 gx, b_hh = F.linear(x, w_ih), b_hh + b_ih
+            elif name == "cpp" and cpp.own_projection(x):
+                gx = cpp.linear(x, w_ih, b_ih)
             else:
                 gx = F.linear(x, w_ih, b_ih)  # GRU: b_in stays outside r * (h W_hn^T + b_hn)
             out, h, c, *saved = ops.recurrence(

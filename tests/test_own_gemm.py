@@ -74,3 +74,58 @@ def test_cells_of_many_rows_match_torch(kind, own, monkeypatch):
     x = torch.randn(40, 37, generator=torch.Generator().manual_seed(1))
     for i, (a, e) in enumerate(zip(_run(ours, x, True), _run(theirs, x, True), strict=True)):
         assert_close(a, e, F32, 40, f"{kind} own={own} result {i}")
+
+
+@pytest.mark.parametrize("own", ["1", "0"])
+def test_training_projection_takes_the_extension_where_the_own_gemm_runs(own, monkeypatch):
+    """A recorded float32 layer's input projection goes to the extension's linear exactly where the own GEMM runs
+    (elsewhere F.linear, on MKL)."""
+    from fastrnn.backends import cpp
+
+    monkeypatch.setenv("FASTRNN_CPP_OWN_GEMM", own)
+    calls = []
+    real = cpp.linear
+    monkeypatch.setattr(cpp, "linear", lambda *a: calls.append(1) or real(*a))
+    m = fastrnn.GRU(8, 16, backend="cpp")
+    x = torch.randn(5, 3, 8, requires_grad=True)
+    m(x)[0].sum().backward()
+    assert len(calls) == (1 if own == "1" else 0)
+
+
+def test_training_projection_double_backward_matches_torch(monkeypatch):
+    """create_graph through the extension's linear: its backward runs ATen's differentiable mm, so a gradient penalty
+    (the gradient of a gradient's norm) matches torch.nn's."""
+    monkeypatch.setenv("FASTRNN_CPP_OWN_GEMM", "1")
+    theirs, ours = _pair("RNN", {}, 6, 10)
+    x0 = torch.randn(4, 20, 6, generator=torch.Generator().manual_seed(2))
+    results = []
+    for m in (ours, theirs):
+        x = x0.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(m(x)[0].square().sum(), x, create_graph=True)
+        results.append(torch.autograd.grad(gx.square().sum(), [x, *m.parameters()]))
+    for i, (a, e) in enumerate(zip(*results, strict=True)):
+        assert_close(a, e, F32, 80, f"double backward result {i}")
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_linear_matches_f_linear(transposed):
+    """fastrnn._C.linear against F.linear: outputs and every gradient, float32 and float64, strided input, no bias,
+    and ATen's error for mismatched sizes."""
+    from fastrnn import _C
+
+    for dt in (torch.float32, torch.float64):
+        g = torch.Generator().manual_seed(3)
+        x0 = torch.randn(30, 70, generator=g, dtype=dt)
+        x0 = x0.t().contiguous().t() if transposed else x0
+        w0, b0 = torch.randn(33, 70, generator=g, dtype=dt), torch.randn(33, generator=g, dtype=dt)
+        for bias in (True, False):
+            outs = []
+            for f in (_C.linear, torch.nn.functional.linear):
+                x, w, b = (t.clone().requires_grad_() for t in (x0, w0, b0))
+                y = f(x, w, b if bias else None)
+                dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(4), dtype=dt)
+                outs.append([y, *torch.autograd.grad(y, [x, w, b] if bias else [x, w], dy)])
+            for i, (a, e) in enumerate(zip(*outs, strict=True)):
+                assert_close(a, e, dt, 30, f"{dt} bias={bias} result {i}")
+    with pytest.raises(RuntimeError, match="cannot be multiplied"):
+        _C.linear(torch.randn(4, 5), torch.randn(3, 6), None)

@@ -153,6 +153,24 @@ def layer_forward(
     return out, h_n, c_n
 
 
+def own_projection(x: Tensor) -> bool:
+    """Whether a recorded layer's input projection x W_ih^T + b_ih should run on the extension (`linear`) rather than
+    F.linear: float32 on the CPU where the extension's own GEMM runs (csrc/fastrnn.h own_gemm_enabled: CPUs that are
+    not Intel's, where MKL takes its AVX2 kernels; LSTM T=32 B=64 H=1024 training spends a third of its time in
+    those three GEMMs). Never under torch.compile (which traces F.linear and the op layer) or CPU autocast (F.linear
+    autocasts); tracing and export never get here (backends.deploying picks torch.nn's kernels)."""
+    if torch.compiler.is_compiling() or x.dtype != torch.float32 or x.device.type != "cpu":  # (dynamo: no _C calls)
+        return False
+    ext = _ext()
+    return ext is not None and not torch.is_autocast_enabled("cpu") and ext.own_gemm_enabled()
+
+
+def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    """F.linear(x, w, b) for x [..., I] on the extension's GEMMs (forward, d x and d W), differentiable; a double
+    backward runs ATen's."""
+    return _ext().linear(x.reshape(-1, x.shape[-1]), w, b).view(*x.shape[:-1], w.shape[0])
+
+
 def cell_step(cell: Cell, x: Tensor, h: Tensor, c: Tensor | None, w_ih: Tensor, w_hh: Tensor, b_ih: Tensor | None,
               b_hh: Tensor | None) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """One step of a Cell class (lstm, gru, rnn_tanh, rnn_relu) in one call to the extension (csrc/cell_step.cpp):
