@@ -332,6 +332,18 @@ inline void axpy_block(int64_t k0, int64_t k1, const E* a, int64_t sm, int64_t s
     for (int v = 0; v < Nv; ++v) _mm512_mask_storeu_ps(c + m * ldc + 16 * v, mask(v), acc[m][v]);
 }
 
+// axpy_block of nv (1-4) vectors of columns, the count known at run time
+template <int Mr, typename E>
+inline void axpy_block_cols(int64_t nv, int64_t k0, int64_t k1, const E* a, int64_t sm, int64_t sk, const E* w,
+                            int64_t ldw, float* c, int64_t ldc, __mmask16 last, bool load) {
+  switch (nv) {
+    case 1: return axpy_block<Mr, 1, E>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
+    case 2: return axpy_block<Mr, 2, E>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
+    case 3: return axpy_block<Mr, 3, E>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
+    default: return axpy_block<Mr, 4, E>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
+  }
+}
+
 // C[m, N] = A[m, K] W + beta C for W [K, N] (row stride ldw) and m <= kDotMaxRows (the backward's d h = d_gates
 // W_hh of a Cell or a B <= 2 layer; bfloat16 W widened as it is read): blocks of 4 rows x 64 columns (axpy_block) over chunks of 128 rows of W (32 KB, in L1
 // while every group of rows meets them), column blocks split over the threads outside a parallel region.
@@ -355,14 +367,7 @@ void axpy_gemm(int64_t m, int64_t N, int64_t K, const E* a, int64_t lda, const E
         const bool load = k0 > 0 || beta != 0.f;
         auto rows = [&](auto mr, int64_t r) {
           constexpr int Mr = decltype(mr)::value;
-          const E *ar = a + r * sm, *wb = w + n0;
-          float* cr = c + r * ldc + n0;
-          switch (nv) {
-            case 1: return axpy_block<Mr, 1, E>(k0, k1, ar, sm, sk, wb, ldw, cr, ldc, last, load);
-            case 2: return axpy_block<Mr, 2, E>(k0, k1, ar, sm, sk, wb, ldw, cr, ldc, last, load);
-            case 3: return axpy_block<Mr, 3, E>(k0, k1, ar, sm, sk, wb, ldw, cr, ldc, last, load);
-            default: return axpy_block<Mr, 4, E>(k0, k1, ar, sm, sk, wb, ldw, cr, ldc, last, load);
-          }
+          axpy_block_cols<Mr, E>(nv, k0, k1, a + r * sm, sm, sk, w + n0, ldw, c + r * ldc + n0, ldc, last, load);
         };
         using std::integral_constant;
         int64_t r = 0;
@@ -457,14 +462,8 @@ void panel_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t sm, int
         const bool load = k0 > 0 || beta != 0.f || bias != nullptr;
         auto block = [&](auto mr, int64_t r) {
           constexpr int Mr = decltype(mr)::value;
-          const float* ar = a + r * sm;
-          float* cr = c + r * ldc + n0;
-          switch (nv) {
-            case 1: return axpy_block<Mr, 1, float>(k0, k1, ar, sm, sk, pq, kPanelCols, cr, ldc, last, load);
-            case 2: return axpy_block<Mr, 2, float>(k0, k1, ar, sm, sk, pq, kPanelCols, cr, ldc, last, load);
-            case 3: return axpy_block<Mr, 3, float>(k0, k1, ar, sm, sk, pq, kPanelCols, cr, ldc, last, load);
-            default: return axpy_block<Mr, 4, float>(k0, k1, ar, sm, sk, pq, kPanelCols, cr, ldc, last, load);
-          }
+          axpy_block_cols<Mr, float>(nv, k0, k1, a + r * sm, sm, sk, pq, kPanelCols, c + r * ldc + n0, ldc, last,
+                                     load);
         };
         using std::integral_constant;
         int64_t r = r0;
