@@ -24,13 +24,15 @@ bool plain_cpu(const Tensor& t, at::ScalarType dt) {
   return t.device().is_cpu() && t.scalar_type() == dt && t.is_contiguous() && t.layout() == at::kStrided;
 }
 
-// Whether a @ op(w) can go to one StepGemm call on raw pointers: float32 / float64 plain contiguous CPU matrices of
-// one dtype whose inner sizes match (op(w) = w^T when trans) and whose sizes fit BLAS's int.
-bool step_gemm_operands(const Tensor& a, const Tensor& w, bool trans) {
+// Whether A @ op(w) can go to one extension GEMM on raw pointers: float32 / float64 plain contiguous CPU matrices of
+// one dtype whose inner sizes match (op(w) = w^T when trans; A = a, or a^T when trans_a: a stored as [K, M]) and whose
+// sizes fit BLAS's int.
+bool step_gemm_operands(const Tensor& a, const Tensor& w, bool trans, bool trans_a = false) {
   const auto dt = a.scalar_type();
   if (!(dt == at::kFloat || dt == at::kDouble) || a.dim() != 2 || w.dim() != 2) return false;
   const int64_t K = w.size(trans ? 1 : 0), N = w.size(trans ? 0 : 1);
-  return a.size(1) == K && std::max({a.size(0), K, N}) <= INT_MAX && plain_cpu(a, dt) && plain_cpu(w, dt);
+  const int64_t M = a.size(trans_a ? 1 : 0), Ka = a.size(trans_a ? 0 : 1);
+  return Ka == K && std::max({M, K, N}) <= INT_MAX && plain_cpu(a, dt) && plain_cpu(w, dt);
 }
 
 // gx = x W_ih^T + b_ih: [B, G*H]. Operands that step_gemm_operands takes (and a matching b_ih) take one StepGemm call
@@ -69,10 +71,7 @@ Tensor input_grad(const Tensor& d_gx, const Tensor& w_ih) {
 // own_gemm_enabled), else ATen.
 Tensor input_weight_grad(const Tensor& d_gx, const Tensor& x) {
   const auto dt = d_gx.scalar_type();
-  const bool direct = (dt == at::kFloat || dt == at::kDouble) && d_gx.dim() == 2 && x.dim() == 2 &&
-                      d_gx.size(0) == x.size(0) && std::max({x.size(0), x.size(1), d_gx.size(1)}) <= INT_MAX &&
-                      plain_cpu(d_gx, dt) && plain_cpu(x, dt);
-  if (!direct) return d_gx.t().mm(x);
+  if (!step_gemm_operands(d_gx, x, /*trans=*/false, /*trans_a=*/true)) return d_gx.t().mm(x);
   const int64_t B = x.size(0), N = d_gx.size(1), K = x.size(1);
   Tensor dw = at::empty({N, K}, x.options());
   if (B == 0 || N == 0 || K == 0) return dw.zero_();

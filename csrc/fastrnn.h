@@ -130,7 +130,8 @@ bool own_gemm_enabled();
 // C[m, N] = A[m, K] @ op(W) + beta C for one weight W that every step multiplies: W is [N, K] (trans, op = W^T) or
 // [K, N], row-major. For float32 steps of 3+ rows (max_m; the walk passes 0 for a single step, which reads W once) W
 // is packed once here, into the own kernel's panels where own_gemm_enabled, else by MKL, so a step's GEMM does not
-// repack W (at 1-2 rows the unpacked kernels below win: LSTM T=32 B=1 H=256 inference 0.48 ms against 1.07 packed). Unpacked, float32 steps of up to 16 rows run the extension's own AVX-512 kernels on W as it is (common.cpp
+// repack W (at 1-2 rows the unpacked kernels below win: LSTM T=32 B=1 H=256 inference 0.48 ms against 1.07 packed).
+// Unpacked, float32 steps of up to 16 rows run the extension's own AVX-512 kernels on W as it is (common.cpp
 // dot_gemm, axpy_gemm: MKL would pack W on every call), a one-row step elsewhere is a gemv and any other a plain
 // gemm. FASTRNN_CPP_PACKED=0 turns MKL's packing off (read when the object is built).
 template <typename T>
