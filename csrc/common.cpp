@@ -305,8 +305,8 @@ inline __m512 load16(const BF16* p, __mmask16 m) {
 // C[0:Mr, n:n+16*Nv] (+)= A[0:Mr, k0:k1] W[k0:k1, n:n+16*Nv] for W [K, N] row-major: each step of k broadcasts Mr
 // elements of A against Nv vectors of W's row k (no lane sums: the columns are C's). last: the lanes of the last
 // vector that are there. load: start from C (a later chunk of K, or beta = 1), else from zero.
-template <int Mr, int Nv, typename E>
-inline void axpy_block(int64_t k0, int64_t k1, const E* a, int64_t sm, int64_t sk, const E* w, int64_t ldw, float* c,
+template <int Mr, int Nv, typename EA, typename EW>
+inline void axpy_block(int64_t k0, int64_t k1, const EA* a, int64_t sm, int64_t sk, const EW* w, int64_t ldw, float* c,
                        int64_t ldc, __mmask16 last, bool load) {
   __m512 acc[Mr][Nv];
   auto mask = [&](int v) { return v == Nv - 1 ? last : __mmask16(0xFFFF); };
@@ -332,15 +332,15 @@ inline void axpy_block(int64_t k0, int64_t k1, const E* a, int64_t sm, int64_t s
     for (int v = 0; v < Nv; ++v) _mm512_mask_storeu_ps(c + m * ldc + 16 * v, mask(v), acc[m][v]);
 }
 
-// axpy_block of nv (1-4) vectors of columns, the count known at run time
-template <int Mr, typename E>
-inline void axpy_block_cols(int64_t nv, int64_t k0, int64_t k1, const E* a, int64_t sm, int64_t sk, const E* w,
+// axpy_block of nv (1-4) vectors of columns, the count known at run time (EA: A's elements, EW: W's)
+template <int Mr, typename EA, typename EW>
+inline void axpy_block_cols(int64_t nv, int64_t k0, int64_t k1, const EA* a, int64_t sm, int64_t sk, const EW* w,
                             int64_t ldw, float* c, int64_t ldc, __mmask16 last, bool load) {
   switch (nv) {
-    case 1: return axpy_block<Mr, 1, E>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
-    case 2: return axpy_block<Mr, 2, E>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
-    case 3: return axpy_block<Mr, 3, E>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
-    default: return axpy_block<Mr, 4, E>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
+    case 1: return axpy_block<Mr, 1>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
+    case 2: return axpy_block<Mr, 2>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
+    case 3: return axpy_block<Mr, 3>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
+    default: return axpy_block<Mr, 4>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
   }
 }
 
@@ -367,7 +367,7 @@ void axpy_gemm(int64_t m, int64_t N, int64_t K, const E* a, int64_t lda, const E
         const bool load = k0 > 0 || beta != 0.f;
         auto rows = [&](auto mr, int64_t r) {
           constexpr int Mr = decltype(mr)::value;
-          axpy_block_cols<Mr, E>(nv, k0, k1, a + r * sm, sm, sk, w + n0, ldw, c + r * ldc + n0, ldc, last, load);
+          axpy_block_cols<Mr>(nv, k0, k1, a + r * sm, sm, sk, w + n0, ldw, c + r * ldc + n0, ldc, last, load);
         };
         using std::integral_constant;
         int64_t r = 0;
@@ -396,7 +396,34 @@ constexpr int64_t kOwnGemmMinRows = 16;
 
 int64_t panel_floats(int64_t N, int64_t K) { return (N + kPanelCols - 1) / kPanelCols * kPanelCols * K; }
 
-void pack_panels(const float* w, bool trans, int64_t N, int64_t K, float* p, int64_t ld) {
+// Panel columns [n0, n0 + cols) of op(W) = W^T for W [N, K] (row stride ld), into pq: a transpose. Row k of the
+// panel's 16 columns j0.. is two 8-lane gathers down 16 rows of W (their lines stay in L1 over 16 steps of k; 64-bit
+// offsets, so any ld); columns past N are zero.
+void transpose_panel(const float* w, int64_t ld, int64_t K, int64_t n0, int64_t cols, float* pq) {
+  for (int64_t j0 = 0; j0 < kPanelCols; j0 += 16) {
+    const int64_t jn = std::clamp<int64_t>(cols - j0, 0, 16);
+    float* dst = pq + j0;
+    if (jn == 0) {
+      for (int64_t k = 0; k < K; ++k) _mm512_storeu_ps(dst + k * kPanelCols, _mm512_setzero_ps());
+      continue;
+    }
+    const __mmask16 lanes = __mmask16((1u << jn) - 1);
+    const __m512i idx = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(ld));
+    const __m512i idx8 = _mm512_add_epi64(idx, _mm512_set1_epi64(8 * ld));
+    const float* src = w + (n0 + j0) * ld;
+    for (int64_t k = 0; k < K; ++k) {
+      const __m256 lo = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), __mmask8(lanes), idx, src + k, 4);
+      const __m256 hi = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), __mmask8(lanes >> 8), idx8, src + k, 4);
+      _mm512_storeu_ps(dst + k * kPanelCols, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
+    }
+  }
+}
+
+// op(W) into panels. S: float, or bfloat16 widened as it is packed (a bfloat16 call's weight gradients: W [K, N]
+// only, which is all they pass).
+template <typename S>
+void pack_panels(const S* w, bool trans, int64_t N, int64_t K, float* p, int64_t ld) {
+  TORCH_INTERNAL_ASSERT((std::is_same_v<S, float> || !trans), "fastrnn: pack_panels packs no transposed bfloat16 W");
   const int64_t panels = (N + kPanelCols - 1) / kPanelCols;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(kPanelCols * K, 1));
   at::parallel_for(0, panels, grain, [&](int64_t q0, int64_t q1) {
@@ -408,26 +435,8 @@ void pack_panels(const float* w, bool trans, int64_t N, int64_t K, float* p, int
           std::copy(w + k * ld + n0, w + k * ld + n0 + cols, pq + k * kPanelCols);
           std::fill(pq + k * kPanelCols + cols, pq + (k + 1) * kPanelCols, 0.f);
         }
-        continue;
-      }
-      // W [N, K]: a transpose. Row k of the panel's 16 columns j0.. is two 8-lane gathers down 16 rows of W (their
-      // lines stay in L1 over 16 steps of k; 64-bit offsets, so any ld); columns past N are zero.
-      for (int64_t j0 = 0; j0 < kPanelCols; j0 += 16) {
-        const int64_t jn = std::clamp<int64_t>(cols - j0, 0, 16);
-        float* dst = pq + j0;
-        if (jn == 0) {
-          for (int64_t k = 0; k < K; ++k) _mm512_storeu_ps(dst + k * kPanelCols, _mm512_setzero_ps());
-          continue;
-        }
-        const __mmask16 lanes = __mmask16((1u << jn) - 1);
-        const __m512i idx = _mm512_mullo_epi64(_mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7), _mm512_set1_epi64(ld));
-        const __m512i idx8 = _mm512_add_epi64(idx, _mm512_set1_epi64(8 * ld));
-        const float* src = w + (n0 + j0) * ld;
-        for (int64_t k = 0; k < K; ++k) {
-          const __m256 lo = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), __mmask8(lanes), idx, src + k, 4);
-          const __m256 hi = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), __mmask8(lanes >> 8), idx8, src + k, 4);
-          _mm512_storeu_ps(dst + k * kPanelCols, _mm512_insertf32x8(_mm512_castps256_ps512(lo), hi, 1));
-        }
+      } else if constexpr (std::is_same_v<S, float>) {
+        transpose_panel(w, ld, K, n0, cols, pq);
       }
     }
   });
@@ -436,7 +445,8 @@ void pack_panels(const float* w, bool trans, int64_t N, int64_t K, float* p, int
 // C (ldc) = beta C + A op(W) (+ bias, a row of N added to every row, when bias is given) for W packed by pack_panels;
 // A's element (r, k) at a[r * sm + k * sk]. Tasks of kMc rows by one panel, split over the threads outside a parallel
 // region when the call carries the work for it.
-void panel_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t sm, int64_t sk, const float* p, float beta,
+template <typename EA>
+void panel_gemm(int64_t m, int64_t N, int64_t K, const EA* a, int64_t sm, int64_t sk, const float* p, float beta,
                 const float* bias, float* c, int64_t ldc) {
   if (m <= 0 || N <= 0) return;
   if (beta != 0.f && beta != 1.f)
@@ -462,7 +472,7 @@ void panel_gemm(int64_t m, int64_t N, int64_t K, const float* a, int64_t sm, int
         const bool load = k0 > 0 || beta != 0.f || bias != nullptr;
         auto block = [&](auto mr, int64_t r) {
           constexpr int Mr = decltype(mr)::value;
-          axpy_block_cols<Mr, float>(nv, k0, k1, a + r * sm, sm, sk, pq, kPanelCols, c + r * ldc + n0, ldc, last,
+          axpy_block_cols<Mr>(nv, k0, k1, a + r * sm, sm, sk, pq, kPanelCols, c + r * ldc + n0, ldc, last,
                                      load);
         };
         using std::integral_constant;
@@ -691,6 +701,17 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   // extension's own kernel, where MKL's bfloat16 GEMM widens both operands first and is not tuned for the CPU
   if (ta && !tb && alpha == 1.f && k <= kDotMaxRows && !has_amx_bf16())
     return axpy_gemm(m, n, k, a, lda, b, ldb, beta, c, ldc, /*trans_a=*/true);
+#endif
+#if defined(CPU_CAPABILITY_AVX512)
+  // Many rows (the weight gradients over all T*B rows) where the own float32 kernel runs: own_gemm_enabled's CPUs are
+  // those whose MKL has no tuned path, and its bfloat16 GEMM widens both operands into its AVX2 sgemm (an EPYC: 23% of
+  // LSTM T=32 B=64 H=256 training). Here op(B) is widened into the kernel's panels and A as it is read: a product of
+  // two bfloat16 is exact in float32 and the sums are float32, as MKL's.
+  if (!tb && alpha == 1.f && m >= kOwnGemmMinRows && own_gemm_enabled()) {
+    Tensor p = at::empty({panel_floats(n, k)}, at::TensorOptions().dtype(at::kFloat));
+    pack_panels(b, false, n, k, p.data_ptr<float>(), ldb);
+    return panel_gemm(m, n, k, a, ta ? 1 : lda, ta ? lda : 1, p.data_ptr<float>(), beta, nullptr, c, ldc);
+  }
 #endif
   if (cblas_gemm_bf16bf16f32 == nullptr) return gemm_bf16_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(m), int(n), int(k), alpha,

@@ -408,6 +408,29 @@ def test_bf16_contract_matches_float64(cell, T, B, H, P, bs, reverse, bias, amx,
     which rounding moves is not counted as a kernel error. dtypes: bfloat16 results, float32 saved tensors.
     amx=0 runs the GEMMs through MKL instead (FASTRNN_CPP_AMX=0), as on a CPU without AMX."""
     monkeypatch.setenv("FASTRNN_CPP_AMX", amx)
+    _check_bf16_contract(cell, T, B, H, P, bs, reverse, bias)
+
+
+# bfloat16 weight gradients (d W_hh, d W_hr) over all T*B rows with the own float32 kernel forced on (bfloat16 widened
+# into its panels and as A is read) and off (MKL's bfloat16 GEMM), whatever the CPU's default: K = (T-1)*B rows in
+# chunks of 256 with a tail, G*H rows of d W_hh in blocks of 6 with tails and past a task's 192, P columns in panels
+# of 64 with tails; packed and reverse walks.
+BF16_WEIGHT_GRAD_CASES = [
+    pytest.param("lstm", 40, 7, 70, 70, None, False, True, id="lstm-K273-M280-N70"),
+    pytest.param("lstm", 6, 20, 40, 20, [20, 20, 13, 9, 9, 2], True, True, id="lstm-proj-packed-reverse"),
+    pytest.param("gru", 3, 100, 33, 33, None, True, False, id="gru-K200-M99-reverse"),
+    pytest.param("rnn_tanh", 20, 17, 130, 130, [17] * 10 + [11] * 10, False, True, id="rnn_tanh-K323-N130-packed"),
+]
+
+
+@pytest.mark.parametrize("own", ["1", "0"])
+@pytest.mark.parametrize("cell,T,B,H,P,bs,reverse,bias", BF16_WEIGHT_GRAD_CASES)
+def test_bf16_weight_gradients_own_gemm_on_and_off(cell, T, B, H, P, bs, reverse, bias, own, monkeypatch):
+    monkeypatch.setenv("FASTRNN_CPP_OWN_GEMM", own)
+    _check_bf16_contract(cell, T, B, H, P, bs, reverse, bias)
+
+
+def _check_bf16_contract(cell, T, B, H, P, bs, reverse, bias):
     c = spec(cell)
     gx, state0, weights = contract_inputs(cell, T, B, H, P, F32, bias)
     gx, state0, weights = gx.to(BF16), _to(state0, BF16), _to(weights, BF16)
