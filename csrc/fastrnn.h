@@ -130,7 +130,8 @@ bool own_gemm_enabled();
 // C[m, N] = A[m, K] @ op(W) + beta C for one weight W that every step multiplies: W is [N, K] (trans, op = W^T) or
 // [K, N], row-major. For float32 steps of 3+ rows (max_m; the walk passes 0 for a single step, which reads W once) W
 // is packed once here, into the own kernel's panels where own_gemm_enabled, else by MKL, so a step's GEMM does not
-// repack W (at 1-2 rows the unpacked kernels below win: LSTM T=32 B=1 H=256 inference 0.48 ms against 1.07 packed).
+// repack W (at 1-2 rows the panels lose: LSTM T=32 B=1 H=256 inference 0.48 ms unpacked against 1.07 on panels;
+// there, where own_gemm_enabled, a W [N, K] is packed into 16 x 16 blocks for dot_gemm's products instead).
 // Unpacked, float32 steps of up to 16 rows run the extension's own AVX-512 kernels on W as it is (common.cpp
 // dot_gemm, axpy_gemm: MKL would pack W on every call), a one-row step elsewhere is a gemv and any other a plain
 // gemm. FASTRNN_CPP_PACKED=0 turns MKL's packing off (read when the object is built).
@@ -141,7 +142,7 @@ class StepGemm {
   void operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, int64_t ldc) const;
   // C = A op(W) + bias (a row of N added to every row of C)
   void with_bias(int64_t m, const T* a, int64_t lda, const T* bias, T* c, int64_t ldc) const;
-  bool packed() const { return packed_.defined() || own_.defined(); }
+  bool packed() const { return packed_.defined() || own_.defined() || dot_.defined(); }
 
  private:
   const T* w_;
@@ -149,6 +150,7 @@ class StepGemm {
   int64_t N_, K_;
   Tensor packed_;  // MKL's packed copy of W, undefined when not packing
   Tensor own_;     // W in the own kernel's panels (float32), undefined when not packing for it
+  Tensor dot_;     // W [N, K] in 16 x 16 blocks for steps of 1-2 rows (common.cpp pack_dot), where own_ would be
 };
 
 extern template class StepGemm<float>;

@@ -3,7 +3,8 @@ projection and the weight gradients where own_gemm_enabled) against torch.nn, wi
 (FASTRNN_CPP_OWN_GEMM=1/0), so that every machine with an AVX-512 build tests it whatever its CPU's default.
 
 The shapes reach its edges: row blocks of 6 and every tail of 1-5 rows, more rows than a task's chunk (192), column
-panels of 64 with tails of 4-35 columns (masked vectors), K in chunks of 256 with a tail, one row."""
+panels of 64 with tails of 4-35 columns (masked vectors), K in chunks of 256 with a tail, one row. One-row layers
+also run their steps on W_hh packed in 16 x 16 blocks (pack_dot, dot_packed_gemm) where the kernel is on."""
 
 from __future__ import annotations
 
@@ -26,6 +27,10 @@ LAYERS = [
     pytest.param("LSTM", {"proj_size": 20}, 3, 4, 9, 40, id="lstm-proj"),
     pytest.param("GRU", {"bidirectional": True}, 5, 1, 64, 64, id="gru-bidir-B1"),
     pytest.param("RNN", {"nonlinearity": "relu", "num_layers": 2}, 3, 11, 8, 129, id="rnn-relu-2layer-B11"),
+    # one row: W_hh in 16 x 16 blocks (common.cpp pack_dot) with row tails (N % 16) and K tails (K % 16)
+    pytest.param("LSTM", {}, 6, 1, 30, 70, id="lstm-B1-N280-K70"),
+    pytest.param("GRU", {}, 4, 1, 9, 101, id="gru-B1-N303-K101"),
+    pytest.param("LSTM", {"proj_size": 37}, 5, 1, 12, 130, id="lstm-proj-B1-N520-K37"),
 ]
 
 
