@@ -44,6 +44,16 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih)
                       (!b_ih.defined() || (plain_cpu(b_ih, dt) && b_ih.dim() == 1 && b_ih.size(0) == w_ih.size(0)));
   if (!direct) return b_ih.defined() ? at::addmm(b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
   const int64_t B = x.size(0), N = w_ih.size(0), K = x.size(1);
+  if (dt == at::kFloat && B > kOwnGemmMinRows && own_gemm_enabled()) {
+    // many rows (a layer's projection in training; up to 16, a Cell's, the unpacked kernels below win) on the own
+    // kernel's panels, b_ih added as the GEMM writes gx: not a copy of b_ih into all B rows first (8 MB at T=32 B=64
+    // H=256), read back by a GEMM with beta 1
+    Tensor out = at::empty({B, N}, x.options());
+    const StepGemm<float> wih(w_ih.data_ptr<float>(), true, N, K, /*max_m=*/B);
+    if (b_ih.defined()) wih.with_bias(B, x.data_ptr<float>(), K, b_ih.data_ptr<float>(), out.data_ptr<float>(), N);
+    else wih(B, x.data_ptr<float>(), K, 0.f, out.data_ptr<float>(), N);
+    return out;
+  }
   // (a fresh copy of b_ih's rows: at B = 1 expand(...).contiguous() would be b_ih itself, and the GEMM adds into gx)
   Tensor gx = b_ih.defined() ? b_ih.expand({B, N}).clone(at::MemoryFormat::Contiguous) : at::zeros({B, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_cell_input_projection", [&] {

@@ -455,8 +455,6 @@ void axpy_gemm(int64_t m, int64_t N, int64_t K, const E* a, int64_t lda, const E
 // rows (64 KB, in L2 while every block of the task's rows meets it) in axpy_block: 24 accumulators, each step of k
 // one broadcast of A per row against four vectors of W.
 constexpr int64_t kPanelCols = 64, kPanelRows = 6, kKc = 256, kMc = 192;
-// gemm() packs op(B) on every call: from this many rows of A the packing is a small part of the call.
-constexpr int64_t kOwnGemmMinRows = 16;
 
 int64_t panel_floats(int64_t N, int64_t K) { return (N + kPanelCols - 1) / kPanelCols * kPanelCols * K; }
 

@@ -126,6 +126,8 @@ bool has_direct_blas();
 // 170 GFLOP/s against the kernel's 485 on a step of [64, 1024] x [1024, 4096], 2 cores). FASTRNN_CPP_OWN_GEMM=1 or 0
 // forces it on or off (read at every call).
 bool own_gemm_enabled();
+// gemm() packs op(B) for the own kernel on every call: from this many rows of A the packing is a small part of it.
+constexpr int64_t kOwnGemmMinRows = 16;
 
 // C[m, N] = A[m, K] @ op(W) + beta C for one weight W that every step multiplies: W is [N, K] (trans, op = W^T) or
 // [K, N], row-major. For float32 steps of 3+ rows (max_m; the walk passes 0 for a single step, which reads W once) W
