@@ -296,7 +296,7 @@ void dot_gemm(int64_t m, int64_t N, int64_t K, const E* a, int64_t lda, const E*
   });
 }
 
-// ---- one or two rows against a W that every step meets: W^T in blocks of 16 rows x 16 columns of K ----
+// ---- one row against a W that every step meets: W^T in blocks of 16 rows x 16 columns of K ----
 // dot_gemm at one row reads 16 rows of W at once, 16 streams the prefetcher tracks poorly: a step [1, 256] x
 // [256, 1024] (LSTM H=256, W 1 MB, in L2 on 2 cores) took 5.2 us a core where the same products on this layout,
 // one stream, took 3.7 (an EPYC, Zen 5, a stand-alone loop). Group g of 16 rows of W, chunk q of 16 columns of K
@@ -552,6 +552,15 @@ void panel_gemm(int64_t m, int64_t N, int64_t K, const EA* a, int64_t sm, int64_
     }
   });
 }
+// C = beta C + op(A) op(B) on the own kernel with op(B) packed for this one call: gemm()'s GEMMs of kOwnGemmMinRows
+// rows or more where own_gemm_enabled. S: float, or bfloat16 widened as it is read (then op(B) = B: pack_panels).
+template <typename S>
+void own_gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const S* a, int64_t lda, const S* b, int64_t ldb,
+              float beta, float* c, int64_t ldc) {
+  Tensor p = at::empty({panel_floats(n, k)}, at::TensorOptions().dtype(at::kFloat));
+  pack_panels(b, tb, n, k, p.data_ptr<float>(), ldb);
+  panel_gemm(m, n, k, a, ta ? 1 : lda, ta ? lda : 1, p.data_ptr<float>(), beta, nullptr, c, ldc);
+}
 #endif
 
 bool own_gemm_enabled() {
@@ -571,11 +580,8 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 #if defined(CPU_CAPABILITY_AVX512)
   // Where the own kernel runs (own_gemm_enabled), a GEMM of enough rows to repay packing op(B) (a pass over it) runs
   // there too: the weight gradients over all T*B rows, the projections.
-  if (alpha == 1.f && m >= kOwnGemmMinRows && n > 0 && k > 0 && own_gemm_enabled()) {
-    Tensor p = at::empty({panel_floats(n, k)}, at::TensorOptions().dtype(at::kFloat));
-    pack_panels(b, tb, n, k, p.data_ptr<float>(), ldb);
-    return panel_gemm(m, n, k, a, ta ? 1 : lda, ta ? lda : 1, p.data_ptr<float>(), beta, nullptr, c, ldc);
-  }
+  if (alpha == 1.f && m >= kOwnGemmMinRows && n > 0 && k > 0 && own_gemm_enabled())
+    return own_gemm(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
 #endif
   gemm_impl<float>(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -677,8 +683,7 @@ void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, i
   if constexpr (std::is_same_v<T, float>) {
 #if defined(CPU_CAPABILITY_AVX512)
     if (own_.defined()) return panel_gemm(m, N_, K_, a, lda, 1, own_.data_ptr<float>(), beta, nullptr, c, ldc);
-    if (dot_.defined() && m <= kDotMaxRows)
-      return dot_packed_gemm(m, N_, K_, a, lda, dot_.data_ptr<float>(), beta, c, ldc);
+    if (dot_.defined()) return dot_packed_gemm(m, N_, K_, a, lda, dot_.data_ptr<float>(), beta, c, ldc);
 #endif
     if (packed_.defined()) {
       cblas_sgemm_compute(kRowMajor, kNoTrans, kPacked, int(m), int(N_), int(K_), a, int(lda),
@@ -779,11 +784,8 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   // those whose MKL has no tuned path, and its bfloat16 GEMM widens both operands into its AVX2 sgemm (an EPYC: 23% of
   // LSTM T=32 B=64 H=256 training). Here op(B) is widened into the kernel's panels and A as it is read: a product of
   // two bfloat16 is exact in float32 and the sums are float32, as MKL's.
-  if (!tb && alpha == 1.f && m >= kOwnGemmMinRows && own_gemm_enabled()) {
-    Tensor p = at::empty({panel_floats(n, k)}, at::TensorOptions().dtype(at::kFloat));
-    pack_panels(b, false, n, k, p.data_ptr<float>(), ldb);
-    return panel_gemm(m, n, k, a, ta ? 1 : lda, ta ? lda : 1, p.data_ptr<float>(), beta, nullptr, c, ldc);
-  }
+  if (!tb && alpha == 1.f && m >= kOwnGemmMinRows && own_gemm_enabled())
+    return own_gemm(ta, false, m, n, k, a, lda, b, ldb, beta, c, ldc);
 #endif
   if (cblas_gemm_bf16bf16f32 == nullptr) return gemm_bf16_aten(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
   cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(m), int(n), int(k), alpha,

@@ -152,7 +152,7 @@ class StepGemm {
   int64_t N_, K_;
   Tensor packed_;  // MKL's packed copy of W, undefined when not packing
   Tensor own_;     // W in the own kernel's panels (float32), undefined when not packing for it
-  Tensor dot_;     // W [N, K] in 16 x 16 blocks for steps of 1-2 rows (common.cpp pack_dot), where own_ would be
+  Tensor dot_;     // W [N, K] in 16 x 16 blocks for one-row walks (common.cpp pack_dot), where own_gemm_enabled
 };
 
 extern template class StepGemm<float>;
