@@ -2,13 +2,17 @@
 // (an ATen addmm), the recurrence's walk over T = 1 (recurrence.cpp, every cell's own rows) and, when autograd
 // records, a C++ autograd node whose backward is recurrence_backward plus the input projection's two GEMMs. A Cell
 // is called once per step, so what it pays per call is the product: one Python -> C++ crossing and one backward node,
-// where the layer path pays a Python autograd.Function, F.linear and the op layer's argument handling.
+// where the layer path pays a Python autograd.Function, F.linear and the op layer's argument handling. On plain
+// float32 / float64 operands (direct_operands) the step and its backward go further: the cell's walks over T = 1 on
+// raw pointers with their scratch in one allocation (direct_step, direct_backward), not recurrence_forward and
+// recurrence_backward, which build and check a layer's worth of tensors.
 //
 // A double backward (create_graph) differentiates torch's own cell maths (at::lstm_cell ...) on the saved inputs,
 // as the op layer reruns the reference maths under autograd for the layers.
+#include <c10/core/CPUAllocator.h>
 #include <torch/autograd.h>
 
-#include "fastrnn.h"
+#include "walk.h"
 
 namespace fastrnn {
 namespace {
@@ -19,6 +23,8 @@ using torch::autograd::variable_list;
 constexpr int64_t kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3;  // cells.py kernel_id of the Cell classes' cells
 
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
+
+bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 bool plain_cpu(const Tensor& t, at::ScalarType dt) {
   return t.device().is_cpu() && t.scalar_type() == dt && t.is_contiguous() && t.layout() == at::kStrided;
@@ -35,6 +41,42 @@ bool step_gemm_operands(const Tensor& a, const Tensor& w, bool trans, bool trans
   return Ka == K && std::max({M, K, N}) <= INT_MAX && plain_cpu(a, dt) && plain_cpu(w, dt);
 }
 
+// gx [B, N] = x [B, K] W_ih^T (+ b_ih [N]) on raw pointers.
+template <typename T>
+void project_rows(int64_t B, int64_t N, int64_t K, const T* x, const T* w_ih, const T* b_ih, T* gx) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (B > kOwnGemmMinRows && own_gemm_enabled()) {
+      // many rows (a layer's projection in training; up to 16, a Cell's, the unpacked kernels below win) on the own
+      // kernel's panels, b_ih added as the GEMM writes gx: not a copy of b_ih into all B rows first (8 MB at T=32
+      // B=64 H=256), read back by a GEMM with beta 1
+      const StepGemm<float> wih(w_ih, true, N, K, /*max_m=*/B);
+      if (b_ih != nullptr) wih.with_bias(B, x, K, b_ih, gx, N);
+      else wih(B, x, K, 0.f, gx, N);
+      return;
+    }
+  }
+  for (int64_t r = 0; r < B; ++r) {
+    if (b_ih != nullptr) std::copy(b_ih, b_ih + N, gx + r * N);
+    else std::fill(gx + r * N, gx + (r + 1) * N, T(0));
+  }
+  const StepGemm<T> wih(w_ih, true, N, K, /*max_m=*/0);  // used once: not packed
+  wih(B, x, K, T(1), gx, N);
+}
+
+// dx [B, N] = d_gx [B, K] W_ih [K, N] on raw pointers.
+template <typename T>
+void input_grad_rows(int64_t B, int64_t N, int64_t K, const T* d_gx, const T* w_ih, T* dx) {
+  const StepGemm<T> w(w_ih, false, N, K, /*max_m=*/0);  // used once: not packed
+  w(B, d_gx, K, T(0), dx, N);
+}
+
+// dw [N, K] = d_gx [B, N]^T x [B, K] on raw pointers.
+template <typename T>
+void input_weight_grad_rows(int64_t B, int64_t N, int64_t K, const T* d_gx, const T* x, T* dw) {
+  if (B == 0 || N == 0 || K == 0) return std::fill(dw, dw + N * K, T(0));
+  gemm(true, false, N, K, B, T(1), d_gx, N, x, K, T(0), dw, K);
+}
+
 // gx = x W_ih^T + b_ih: [B, G*H]. Operands that step_gemm_operands takes (and a matching b_ih) take one StepGemm call
 // on b_ih's rows (the extension's own kernel up to 16 rows, else BLAS; ATen's addmm costs as much again as the step's
 // own GEMM at B=1 H=64); anything else goes to ATen, whose checks and messages then apply.
@@ -44,21 +86,10 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih)
                       (!b_ih.defined() || (plain_cpu(b_ih, dt) && b_ih.dim() == 1 && b_ih.size(0) == w_ih.size(0)));
   if (!direct) return b_ih.defined() ? at::addmm(b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
   const int64_t B = x.size(0), N = w_ih.size(0), K = x.size(1);
-  if (dt == at::kFloat && B > kOwnGemmMinRows && own_gemm_enabled()) {
-    // many rows (a layer's projection in training; up to 16, a Cell's, the unpacked kernels below win) on the own
-    // kernel's panels, b_ih added as the GEMM writes gx: not a copy of b_ih into all B rows first (8 MB at T=32 B=64
-    // H=256), read back by a GEMM with beta 1
-    Tensor out = at::empty({B, N}, x.options());
-    const StepGemm<float> wih(w_ih.data_ptr<float>(), true, N, K, /*max_m=*/B);
-    if (b_ih.defined()) wih.with_bias(B, x.data_ptr<float>(), K, b_ih.data_ptr<float>(), out.data_ptr<float>(), N);
-    else wih(B, x.data_ptr<float>(), K, 0.f, out.data_ptr<float>(), N);
-    return out;
-  }
-  // (a fresh copy of b_ih's rows: at B = 1 expand(...).contiguous() would be b_ih itself, and the GEMM adds into gx)
-  Tensor gx = b_ih.defined() ? b_ih.expand({B, N}).clone(at::MemoryFormat::Contiguous) : at::zeros({B, N}, x.options());
+  Tensor gx = at::empty({B, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_cell_input_projection", [&] {
-    const StepGemm<scalar_t> wih(w_ih.data_ptr<scalar_t>(), true, N, K, /*max_m=*/0);  // used once: not packed
-    wih(B, x.data_ptr<scalar_t>(), K, scalar_t(1), gx.data_ptr<scalar_t>(), N);
+    project_rows<scalar_t>(B, N, K, x.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(),
+                           b_ih.defined() ? b_ih.data_ptr<scalar_t>() : nullptr, gx.data_ptr<scalar_t>());
   });
   return gx;
 }
@@ -71,8 +102,7 @@ Tensor input_grad(const Tensor& d_gx, const Tensor& w_ih) {
   const int64_t B = d_gx.size(0), K = w_ih.size(0), N = w_ih.size(1);
   Tensor dx = at::empty({B, N}, d_gx.options());
   AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_cell_input_grad", [&] {
-    const StepGemm<scalar_t> w(w_ih.data_ptr<scalar_t>(), false, N, K, /*max_m=*/0);  // used once: not packed
-    w(B, d_gx.data_ptr<scalar_t>(), K, scalar_t(0), dx.data_ptr<scalar_t>(), N);
+    input_grad_rows<scalar_t>(B, N, K, d_gx.data_ptr<scalar_t>(), w_ih.data_ptr<scalar_t>(), dx.data_ptr<scalar_t>());
   });
   return dx;
 }
@@ -84,12 +114,143 @@ Tensor input_weight_grad(const Tensor& d_gx, const Tensor& x) {
   if (!step_gemm_operands(d_gx, x, /*trans=*/false, /*trans_a=*/true)) return d_gx.t().mm(x);
   const int64_t B = x.size(0), N = d_gx.size(1), K = x.size(1);
   Tensor dw = at::empty({N, K}, x.options());
-  if (B == 0 || N == 0 || K == 0) return dw.zero_();
   AT_DISPATCH_FLOATING_TYPES(dt, "fastrnn_input_weight_grad", [&] {
-    gemm(true, false, N, K, B, scalar_t(1), d_gx.data_ptr<scalar_t>(), N, x.data_ptr<scalar_t>(), K, scalar_t(0),
-         dw.data_ptr<scalar_t>(), K);
+    input_weight_grad_rows<scalar_t>(B, N, K, d_gx.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(),
+                                     dw.data_ptr<scalar_t>());
   });
   return dw;
+}
+
+const CellKernels& cell_kernels(int64_t cell_id) {
+  switch (cell_id) {
+    case kLstm: return lstm_kernels();
+    case kGru: return gru_kernels();
+    case kRnnTanh: return rnn_tanh_kernels();
+    default: return rnn_relu_kernels();
+  }
+}
+
+// Whether a step can run direct_step (and its backward direct_backward): every operand a plain contiguous CPU tensor
+// of x's dtype (float32 or float64) with the shapes of a Cell of k's gates (w_hh [G*H, H], w_ih [G*H, I], biases
+// [G*H]), states as check_torch_cell_args found them. Anything else takes the general path, whose checks say what is
+// wrong.
+bool direct_operands(const CellKernels& k, const Tensor& x, const Tensor& h, const OptTensor& c, const Tensor& w_ih,
+                     const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh) {
+  const auto dt = x.scalar_type();
+  if (!(dt == at::kFloat || dt == at::kDouble)) return false;
+  const int64_t H = w_hh.size(1), GH = k.G * H;
+  auto plain = [&](const Tensor& t) { return plain_cpu(t, dt); };
+  auto bias = [&](const OptTensor& b) { return !given(b) || (plain(*b) && b->dim() == 1 && b->size(0) == GH); };
+  return plain(x) && plain(h) && (!given(c) || plain(*c)) && given(c) == k.cell_state && plain(w_ih) &&
+         plain(w_hh) && w_hh.size(0) == GH && w_ih.size(0) == GH && bias(b_ih) && bias(b_hh) &&
+         std::max({x.size(0), x.size(1), GH, H}) <= INT_MAX;
+}
+
+// out[j] = the sum over rows of a[:, j] (a [rows, cols]), row by row.
+template <typename T>
+void column_sums(const T* a, int64_t rows, int64_t cols, T* out) {
+  std::fill(out, out + cols, T(0));
+  for (int64_t r = 0; r < rows; ++r)
+    vec_range<T>(0, cols, [&](int64_t j, int64_t n) {
+      vstore(vload(out + j, n) + vload(a + r * cols + j, n), out + j, n);
+    });
+}
+
+// CellStep's backward without create_graph, on operands direct_operands took (s: the saved x, h, c, w_ih, w_hh, b_ih,
+// b_hh, out, gates, extra): the cell's backward walk over T = 1 (walk.h) on raw pointers, its scratch (d_gx, d_gh,
+// the gathered d_gates) one CPU allocation, then d x, d W_ih and the bias gradients straight from d_gx. need: whether
+// x, w_ih and b_ih want gradients. recurrence_backward would also check a layer's arguments again, build its d_out
+// of zeros and d_gx as tensors, and sum the biases through ATen.
+template <typename T>
+variable_list direct_backward(const CellKernels& k, const variable_list& s, const Tensor& d_h, const Tensor& d_c,
+                              const bool* need) {
+  const Tensor &x = s[0], &h = s[1], &c = s[2], &w_ih = s[3], &w_hh = s[4], &b_ih = s[5], &b_hh = s[6];
+  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1), GH = k.G * H;
+  const int64_t n_dg = B * GH, n_dgh = k.dgh_differs ? B * GH : 0;
+  const c10::DataPtr buf = c10::GetCPUAllocator()->allocate((2 * n_dg + n_dgh) * sizeof(T));
+  T* d_gx = static_cast<T*>(buf.get());
+  T *dg0 = d_gx + n_dg, *d_gh = k.dgh_differs ? dg0 + n_dg : nullptr;
+  const auto opts = x.options();
+  // the running d h starts at zero and the step adds d_out = d h' to it; d c runs from d c' to d c0
+  Tensor dh0 = at::empty({B, H}, opts), dc0, d_w_hh = new_output({GH, H}, opts);
+  std::fill(dh0.data_ptr<T>(), dh0.data_ptr<T>() + B * H, T(0));
+  if (k.cell_state) {
+    dc0 = at::empty({B, H}, opts);
+    std::copy(d_c.data_ptr<T>(), d_c.data_ptr<T>() + B * H, dc0.data_ptr<T>());
+  }
+  auto ptr = [](const Tensor& t) { return t.defined() && t.numel() > 0 ? t.data_ptr<T>() : nullptr; };
+  const Walk w{std::vector<int64_t>(1, B), 1, B, false};
+  const BackwardArgs<T> a{w, H, H, false, d_h.data_ptr<T>(), h.data_ptr<T>(), ptr(c), w_hh.data_ptr<T>(), nullptr,
+                          s[7].data_ptr<T>(), ptr(s[8]), ptr(s[9]), dh0.data_ptr<T>(), ptr(dc0), d_gx, d_gh,
+                          d_w_hh.data_ptr<T>(), nullptr, nullptr, nullptr, nullptr, dg0, nullptr, nullptr, T(1),
+                          nullptr, nullptr};
+  if constexpr (std::is_same_v<T, float>) k.backward.run<PrecF32>(a);
+  else k.backward.run<PrecF64>(a);
+  // forward's arguments: cell_id, x, h, c, w_ih, w_hh, b_ih, b_hh, bf16_gemm
+  variable_list out(9);
+  if (need[0]) {
+    out[1] = at::empty({B, I}, opts);
+    input_grad_rows<T>(B, I, GH, d_gx, w_ih.data_ptr<T>(), out[1].data_ptr<T>());
+  }
+  out[2] = dh0;
+  out[3] = dc0;
+  if (need[1]) {
+    out[4] = at::empty({GH, I}, opts);
+    input_weight_grad_rows<T>(B, GH, I, d_gx, x.data_ptr<T>(), out[4].data_ptr<T>());
+  }
+  out[5] = d_w_hh;
+  if (b_ih.defined() && need[2]) {
+    out[6] = at::empty({GH}, opts);
+    column_sums(d_gx, B, GH, out[6].data_ptr<T>());
+  }
+  if (b_hh.defined()) {
+    out[7] = at::empty({GH}, opts);
+    column_sums(k.dgh_differs ? d_gh : d_gx, B, GH, out[7].data_ptr<T>());
+  }
+  return out;
+}
+
+// One step on operands direct_operands took: the cell's walk over T = 1 (walk.h) on raw pointers, its scratch (gx, the
+// walk's gh and h_n) one CPU allocation, and only tensors that leave the call: h' (and c'), and when saving for
+// CellStep's backward the step's out, gates and extra (out [B, H], the others [1, B, width * H] or [0] where the cell
+// saves none) -> h', c'|undefined, gates, extra, out. The saved out is not the h' returned (the walk's h_n, a copy):
+// as with torch's cells, h' may be changed in place before backward. recurrence_forward would also build a layer's
+// tensors (out [1, B, H], h_n, a copy of b_ih's rows, the view of gx as [1, B, G*H]) and redo the checks: at B = 1
+// H = 64 about half of an RNNCell call's microseconds in C++.
+template <typename T>
+std::vector<Tensor> direct_step(const CellKernels& k, const Tensor& x, const Tensor& h, const OptTensor& c,
+                                const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih, const OptTensor& b_hh,
+                                bool save) {
+  const int64_t B = x.size(0), I = x.size(1), H = w_hh.size(1), GH = k.G * H;
+  const auto opts = x.options();
+  Tensor gates = save && k.saved_gates ? new_output({1, B, k.saved_gates * H}, opts) : Tensor();
+  Tensor extra = save && k.saved_extra ? new_output({1, B, k.saved_extra * H}, opts) : Tensor();
+  const bool gh_home = (save && gh_in_gates(k.G, k.saved_gates)) || gh_in_h(k.G, /*proj=*/false, /*same_type=*/true);
+  const int64_t n_gx = B * GH, n_gh = gh_home ? 0 : B * GH, n_hn = save ? 0 : B * H, n_bias = given(b_hh) ? 0 : GH;
+  const c10::DataPtr buf = c10::GetCPUAllocator()->allocate((n_gx + n_gh + n_hn + n_bias) * sizeof(T));
+  T* gx = static_cast<T*>(buf.get());
+  T *gh = gx + n_gx, *h_n = gh + n_gh, *zeros = h_n + n_hn;
+  std::fill(zeros, zeros + n_bias, T(0));
+  project_rows<T>(B, GH, I, x.data_ptr<T>(), w_ih.data_ptr<T>(), given(b_ih) ? b_ih->data_ptr<T>() : nullptr, gx);
+  Tensor out = new_output({B, H}, opts), h_new = save ? at::empty({B, H}, opts) : out;
+  if (save) h_n = h_new.data_ptr<T>();
+  Tensor c_new;  // the walk's running cell state: c0 in, c' out
+  if (k.cell_state) {
+    c_new = at::empty({B, H}, opts);
+    std::copy(c->data_ptr<T>(), c->data_ptr<T>() + B * H, c_new.data_ptr<T>());
+  }
+  auto ptr = [](const Tensor& t) { return t.defined() ? t.data_ptr<T>() : nullptr; };
+  const Walk w{std::vector<int64_t>(1, B), 1, B, false};
+  const ForwardArgs<T> a{w, H, H, false, save, gx, h.data_ptr<T>(), w_hh.data_ptr<T>(), nullptr,
+                         given(b_hh) ? b_hh->data_ptr<T>() : zeros, out.data_ptr<T>(), h_n, ptr(c_new), ptr(gates),
+                         ptr(extra), gh_home ? nullptr : gh, nullptr, nullptr, nullptr, nullptr, T(1)};
+  if constexpr (std::is_same_v<T, float>) k.forward.run<PrecF32>(a);
+  else k.forward.run<PrecF64>(a);
+  if (save) {
+    if (!gates.defined()) gates = at::empty({0}, opts);
+    if (!extra.defined()) extra = at::empty({0}, opts);
+  }
+  return {h_new, c_new, gates, extra, out};
 }
 
 // torch's own maths of the step, differentiable: what a double backward differentiates.
@@ -111,13 +272,22 @@ struct CellStep : public torch::autograd::Function<CellStep> {
   static variable_list forward(AutogradContext* ctx, int64_t cell_id, const Tensor& x, const Tensor& h,
                                const OptTensor& c, const Tensor& w_ih, const Tensor& w_hh, const OptTensor& b_ih,
                                const OptTensor& b_hh, bool bf16_gemm) {
+    ctx->saved_data["cell"] = cell_id;
+    ctx->saved_data["bf16_gemm"] = bf16_gemm;
+    const CellKernels& k = cell_kernels(cell_id);
+    if (!bf16_gemm && direct_operands(k, x, h, c, w_ih, w_hh, b_ih, b_hh)) {
+      auto r = x.scalar_type() == at::kFloat ? direct_step<float>(k, x, h, c, w_ih, w_hh, b_ih, b_hh, true)
+                                             : direct_step<double>(k, x, h, c, w_ih, w_hh, b_ih, b_hh, true);
+      ctx->save_for_backward({x, h, c.value_or(Tensor()), w_ih, w_hh, b_ih.value_or(Tensor()),
+                              b_hh.value_or(Tensor()), r[4], r[2], r[3]});
+      if (k.cell_state) return {r[0], r[1]};
+      return {r[0]};
+    }
     const Tensor gx = input_projection(x, w_ih, b_ih.value_or(Tensor()));
     auto r = recurrence_forward(cell_id, gx.unsqueeze(0), h, c, w_hh, b_hh, c10::nullopt, c10::nullopt, false,
                                 /*need_saved=*/true, bf16_gemm);
     ctx->save_for_backward({x, h, c.value_or(Tensor()), w_ih, w_hh, b_ih.value_or(Tensor()), b_hh.value_or(Tensor()),
                             r[0], r[3], r[4]});
-    ctx->saved_data["cell"] = cell_id;
-    ctx->saved_data["bf16_gemm"] = bf16_gemm;
     if (cell_id == kLstm) return {r[1], r[2]};
     return {r[1]};
   }
@@ -150,9 +320,18 @@ struct CellStep : public torch::autograd::Function<CellStep> {
     const int64_t B = x.size(0);
     const Tensor d_h = grads[0].contiguous();
     const Tensor d_c = cell_id == kLstm ? grads[1].contiguous() : Tensor();
+    const CellKernels& k = cell_kernels(cell_id);
+    if (!bf16_gemm && direct_operands(k, x, h, opt(c), w_ih, w_hh, opt(b_ih), opt(b_hh)) &&
+        plain_cpu(d_h, x.scalar_type()) && (!d_c.defined() || plain_cpu(d_c, x.scalar_type()))) {
+      const bool need[] = {ctx->needs_input_grad(0), ctx->needs_input_grad(3),
+                          b_ih.defined() && ctx->needs_input_grad(5)};
+      if (x.scalar_type() == at::kFloat) return direct_backward<float>(k, s, d_h, d_c, need);
+      return direct_backward<double>(k, s, d_h, d_c, need);
+    }
+    // (a direct forward saved h' [B, H] and its saved tensors as [1, B, width]; recurrence_backward takes T = 1)
     auto g = recurrence_backward(cell_id, d_h.view({1, B, d_h.size(1)}), at::zeros_like(d_h), opt(d_c), h, opt(c),
-                                 w_hh, opt(b_hh), c10::nullopt, c10::nullopt, false, out_saved, s[8], s[9],
-                                 bf16_gemm);
+                                 w_hh, opt(b_hh), c10::nullopt, c10::nullopt, false, out_saved.view({1, B, -1}), s[8],
+                                 s[9], bf16_gemm);
     const Tensor d_gx = g[0].view({B, g[0].size(2)});
     if (ctx->needs_input_grad(0)) out[1] = input_grad(d_gx, w_ih);
     out[2] = g[1];
@@ -228,6 +407,13 @@ std::vector<Tensor> cell_step(int64_t cell_id, const Tensor& x, const Tensor& h,
                        (x.requires_grad() || hh.requires_grad() || grad_of(cc) || w_ih.requires_grad() ||
                         whh.requires_grad() || grad_of(bi) || grad_of(bh));
   if (records) return CellStep::apply(cell_id, x, hh, cc, w_ih, whh, bi, bh, bf16_gemm);
+  const CellKernels& k = cell_kernels(cell_id);
+  if (!bf16_gemm && direct_operands(k, x, hh, cc, w_ih, whh, bi, bh)) {
+    auto r = x.scalar_type() == at::kFloat ? direct_step<float>(k, x, hh, cc, w_ih, whh, bi, bh, false)
+                                           : direct_step<double>(k, x, hh, cc, w_ih, whh, bi, bh, false);
+    if (k.cell_state) return {r[0], r[1]};
+    return {r[0]};
+  }
   auto r = recurrence_forward(cell_id, input_projection(x, w_ih, bi.value_or(Tensor())).unsqueeze(0), hh, cc, whh, bh,
                               c10::nullopt, c10::nullopt, false, /*need_saved=*/false, bf16_gemm);
   if (cell_id == kLstm) return {r[1], r[2]};

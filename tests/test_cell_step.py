@@ -235,6 +235,49 @@ def test_fp32_bf16_gemm_opt_in_reaches_cells(monkeypatch):
         torch.testing.assert_close(a, e, atol=3e-2, rtol=3e-2)
 
 
+# A step on plain operands runs the cell's walks on raw pointers, with their scratch in one allocation
+# (csrc/cell_step.cpp direct_step, and direct_backward for its gradients): every cell, both kernel dtypes, with and
+# without biases, few rows (the unpacked kernels) and more than 16 (the projection and d W_ih on the own kernel's
+# panels where it runs), the kernel forced on and off, gradients of all operands and of all but x.
+@pytest.mark.parametrize("own", ["1", "0"])
+@pytest.mark.parametrize("grad_of", ["", "xhw", "hw"], ids=["no-grad", "all", "not-x"])
+@pytest.mark.parametrize("B", [1, 17, 40])
+@pytest.mark.parametrize("dtype", [F32, F64], ids=["float32", "float64"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
+@pytest.mark.parametrize("kind,extra", KINDS)
+def test_step_on_plain_operands_matches_torch(kind, extra, bias, dtype, B, grad_of, own, monkeypatch):
+    monkeypatch.setenv("FASTRNN_CPP_OWN_GEMM", own)
+    theirs, ours = _pair(kind, extra, dtype, bias, I=23, H=37)
+    gen = torch.Generator().manual_seed(4)
+    x, hx = torch.randn(B, 23, generator=gen, dtype=dtype), _hx(kind, B, 37, dtype, gen)
+    with torch.set_grad_enabled(bool(grad_of)):
+        results = zip(_run(ours, x, hx, grad_of), _run(theirs, x, hx, grad_of), strict=True)
+    n_out = 2 if kind == "LSTMCell" else 1  # then the gradients, sums over B rows
+    for i, (a, e) in enumerate(results):
+        assert a.shape == e.shape and a.dtype == e.dtype
+        scale = 1 if i < n_out else B
+        assert_close(a, e, dtype, scale, f"{kind} bias={bias} B={B} grad_of={grad_of!r} own={own} result {i}")
+
+
+@pytest.mark.parametrize("kind,extra", KINDS[:2])
+def test_output_changed_in_place_before_backward(kind, extra):
+    """torch's LSTMCell and GRUCell save no output of theirs for backward, so h' may be changed in place before it
+    runs: fastrnn's step keeps its own copy of what backward reads."""
+    theirs, ours = _pair(kind, extra, F64, I=6, H=9)
+    gen = torch.Generator().manual_seed(8)
+    x, hx = torch.randn(3, 6, generator=gen, dtype=F64), _hx(kind, 3, 9, F64, gen)
+    grads = []
+    for m in (ours, theirs):
+        xr = x.clone().requires_grad_(True)
+        y = m(xr, hx)
+        h = y[0] if isinstance(y, tuple) else y
+        h.mul_(3.0).add_(1.0)
+        (h * h).sum().backward()
+        grads.append([xr.grad, *(p.grad for p in m.parameters())])
+    for i, (a, e) in enumerate(zip(*grads, strict=True)):
+        assert_close(a, e, F64, 1, f"{kind} gradient {i}")
+
+
 @pytest.mark.parametrize(
     "call,msg",
     [
