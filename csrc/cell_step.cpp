@@ -45,10 +45,10 @@ bool step_gemm_operands(const Tensor& a, const Tensor& w, bool trans, bool trans
 template <typename T>
 void project_rows(int64_t B, int64_t N, int64_t K, const T* x, const T* w_ih, const T* b_ih, T* gx) {
   if constexpr (std::is_same_v<T, float>) {
-    if (B > kOwnGemmMinRows && own_gemm_enabled()) {
-      // many rows (a layer's projection in training; up to 16, a Cell's, the unpacked kernels below win) on the own
-      // kernel's panels, b_ih added as the GEMM writes gx: not a copy of b_ih into all B rows first (8 MB at T=32
-      // B=64 H=256), read back by a GEMM with beta 1
+    if (B > kOnceMaxUnpackedRows && own_gemm_enabled()) {
+      // many rows (a layer's projection in training; up to 32, the unpacked kernels below win) on the own kernel's
+      // panels, b_ih added as the GEMM writes gx: not a copy of b_ih into all B rows first (8 MB at T=32 B=64
+      // H=256), read back by a GEMM with beta 1
       const StepGemm<float> wih(w_ih, true, N, K, /*max_m=*/B);
       if (b_ih != nullptr) wih.with_bias(B, x, K, b_ih, gx, N);
       else wih(B, x, K, 0.f, gx, N);

@@ -697,6 +697,11 @@ void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, i
       if (trans_) return dot_gemm(m, N_, K_, a, lda, w_, beta, c, ldc);
       return axpy_gemm(m, N_, K_, a, lda, w_, N_, beta, c, ldc);
     }
+    if (trans_ && m <= kOnceMaxUnpackedRows && own_gemm_enabled()) {  // passes of 16 rows over W as it is
+      for (int64_t r = 0; r < m; r += kDotMaxRows)
+        dot_gemm(std::min(kDotMaxRows, m - r), N_, K_, a + r * lda, lda, w_, beta, c + r * ldc, ldc);
+      return;
+    }
 #endif
     if (m == 1 && N_ * K_ <= kOwnGemvMax) return small_gemv(trans_, N_, K_, w_, a, beta, c);
   }

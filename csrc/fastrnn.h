@@ -128,6 +128,11 @@ bool has_direct_blas();
 bool own_gemm_enabled();
 // gemm() packs op(B) for the own kernel on every call: from this many rows of A the packing is a small part of it.
 constexpr int64_t kOwnGemmMinRows = 16;
+// Where own_gemm_enabled, a W [N, K] that a call meets once (a Cell's or a short layer's input projection) is read as it
+// is up to this many rows, in passes of 16 (common.cpp dot_gemm), and packed into panels only beyond: packing is a pass
+// over W read and written, about as long as the GEMM itself. _C.linear on W [3072, 1024] (12 MB), 2 threads, Zen 5:
+// 16 rows 0.55 ms, 32 rows packed 1.33 ms (two passes: 1.10), 48 rows 1.57 (three: 1.65), 64 rows 1.80 (2.2).
+constexpr int64_t kOnceMaxUnpackedRows = 32;
 
 // C[m, N] = A[m, K] @ op(W) + beta C for one weight W that every step multiplies: W is [N, K] (trans, op = W^T) or
 // [K, N], row-major. For float32 steps of 3+ rows (max_m; the walk passes 0 for a single step, which reads W once) W

@@ -288,9 +288,10 @@ std::vector<Tensor> layer_forward(int64_t cell_id, const Tensor& x, const Tensor
   Tensor buf = at::empty({Tc * B, GH}, opts);
   const Tensor x2 = x.view({T * B, I}), w_ih_t = w_ih.t();
   // float32 on the own GEMM (own_gemm_enabled): W_ih packed once for every chunk, b_ih added as the GEMM writes gx
-  // (T = B = 1: one call of one row, which reads W_ih once as it is)
+  // (up to kOnceMaxUnpackedRows rows in all: one chunk, whose GEMM reads W_ih as it is)
   std::optional<StepGemm<float>> own;
-  if (dt == at::kFloat && own_gemm_enabled()) own.emplace(w_ih.data_ptr<float>(), true, GH, I, T * B == 1 ? 0 : Tc * B);
+  if (dt == at::kFloat && own_gemm_enabled())
+    own.emplace(w_ih.data_ptr<float>(), true, GH, I, T * B <= kOnceMaxUnpackedRows ? 0 : Tc * B);
   int64_t chunk = -1;
   // gx of step t: its chunk is projected when the walk first reaches one of its steps (the walk visits the steps in
   // order or in reverse, so each chunk once), on the calling thread between the walk's parallel regions.
