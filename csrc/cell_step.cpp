@@ -24,8 +24,6 @@ constexpr int64_t kLstm = 0, kGru = 1, kRnnTanh = 2, kRnnRelu = 3;  // cells.py 
 
 OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : OptTensor(); }
 
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
-
 bool plain_cpu(const Tensor& t, at::ScalarType dt) {
   return t.device().is_cpu() && t.scalar_type() == dt && t.is_contiguous() && t.layout() == at::kStrided;
 }
@@ -121,15 +119,6 @@ Tensor input_weight_grad(const Tensor& d_gx, const Tensor& x) {
   return dw;
 }
 
-const CellKernels& cell_kernels(int64_t cell_id) {
-  switch (cell_id) {
-    case kLstm: return lstm_kernels();
-    case kGru: return gru_kernels();
-    case kRnnTanh: return rnn_tanh_kernels();
-    default: return rnn_relu_kernels();
-  }
-}
-
 // Whether a step can run direct_step (and its backward direct_backward): every operand a plain contiguous CPU tensor
 // of x's dtype (float32 or float64) with the shapes of a Cell of k's gates (w_hh [G*H, H], w_ih [G*H, I], biases
 // [G*H]), states as check_torch_cell_args found them. Anything else takes the general path, whose checks say what is
@@ -144,16 +133,6 @@ bool direct_operands(const CellKernels& k, const Tensor& x, const Tensor& h, con
   return plain(x) && plain(h) && (!given(c) || plain(*c)) && given(c) == k.cell_state && plain(w_ih) &&
          plain(w_hh) && w_hh.size(0) == GH && w_ih.size(0) == GH && bias(b_ih) && bias(b_hh) &&
          std::max({x.size(0), x.size(1), GH, H}) <= INT_MAX;
-}
-
-// out[j] = the sum over rows of a[:, j] (a [rows, cols]), row by row.
-template <typename T>
-void column_sums(const T* a, int64_t rows, int64_t cols, T* out) {
-  std::fill(out, out + cols, T(0));
-  for (int64_t r = 0; r < rows; ++r)
-    vec_range<T>(0, cols, [&](int64_t j, int64_t n) {
-      vstore(vload(out + j, n) + vload(a + r * cols + j, n), out + j, n);
-    });
 }
 
 // CellStep's backward without create_graph, on operands direct_operands took (s: the saved x, h, c, w_ih, w_hh, b_ih,
@@ -274,10 +253,12 @@ struct CellStep : public torch::autograd::Function<CellStep> {
                                const OptTensor& b_hh, bool bf16_gemm) {
     ctx->saved_data["cell"] = cell_id;
     ctx->saved_data["bf16_gemm"] = bf16_gemm;
-    const CellKernels& k = cell_kernels(cell_id);
+    const CellKernels& k = kernels_for(cell_id);
     if (!bf16_gemm && direct_operands(k, x, h, c, w_ih, w_hh, b_ih, b_hh)) {
-      auto r = x.scalar_type() == at::kFloat ? direct_step<float>(k, x, h, c, w_ih, w_hh, b_ih, b_hh, true)
-                                             : direct_step<double>(k, x, h, c, w_ih, w_hh, b_ih, b_hh, true);
+      std::vector<Tensor> r;
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_cell_step", [&] {
+        r = direct_step<scalar_t>(k, x, h, c, w_ih, w_hh, b_ih, b_hh, /*save=*/true);
+      });
       ctx->save_for_backward({x, h, c.value_or(Tensor()), w_ih, w_hh, b_ih.value_or(Tensor()),
                               b_hh.value_or(Tensor()), r[4], r[2], r[3]});
       if (k.cell_state) return {r[0], r[1]};
@@ -320,13 +301,16 @@ struct CellStep : public torch::autograd::Function<CellStep> {
     const int64_t B = x.size(0);
     const Tensor d_h = grads[0].contiguous();
     const Tensor d_c = cell_id == kLstm ? grads[1].contiguous() : Tensor();
-    const CellKernels& k = cell_kernels(cell_id);
+    const CellKernels& k = kernels_for(cell_id);
     if (!bf16_gemm && direct_operands(k, x, h, opt(c), w_ih, w_hh, opt(b_ih), opt(b_hh)) &&
         plain_cpu(d_h, x.scalar_type()) && (!d_c.defined() || plain_cpu(d_c, x.scalar_type()))) {
       const bool need[] = {ctx->needs_input_grad(0), ctx->needs_input_grad(3),
                           b_ih.defined() && ctx->needs_input_grad(5)};
-      if (x.scalar_type() == at::kFloat) return direct_backward<float>(k, s, d_h, d_c, need);
-      return direct_backward<double>(k, s, d_h, d_c, need);
+      variable_list g;
+      AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_cell_step_backward", [&] {
+        g = direct_backward<scalar_t>(k, s, d_h, d_c, need);
+      });
+      return g;
     }
     // (a direct forward saved h' [B, H] and its saved tensors as [1, B, width]; recurrence_backward takes T = 1)
     auto g = recurrence_backward(cell_id, d_h.view({1, B, d_h.size(1)}), at::zeros_like(d_h), opt(d_c), h, opt(c),
@@ -407,10 +391,12 @@ std::vector<Tensor> cell_step(int64_t cell_id, const Tensor& x, const Tensor& h,
                        (x.requires_grad() || hh.requires_grad() || grad_of(cc) || w_ih.requires_grad() ||
                         whh.requires_grad() || grad_of(bi) || grad_of(bh));
   if (records) return CellStep::apply(cell_id, x, hh, cc, w_ih, whh, bi, bh, bf16_gemm);
-  const CellKernels& k = cell_kernels(cell_id);
+  const CellKernels& k = kernels_for(cell_id);
   if (!bf16_gemm && direct_operands(k, x, hh, cc, w_ih, whh, bi, bh)) {
-    auto r = x.scalar_type() == at::kFloat ? direct_step<float>(k, x, hh, cc, w_ih, whh, bi, bh, false)
-                                           : direct_step<double>(k, x, hh, cc, w_ih, whh, bi, bh, false);
+    std::vector<Tensor> r;
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastrnn_cell_step", [&] {
+      r = direct_step<scalar_t>(k, x, hh, cc, w_ih, whh, bi, bh, /*save=*/false);
+    });
     if (k.cell_state) return {r[0], r[1]};
     return {r[0]};
   }

@@ -579,9 +579,16 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
           const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
 #if defined(CPU_CAPABILITY_AVX512)
   // Where the own kernel runs (own_gemm_enabled), a GEMM of enough rows to repay packing op(B) (a pass over it) runs
-  // there too: the weight gradients over all T*B rows, the projections.
-  if (alpha == 1.f && m >= kOwnGemmMinRows && n > 0 && k > 0 && own_gemm_enabled())
+  // there too: the weight gradients over all T*B rows, the projections. Up to kOnceMaxUnpackedRows rows against a
+  // B [n, k] (op(B) = B^T), dot_gemm's passes of 16 rows over B as it is cost less than the packing.
+  if (alpha == 1.f && m >= kOwnGemmMinRows && n > 0 && k > 0 && own_gemm_enabled()) {
+    if (!ta && tb && ldb == k && m <= kOnceMaxUnpackedRows) {  // passes of 16 rows over B [n, k] as it is
+      for (int64_t r = 0; r < m; r += kDotMaxRows)
+        dot_gemm(std::min(kDotMaxRows, m - r), n, k, a + r * lda, lda, b, beta, c + r * ldc, ldc);
+      return;
+    }
     return own_gemm(ta, tb, m, n, k, a, lda, b, ldb, beta, c, ldc);
+  }
 #endif
   gemm_impl<float>(sgemm_, ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);
 }
@@ -696,11 +703,6 @@ void StepGemm<T>::operator()(int64_t m, const T* a, int64_t lda, T beta, T* c, i
     if (m <= kDotMaxRows) {
       if (trans_) return dot_gemm(m, N_, K_, a, lda, w_, beta, c, ldc);
       return axpy_gemm(m, N_, K_, a, lda, w_, N_, beta, c, ldc);
-    }
-    if (trans_ && m <= kOnceMaxUnpackedRows && own_gemm_enabled()) {  // passes of 16 rows over W as it is
-      for (int64_t r = 0; r < m; r += kDotMaxRows)
-        dot_gemm(std::min(kDotMaxRows, m - r), N_, K_, a + r * lda, lda, w_, beta, c + r * ldc, ldc);
-      return;
     }
 #endif
     if (m == 1 && N_ * K_ <= kOwnGemvMax) return small_gemv(trans_, N_, K_, w_, a, beta, c);
@@ -856,16 +858,17 @@ void pack_rows_n(const uint16_t* w, int64_t K, int64_t N, int64_t n0, int64_t wi
 
 }  // namespace
 
-void column_sums(const BF16* a, int64_t rows, int64_t cols, float* out) {
-  constexpr int64_t W = Vec<float>::size(), kCols = 4 * W;  // four accumulators a task
+template <typename S, typename T>
+void column_sums(const S* a, int64_t rows, int64_t cols, T* out) {
+  constexpr int64_t W = Vec<T>::size(), kCols = 4 * W;  // four accumulators a task
   const int64_t tasks = (cols + kCols - 1) / kCols;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(rows * kCols, 1));
   at::parallel_for(0, tasks, grain, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t c0 = t * kCols, c1 = std::min(cols, c0 + kCols);
-      Vec<float> acc[4] = {Vec<float>(0.f), Vec<float>(0.f), Vec<float>(0.f), Vec<float>(0.f)};
+      Vec<T> acc[4] = {Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0)), Vec<T>(T(0))};
       for (int64_t r = 0; r < rows; ++r) {
-        const BF16* row = a + r * cols;
+        const S* row = a + r * cols;
         for (int64_t q = 0; q < 4 && c0 + q * W < c1; ++q) {
           const int64_t j = c0 + q * W;
           acc[q] = acc[q] + vload(row + j, std::min(W, c1 - j));
@@ -878,6 +881,9 @@ void column_sums(const BF16* a, int64_t rows, int64_t cols, float* out) {
     }
   });
 }
+template void column_sums(const BF16*, int64_t, int64_t, float*);
+template void column_sums(const float*, int64_t, int64_t, float*);
+template void column_sums(const double*, int64_t, int64_t, double*);
 
 template <typename S>
 Bf16Gemm::Bf16Gemm(const S* w, bool trans, int64_t N, int64_t K, int64_t seg, bool pack)

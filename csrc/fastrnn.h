@@ -103,6 +103,8 @@ std::vector<int64_t> batch_sizes_vec(const OptTensor& batch_sizes, int64_t T, in
 // An output tensor: uninitialised, or NaN-filled when FASTRNN_POISON_OUTPUTS=1 (read at every call, as the
 // Python backends do) so that an element a kernel forgets to write cannot pass as a stale value.
 Tensor new_output(at::IntArrayRef shape, const at::TensorOptions& opts);
+// An optional tensor that is given and defined.
+inline bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 // GEMM sizes go to BLAS as int.
 void check_blas_size(int64_t v, const char* what);
 
@@ -117,7 +119,9 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
           const BF16* b, int64_t ldb, float beta, float* c, int64_t ldc);
 // out[j] = sum over rows r of a[r, j], a [rows, cols] bfloat16, float32 sums (d_b_hh of a bfloat16 call): one pass,
 // columns split over threads, where a reduction with a float32 dtype would first copy all of a to float32.
-void column_sums(const BF16* a, int64_t rows, int64_t cols, float* out);
+// Also a float32 / float64 a into sums of its own type (a Cell's bias gradients).
+template <typename S, typename T>
+void column_sums(const S* a, int64_t rows, int64_t cols, T* out);
 // True when gemm goes straight to the BLAS linked into torch (sgemm_/dgemm_), false on the at::addmm_ fallback.
 bool has_direct_blas();
 
@@ -126,11 +130,11 @@ bool has_direct_blas();
 // 170 GFLOP/s against the kernel's 485 on a step of [64, 1024] x [1024, 4096], 2 cores). FASTRNN_CPP_OWN_GEMM=1 or 0
 // forces it on or off (read at every call).
 bool own_gemm_enabled();
-// gemm() packs op(B) for the own kernel on every call: from this many rows of A the packing is a small part of it.
+// gemm() runs GEMMs of this many rows of A or more on the own kernel (op(B) packed on every call, but see below).
 constexpr int64_t kOwnGemmMinRows = 16;
-// Where own_gemm_enabled, a W [N, K] that a call meets once (a Cell's or a short layer's input projection) is read as it
-// is up to this many rows, in passes of 16 (common.cpp dot_gemm), and packed into panels only beyond: packing is a pass
-// over W read and written, about as long as the GEMM itself. _C.linear on W [3072, 1024] (12 MB), 2 threads, Zen 5:
+// Where own_gemm_enabled, a W [N, K] that a call meets once (gemm(): a Cell's or a short layer's input projection) is
+// read as it is up to this many rows, in passes of 16 (common.cpp dot_gemm), and packed into panels only beyond:
+// packing is a pass over W read and written, about as long as the GEMM itself. _C.linear on W [3072, 1024] (12 MB), 2 threads, Zen 5:
 // 16 rows 0.55 ms, 32 rows packed 1.33 ms (two passes: 1.10), 48 rows 1.57 (three: 1.65), 64 rows 1.80 (2.2).
 constexpr int64_t kOnceMaxUnpackedRows = 32;
 

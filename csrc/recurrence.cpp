@@ -21,11 +21,15 @@ const CellKernels* cell_or_null(int64_t cell_id) {
   return table[cell_id];
 }
 
+}  // namespace
+
 const CellKernels& kernels_for(int64_t cell_id) {
   const CellKernels* k = cell_or_null(cell_id);
   TORCH_CHECK(k != nullptr, "fastrnn: unknown cell id ", cell_id, " (fastrnn.cells kernel_id)");
   return *k;
 }
+
+namespace {
 
 // "4H" for a four-gate cell, "H" for one gate: the symbolic width of gx, gh and w_hh's rows.
 std::string width_sym(int64_t w) { return w == 1 ? "H" : std::to_string(w) + "H"; }
@@ -109,7 +113,6 @@ at::DimVector saved_shape(int64_t width, const Sizes& s) {
 // The type of the state, the saved activations and the accumulation: float32 for a bfloat16 call (cells.saved_dtype).
 at::ScalarType acc_type(at::ScalarType dt) { return dt == at::kBFloat16 ? at::kFloat : dt; }
 
-bool given(const OptTensor& t) { return t.has_value() && t->defined(); }
 
 // What a walk of precision Pr (walk.h's Prec) is handed: its argument types, the call's tensors as pointers of the
 // call's type S or of the state's T (null for an undefined tensor), and a normalised cell's Norm (params, zoneout

@@ -771,5 +771,7 @@ const CellKernels& rnn_tanh_kernels();
 const CellKernels& rnn_relu_kernels();
 const CellKernels& ln_lstm_kernels();
 const CellKernels& ln_gru_kernels();
+// The kernel table's entry for cells.py's kernel_id (recurrence.cpp); a RuntimeError for an unknown id.
+const CellKernels& kernels_for(int64_t cell_id);
 
 }  // namespace fastrnn
