@@ -172,7 +172,7 @@ BF16 = torch.bfloat16
 @pytest.mark.parametrize(
     "dtype,cell,batch,hidden,grad,want",
     [
-        (F32, "lstm", 1, 64, False, "cpp"),  # results-grid-2threads-amd-epyc.md: 1.87x, 1.80x
+        (F32, "lstm", 1, 64, False, "cpp"),  # results-grid-2threads-amd-epyc-zen5.md: 1.87x, 1.80x
         (F32, "lstm", 1, 512, False, "cpp"),  # 1.31x, 1.08x
         (F32, "lstm", 1, 1024, False, "torch"),  # 1.10x, 0.90x
         (F32, "lstm", 4, 1024, False, "cpp"),  # between B=1 (loses) and B=16 (wins): not measured
@@ -194,7 +194,7 @@ BF16 = torch.bfloat16
         (F32, "gru", 16, 1024, False, "cpp"),  # 2.96x, 2.90x
         (F32, "gru", 64, 1024, True, "cpp"),
         (F32, "rnn_tanh", 64, 1024, False, "cpp"),
-        (BF16, "lstm", 1, 1024, False, "cpp"),  # results-bf16-2threads-amd-epyc.md: 1.17x, 1.11x
+        (BF16, "lstm", 1, 1024, False, "cpp"),  # results-bf16-2threads-amd-epyc-zen5.md: 1.17x, 1.11x
         (BF16, "lstm", 16, 1024, False, "torch"),  # 0.95x, 0.97x
         (BF16, "lstm", 64, 256, False, "torch"),  # 0.96x, 0.96x
         (BF16, "lstm", 16, 1024, True, "cpp"),  # 3.30x, 2.87x
@@ -215,7 +215,7 @@ def test_auto_rules_cpu_amd(monkeypatch, dtype, cell, batch, hidden, grad, want)
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
     _pin_cpu(monkeypatch, "amd")
     assert _auto(cell, batch, hidden, grad, dtype) == want
-    # results-cells-bf16-2threads-amd-epyc.md: the one Cell-step rule is LSTMCell training at B >= 16, H >= 512
+    # results-cells-bf16-2threads-amd-epyc-zen5.md: the one Cell-step rule is LSTMCell training at B >= 16, H >= 512
     step = _auto(cell, batch, hidden, grad, dtype, step=True)
     ruled = dtype == BF16 and cell == "lstm" and grad and batch >= 16 and hidden >= 512
     assert step == ("torch" if ruled else "cpp"), (dtype, cell, batch, hidden, grad, step)
@@ -258,6 +258,9 @@ def test_auto_rules_hold_only_on_the_cpu_class_measured(fake_cpp, monkeypatch):
     assert [backends.rule_holds_on(rule, c) for c in ("intel", "intel-amx", "amd", "other")] == [1, 1, 0, 0]
     assert [backends.rule_holds_on(amx, c) for c in ("intel", "intel-amx", "amd", "amd-amx")] == [0, 1, 0, 0]
     assert backends.rule_holds_on(rule._replace(cpu=None), "amd")
+    amd, zen5 = rule._replace(cpu="amd"), rule._replace(cpu="amd-zen5")
+    assert [backends.rule_holds_on(amd, c) for c in ("amd-zen4", "amd-zen5", "amd", "intel")] == [1, 1, 1, 0]
+    assert [backends.rule_holds_on(zen5, c) for c in ("amd-zen4", "amd-zen5", "amd", "amd-zen50")] == [0, 1, 0, 0]
     _pin_cpu(monkeypatch, "other")
     assert _auto("lstm", 64, 256, False) == _auto("lstm", 64, 256, True) == "cpp"
     assert cpuinfo.cpu_class().split("-")[0] in ("intel", "amd", "other")
@@ -292,7 +295,7 @@ def test_auto_rule_table_is_well_formed(fake_cpp, monkeypatch):
     assert backends._RULE_INDEX == backends._rule_index(backends._AUTO_RULES, cpuinfo.cpu_class())
     for r in backends._AUTO_RULES:
         assert isinstance(r, backends.AutoRule)
-        assert (r.cpu in ("intel", "intel-amx", "amd")) == (r.device == "cpu"), r
+        assert (r.cpu in ("intel", "intel-amx", "amd", "amd-zen4", "amd-zen5")) == (r.device == "cpu"), r
         if r.cpu is not None:
             monkeypatch.setattr(backends, "_RULE_INDEX", backends._rule_index(backends._AUTO_RULES, r.cpu))
         assert r.device in backends._AUTO and isinstance(r.step, bool) and r.cell in CELLS

@@ -656,20 +656,41 @@ def test_gate_without_a_baseline_for_this_machine_type_passes_and_says_so(monkey
 
 
 @pytest.mark.parametrize(
-    "model, flags, slug",
+    "model, flags, uarch, slug",
     [
-        ("Intel(R) Xeon(R) Processor", "fpu avx512f amx_bf16 amx_tile", "intel-xeon-amx"),
-        ("Intel(R) Xeon(R) Processor", "fpu avx512f", "intel-xeon"),
-        ("AMD EPYC 9B45 96-Core Processor", "fpu avx512_bf16", "amd-epyc-9b45"),
-        ("Intel(R) Core(TM) i7-9700K CPU @ 3.60GHz", "fpu", "intel-core-i7-9700k"),
-        ("", "", "unknown"),
+        ("Intel(R) Xeon(R) Processor", "fpu avx512f amx_bf16 amx_tile", None, "intel-xeon-amx"),
+        ("Intel(R) Xeon(R) Processor", "fpu avx512f", None, "intel-xeon"),
+        ("AMD EPYC 9B45 96-Core Processor", "fpu avx512_bf16", "zen5", "amd-epyc-9b45-zen5"),
+        ("AMD EPYC", "fpu avx512_bf16", "zen4", "amd-epyc-zen4"),  # a virtual machine's model name
+        ("Intel(R) Core(TM) i7-9700K CPU @ 3.60GHz", "fpu", None, "intel-core-i7-9700k"),
+        ("", "", None, "unknown"),
     ],
 )
-def test_machine_type_names_the_cpu(model, flags, slug):
+def test_machine_type_names_the_cpu(model, flags, uarch, slug):
     from fastrnn.bench import machine
 
-    assert machine.cpu_slug(model, flags) == slug
+    assert machine.cpu_slug(model, flags, uarch) == slug
     assert machine.machine_name().startswith("cpu-")
+
+
+@pytest.mark.parametrize(
+    "vendor, family, model, uarch",
+    [
+        ("AuthenticAMD", 25, 17, "zen4"),  # EPYC 9004 (Genoa)
+        ("AuthenticAMD", 25, 1, "zen3"),  # EPYC 7003 (Milan)
+        ("AuthenticAMD", 26, 2, "zen5"),  # EPYC 9005 (Turin)
+        ("AuthenticAMD", 23, 49, "zen2"),
+        ("AuthenticAMD", 27, 0, "f27m0"),  # a generation the table does not know yet
+        ("GenuineIntel", 6, 143, None),
+        ("AuthenticAMD", None, None, None),  # no family in /proc/cpuinfo
+    ],
+)
+def test_amd_core_generation_from_family_and_model(vendor, family, model, uarch):
+    """Zen 4 and Zen 5 guests both read "AMD EPYC"; their ratios against torch.nn differ, so the machine type
+    (and auto's CPU class) tells them apart by cpu family and model."""
+    from fastrnn import cpuinfo
+
+    assert cpuinfo.microarch(vendor, family, model) == uarch
 
 
 def test_merged_runs_pool_samples_and_widen_the_spread():

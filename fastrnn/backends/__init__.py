@@ -91,7 +91,7 @@ class AutoRule(NamedTuple):
 # from run to run; a class keeps torch where a run had cpp losing at either T.
 # No float32 Cell-step rule: benchmarks/results-cells-2threads.md (B {1, 16} x H {64, 256, 512}) has cpp's one-call
 # step ahead of torch's cells at every shape but those within noise of 1.0x (its minimum is in that file's summary);
-# on AMD, benchmarks/results-cells-2threads-amd-epyc.md has it ahead everywhere (min 1.20x). bfloat16 Cells: below.
+# on AMD, benchmarks/results-cells-2threads-amd-epyc-zen5.md has it ahead everywhere (min 1.20x). bfloat16 Cells: below.
 _AUTO_RULES: tuple[AutoRule, ...] = (
     # lstm inference B=64: H=256 (0.95x, 1.03x) loses at T=32; H=64 (1.05x, 1.02x) and H=512 (1.01x, 1.04x) are
     # within noise of 1.0x and lost at one T in the grid before (1.00x, 0.91x; 0.95x, 1.03x); at H=1024 cpp holds
@@ -107,9 +107,9 @@ _AUTO_RULES: tuple[AutoRule, ...] = (
     # below H=256 nothing was measured, and the class reaches down: oneDNN's fused step gains most where GEMMs are
     # small. Training loses nowhere beyond noise (T=128 B=64 H=512: 0.99x, where T=32 reads 1.59x).
     AutoRule("cpu", False, "lstm", (torch.bfloat16,), "inference", (16, None), (1, 256), "torch", cpu="intel-amx"),
-    # ---- AMD (benchmarks/results-grid-2threads-amd-epyc.md, the same float32 grid on a 2-core EPYC, Zen 5, measured
-    # with the extension's own packed GEMM: MKL runs only AVX2 kernels on AMD). GRU and RNN lose nowhere (min 1.69x);
-    # cpp's LSTM wins at B=1 and at H=64 and H=1024 of B=16, and loses between them at B >= 16.
+    # ---- AMD (benchmarks/results-grid-2threads-amd-epyc-zen5.md, the same float32 grid on a 2-core EPYC, Zen 5,
+    # measured with the extension's own packed GEMM: MKL runs only AVX2 kernels on AMD). GRU and RNN lose nowhere
+    # (min 1.69x); cpp's LSTM wins at B=1 and at H=64 and H=1024 of B=16, and loses between them at B >= 16.
     # lstm inference at H in {256, 512}: B=16 (0.89x, 0.90x; 0.89x, 0.88x), B=64 (0.89x, 1.05x; 0.89x, 0.91x); B=1
     # wins there (1.32x, 1.33x; 1.31x, 1.08x) and B 2-15 is not measured: auto's order. H=1024 wins at B=16 (1.20x,
     # 1.25x) and B=64 (1.01x, 1.02x), and H=64 at B=16 (1.18x, 1.37x) and B=64 (1.14x, 1.14x; 1.16x, 0.78x in the
@@ -123,7 +123,7 @@ _AUTO_RULES: tuple[AutoRule, ...] = (
     # lstm training B=16: H=256 (0.96x, 0.94x) and H=512 (0.98x, 1.12x) lose at one T, H=1024 (1.07x, 1.02x) ties
     # within noise (1.00x, 1.08x in the grid before); H=64 (1.16x, 1.34x) and B=1 (min 1.07x) win.
     AutoRule("cpu", False, "lstm", (torch.float32,), "training", (16, 63), (256, None), "torch", cpu="amd"),
-    # bfloat16 on AMD (benchmarks/results-bf16-2threads-amd-epyc.md: AVX512-BF16, no AMX; H in {256, 512, 1024};
+    # bfloat16 on AMD (benchmarks/results-bf16-2threads-amd-epyc-zen5.md: AVX512-BF16, no AMX; H in {256, 512, 1024};
     # measured after the weight gradients moved to the own kernel).
     # lstm inference loses or ties at B >= 16 for every H (B=16: 1.01x, 1.00x; 0.99x, 0.95x; 0.95x, 0.97x; B=64:
     # 0.96x, 0.96x; 0.85x, 0.92x; 1.03x, 1.03x): both run the same bfloat16 GEMM rate there; B=1 wins (min 1.11x).
@@ -135,7 +135,8 @@ _AUTO_RULES: tuple[AutoRule, ...] = (
     # the same GEMMs, which are the step at these shapes, so the same class. GRU wins everywhere (min 1.07x).
     AutoRule("cpu", False, "rnn_tanh", (torch.bfloat16,), "training", (64, None), (1024, None), "torch", cpu="amd"),
     AutoRule("cpu", False, "rnn_relu", (torch.bfloat16,), "training", (64, None), (1024, None), "torch", cpu="amd"),
-    # bfloat16 Cell steps on AMD (benchmarks/results-cells-bf16-2threads-amd-epyc.md, B {1, 16} x H {64, 256, 512}):
+    # bfloat16 Cell steps on AMD (benchmarks/results-cells-bf16-2threads-amd-epyc-zen5.md, B {1, 16} x H {64, 256,
+    # 512}):
     # cpp is ahead everywhere (min 1.00x, RNNCell relu training B=16 H=512) but LSTMCell training at B=16 H=512
     # (0.92x); at B=1 (1.03x) and at H=256 (1.22x) it wins, so the class starts at B=16 and H=512.
     AutoRule("cpu", True, "lstm", (torch.bfloat16,), "training", (16, None), (512, None), "torch", cpu="amd"),

@@ -27,19 +27,22 @@ def _cpu_model() -> str:
     return cpuinfo.field("model name") or platform.processor() or platform.machine()
 
 
-def cpu_slug(model: str, flags: str = "") -> str:
+def cpu_slug(model: str, flags: str = "", uarch: str | None = None) -> str:
     """The CPU part of a machine type's name: the model's first four words without trademarks, clock or core
-    count, plus `amx` where the CPU has AMX-BF16 (the bfloat16 kernels differ there), e.g. "Intel(R) Xeon(R)
-    Processor" with amx_bf16 -> intel-xeon-amx, "AMD EPYC 9B45 96-Core Processor" -> amd-epyc-9b45."""
+    count, plus the core generation where fastrnn.cpuinfo.microarch knows it (AMD: a virtual machine's model name
+    is often just "AMD EPYC", on Zen 4 and on Zen 5 alike) and `amx` where the CPU has AMX-BF16 (the bfloat16
+    kernels differ there), e.g. "Intel(R) Xeon(R) Processor" with amx_bf16 -> intel-xeon-amx, "AMD EPYC 9B45
+    96-Core Processor" on Zen 5 -> amd-epyc-9b45-zen5."""
     text = re.sub(r"\((r|tm)\)|@.*$|\b\d+-core\b", " ", model.lower())
     words = [w for w in re.split(r"[^a-z0-9]+", text) if w and w not in ("processor", "cpu")]
     slug = "-".join(words[:4]) or "unknown"
-    return slug + ("-amx" if "amx_bf16" in flags.split() else "")
+    return slug + (f"-{uarch}" if uarch else "") + ("-amx" if "amx_bf16" in flags.split() else "")
 
 
 def machine_info(device: str = "cpu") -> dict:
     info = {
         "cpu_model": _cpu_model(),
+        "cpu_microarch": cpuinfo.microarch(),
         "cores": os.cpu_count() or 1,
         "arch": platform.machine(),
         "system": platform.system(),
@@ -54,11 +57,13 @@ def machine_info(device: str = "cpu") -> dict:
 def machine_name(device: str = "cpu") -> str:
     """The baseline file stem for this machine type, e.g. cpu-2core-x86_64-intel-xeon-amx or cuda-nvidia-h100.
     The CPU model is part of it: the same code's ratios against torch.nn differ by vendor (MKL, which the cpp
-    backend's float32 GEMMs call, runs AVX2 kernels on AMD where torch.nn's oneDNN runs AVX-512), so a baseline
-    gates only runs on its own machine type."""
+    backend's float32 GEMMs call, runs AVX2 kernels on AMD where torch.nn's oneDNN runs AVX-512) and by core
+    generation (cpp's RNN at B=16 H=256, 1 thread: 2.7x on Zen 5, 1.5x on Zen 4), so a baseline gates only runs on
+    its own machine type."""
     if device == "cuda" and torch.cuda.is_available():
         return "cuda-" + "-".join(torch.cuda.get_device_name().lower().replace("_", " ").split()[:3])
-    return f"cpu-{os.cpu_count() or 1}core-{platform.machine()}-{cpu_slug(_cpu_model(), cpuinfo.field('flags') or '')}"
+    slug = cpu_slug(_cpu_model(), cpuinfo.field("flags") or "", cpuinfo.microarch())
+    return f"cpu-{os.cpu_count() or 1}core-{platform.machine()}-{slug}"
 
 
 def _version(dist: str) -> str | None:

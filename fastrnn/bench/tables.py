@@ -60,8 +60,10 @@ def commands_block(data: dict, table_command: str) -> str:
 def provenance(data: dict) -> str:
     m, v, g = data.get("machine", {}), data.get("versions", {}), data.get("git", {})
     commit = (g.get("commit") or "unknown")[:10] + (" + uncommitted changes" if g.get("dirty") else "")
+    uarch = m.get("cpu_microarch")
+    cpu = m.get("cpu_model", "?") + (f" ({uarch.replace('zen', 'Zen ')})" if uarch else "")
     return (
-        f"Measured on {m.get('cpu_model', '?')} ({m.get('cores', '?')} cores), torch {v.get('torch', '?')}, "
+        f"Measured on {cpu}, {m.get('cores', '?')} cores, torch {v.get('torch', '?')}, "
         f"fastrnn {v.get('fastrnn', '?')} at commit `{commit}`, {data.get('created', '?')}; "
         f"sgemm {_sgemm(data)} GFLOP/s. Ratio = torch.nn time / backend time "
         "(> 1 is faster; median over rounds that time both back to back in the same run)."
