@@ -209,11 +209,11 @@ BF16 = torch.bfloat16
         (BF16, "rnn_relu", 64, 512, True, "cpp"),
     ],
 )
-def test_auto_rules_cpu_amd(monkeypatch, dtype, cell, batch, hidden, grad, want):
+def test_auto_rules_cpu_amd_zen5(monkeypatch, dtype, cell, batch, hidden, grad, want):
     yes = types.SimpleNamespace(available=lambda: (True, ""), supports=lambda c, d, dev: (d in (F32, BF16), ""))
     monkeypatch.setitem(backends._modules, "cpp", yes)  # auto's order gives cpp whether or not it is built
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    _pin_cpu(monkeypatch, "amd")
+    _pin_cpu(monkeypatch, "amd-zen5")
     assert _auto(cell, batch, hidden, grad, dtype) == want
     # results-cells-bf16-2threads-amd-epyc-zen5.md: the one Cell-step rule is LSTMCell training at B >= 16, H >= 512
     step = _auto(cell, batch, hidden, grad, dtype, step=True)
@@ -221,11 +221,57 @@ def test_auto_rules_cpu_amd(monkeypatch, dtype, cell, batch, hidden, grad, want)
     assert step == ("torch" if ruled else "cpp"), (dtype, cell, batch, hidden, grad, step)
 
 
+@pytest.mark.parametrize(
+    "dtype,cell,batch,hidden,grad,want",
+    [
+        (F32, "lstm", 1, 64, False, "cpp"),  # results-grid-2threads-amd-epyc-zen4.md: 1.92x, 1.82x
+        (F32, "lstm", 1, 1024, False, "torch"),  # 1.20x, 0.92x (0.84x rerun alone)
+        (F32, "lstm", 16, 256, False, "torch"),  # 0.92x, 0.95x
+        (F32, "lstm", 16, 1024, False, "cpp"),  # 1.17x, 1.13x
+        (F32, "lstm", 64, 1024, False, "torch"),  # 0.97x, 0.98x (Zen 5: 1.01x, 1.02x -> cpp)
+        (F32, "lstm", 64, 64, False, "cpp"),  # 1.11x, 1.02x
+        (F32, "lstm", 64, 64, True, "torch"),  # training 1.00x, 0.92x (Zen 5: 1.08x, 1.06x -> cpp)
+        (F32, "lstm", 64, 512, True, "torch"),  # 1.01x, 0.84x
+        (F32, "lstm", 16, 256, True, "torch"),  # 0.97x, 0.86x
+        (F32, "lstm", 16, 1024, True, "cpp"),  # 1.22x, 1.27x (Zen 5: 1.07x, 1.02x -> torch)
+        (F32, "lstm", 1, 1024, True, "cpp"),  # 1.93x, 0.91x in the grid, 2.05x, 1.10x rerun alone
+        (F32, "gru", 64, 1024, True, "cpp"),
+        (F32, "rnn_relu", 64, 1024, False, "cpp"),
+        (BF16, "lstm", 1, 256, False, "torch"),  # results-bf16-2threads-amd-epyc-zen4.md: 1.01x, 0.95x
+        (BF16, "lstm", 64, 512, False, "torch"),  # 0.92x, 0.94x
+        (BF16, "lstm", 1, 1024, False, "cpp"),  # 1.28x, 1.24x
+        (BF16, "lstm", 16, 1024, False, "cpp"),  # 1.06x, 1.06x (Zen 5: 0.95x, 0.97x -> torch)
+        (BF16, "lstm", 16, 256, True, "torch"),  # 0.98x, 0.94x (Zen 5: 1.15x, 1.03x -> cpp)
+        (BF16, "lstm", 16, 512, True, "cpp"),  # 1.09x, 1.21x
+        (BF16, "lstm", 64, 512, True, "torch"),  # 1.29x, 0.90x
+        (BF16, "lstm", 64, 1024, True, "cpp"),  # 1.26x, 1.02x
+        (BF16, "rnn_tanh", 64, 1024, True, "torch"),  # 1.07x, 1.00x
+        (BF16, "gru", 64, 1024, True, "cpp"),  # 1.14x, 1.09x
+    ],
+)
+def test_auto_rules_cpu_amd_zen4(monkeypatch, dtype, cell, batch, hidden, grad, want):
+    yes = types.SimpleNamespace(available=lambda: (True, ""), supports=lambda c, d, dev: (d in (F32, BF16), ""))
+    monkeypatch.setitem(backends._modules, "cpp", yes)  # auto's order gives cpp whether or not it is built
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    _pin_cpu(monkeypatch, "amd-zen4")
+    assert _auto(cell, batch, hidden, grad, dtype) == want
+
+
+def test_amd_rules_of_one_generation_do_not_hold_on_an_unmeasured_one(monkeypatch):
+    """A Zen 5-only or Zen 4-only rule stays on its generation; a rule both share ("amd") holds on every AMD CPU."""
+    yes = types.SimpleNamespace(available=lambda: (True, ""), supports=lambda c, d, dev: (d in (F32, BF16), ""))
+    monkeypatch.setitem(backends._modules, "cpp", yes)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+    _pin_cpu(monkeypatch, "amd-zen3")
+    assert _auto("lstm", 64, 1024, False) == _auto("lstm", 16, 1024, True) == "cpp"  # one generation's rules
+    assert _auto("lstm", 16, 256, False) == "torch"  # both generations' rule
+
+
 def test_bfloat16_cell_steps_tell_auto_their_class(monkeypatch):
     """functional.cell_step works out a bfloat16 step's class (batch, hidden, training) for auto's Cell-step rules:
-    on AMD, LSTMCell training at B=16 H=512 runs torch's cell, inference and B=1 stay with cpp."""
+    on Zen 5, LSTMCell training at B=16 H=512 runs torch's cell, inference and B=1 stay with cpp."""
     monkeypatch.delenv(backends.ENV_VAR, raising=False)
-    _pin_cpu(monkeypatch, "amd")
+    _pin_cpu(monkeypatch, "amd-zen5")
     calls = _torch_calls(monkeypatch, "cell")
     cell = fastrnn.LSTMCell(8, 512).to(torch.bfloat16)
     x = torch.randn(16, 8, dtype=torch.bfloat16)

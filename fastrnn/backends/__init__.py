@@ -21,9 +21,9 @@ How a call's backend is chosen, first match wins:
     4. automatic: first the shape rules (`_AUTO_RULES`): a class of calls (device, layer or Cell step, cell,
        dtype, inference or training, batch and hidden size) where a measurement recorded in the repo shows
        torch.nn's own kernel beating the fused one gets `torch` (today, on CPU: some float32 LSTM layer shapes at
-       batch >= 16 and bfloat16 LSTM inference at H <= 256 on Intel; most float32 LSTM shapes and GRU inference at
-       H >= 1024 on AMD, where MKL runs its AVX2 kernels, and bfloat16 LSTM at B >= 16, GRU/RNN training at B=64
-       and LSTMCell training at B >= 16, H >= 512 there;
+       batch >= 16 and bfloat16 LSTM inference at H <= 256 on Intel; most float32 LSTM shapes at B >= 16 on AMD,
+       where MKL runs its AVX2 kernels, bfloat16 LSTM inference at B >= 16 (Zen 5) or H <= 512 (Zen 4), bfloat16
+       LSTM and RNN training at B=64 and some bfloat16 Cell training steps there;
        each rule holds only on the CPU class it was measured on, fastrnn.cpuinfo.cpu_class); then the order
        (`_AUTO`): CUDA -> torch (torch.nn's cuDNN kernels, until a recorded gpu_check measurement shows triton
        faster); CPU -> cpp, numba, reference (first that is available and supports the call; on CPU without the
@@ -91,7 +91,8 @@ class AutoRule(NamedTuple):
 # from run to run; a class keeps torch where a run had cpp losing at either T.
 # No float32 Cell-step rule: benchmarks/results-cells-2threads.md (B {1, 16} x H {64, 256, 512}) has cpp's one-call
 # step ahead of torch's cells at every shape but those within noise of 1.0x (its minimum is in that file's summary);
-# on AMD, benchmarks/results-cells-2threads-amd-epyc-zen5.md has it ahead everywhere (min 1.20x). bfloat16 Cells: below.
+# on AMD, benchmarks/results-cells-2threads-amd-epyc-zen5.md and ...-zen4.md have it ahead everywhere (min 1.20x;
+# 1.16x). bfloat16 Cells: below.
 _AUTO_RULES: tuple[AutoRule, ...] = (
     # lstm inference B=64: H=256 (0.95x, 1.03x) loses at T=32; H=64 (1.05x, 1.02x) and H=512 (1.01x, 1.04x) are
     # within noise of 1.0x and lost at one T in the grid before (1.00x, 0.91x; 0.95x, 1.03x); at H=1024 cpp holds
@@ -107,39 +108,57 @@ _AUTO_RULES: tuple[AutoRule, ...] = (
     # below H=256 nothing was measured, and the class reaches down: oneDNN's fused step gains most where GEMMs are
     # small. Training loses nowhere beyond noise (T=128 B=64 H=512: 0.99x, where T=32 reads 1.59x).
     AutoRule("cpu", False, "lstm", (torch.bfloat16,), "inference", (16, None), (1, 256), "torch", cpu="intel-amx"),
-    # ---- AMD (benchmarks/results-grid-2threads-amd-epyc-zen5.md, the same float32 grid on a 2-core EPYC, Zen 5,
-    # measured with the extension's own packed GEMM: MKL runs only AVX2 kernels on AMD). GRU and RNN lose nowhere
-    # (min 1.69x); cpp's LSTM wins at B=1 and at H=64 and H=1024 of B=16, and loses between them at B >= 16.
-    # lstm inference at H in {256, 512}: B=16 (0.89x, 0.90x; 0.89x, 0.88x), B=64 (0.89x, 1.05x; 0.89x, 0.91x); B=1
-    # wins there (1.32x, 1.33x; 1.31x, 1.08x) and B 2-15 is not measured: auto's order. H=1024 wins at B=16 (1.20x,
-    # 1.25x) and B=64 (1.01x, 1.02x), and H=64 at B=16 (1.18x, 1.37x) and B=64 (1.14x, 1.14x; 1.16x, 0.78x in the
-    # grid before, the one row of that class that lost).
+    # ---- AMD: the same float32 grid on 2-core EPYCs of two generations,
+    # benchmarks/results-grid-2threads-amd-epyc-zen5.md (Zen 5) and ...-zen4.md (Zen 4), measured with the
+    # extension's own packed GEMM (MKL runs only AVX2 kernels on AMD); rows listed as Zen 5 (T=32, T=128); Zen 4
+    # (T=32, T=128). A class where both lose holds on "amd", one where only one generation loses on that generation.
+    # GRU and RNN lose nowhere (min 1.69x on Zen 5, 1.06x on Zen 4); cpp's LSTM wins at B=1 and at H=64 of B=16, and
+    # loses between H=64 and H=1024 at B >= 16.
+    # lstm inference at H in {256, 512}: B=16 (0.89x, 0.90x; 0.92x, 0.95x | H=512: 0.89x, 0.88x; 0.88x, 0.95x), B=64
+    # (0.89x, 1.05x; 0.88x, 1.02x | 0.89x, 0.91x; 0.96x, 0.98x); B=1 wins there (min 1.08x) and B 2-15 is not
+    # measured: auto's order. H=64 wins at B=16 (1.18x, 1.37x; 1.19x, 1.06x) and B=64 (1.14x, 1.14x; 1.11x, 1.02x).
     AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (16, None), (256, 512), "torch", cpu="amd"),
-    # lstm inference B=1 H=1024 (1.10x, 0.90x; the grid before 0.99x, 1.02x): lost at one T.
+    # lstm inference H=1024: B=64 loses on Zen 4 (0.97x, 0.98x) and ties on Zen 5 (1.01x, 1.02x); B=16 wins on both
+    # (1.20x, 1.25x; 1.17x, 1.13x).
+    AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (64, None), (1024, None), "torch", cpu="amd-zen4"),
+    # lstm inference B=1 H=1024 loses at T=128 (1.10x, 0.90x; 1.20x, 0.92x, and 0.84x rerun alone).
     AutoRule("cpu", False, "lstm", (torch.float32,), "inference", (1, 1), (1024, None), "torch", cpu="amd"),
-    # lstm training B=64 loses or ties at H >= 256 (0.95x, 1.02x; 1.15x, 0.99x; 1.02x, 0.91x); H=64 wins (1.08x,
-    # 1.06x), and 65-255 is not measured: auto's order.
+    # lstm training B=64 loses or ties at H >= 256 (0.95x, 1.02x; 0.90x, 0.90x | 1.15x, 0.99x; 1.01x, 0.84x | 1.02x,
+    # 0.91x; 1.06x, 0.98x); H=64 wins on Zen 5 (1.08x, 1.06x) and ties on Zen 4 (1.00x, 0.92x); 65-255 is not
+    # measured: auto's order.
     AutoRule("cpu", False, "lstm", (torch.float32,), "training", (64, None), (256, None), "torch", cpu="amd"),
-    # lstm training B=16: H=256 (0.96x, 0.94x) and H=512 (0.98x, 1.12x) lose at one T, H=1024 (1.07x, 1.02x) ties
-    # within noise (1.00x, 1.08x in the grid before); H=64 (1.16x, 1.34x) and B=1 (min 1.07x) win.
-    AutoRule("cpu", False, "lstm", (torch.float32,), "training", (16, 63), (256, None), "torch", cpu="amd"),
-    # bfloat16 on AMD (benchmarks/results-bf16-2threads-amd-epyc-zen5.md: AVX512-BF16, no AMX; H in {256, 512, 1024};
-    # measured after the weight gradients moved to the own kernel).
-    # lstm inference loses or ties at B >= 16 for every H (B=16: 1.01x, 1.00x; 0.99x, 0.95x; 0.95x, 0.97x; B=64:
-    # 0.96x, 0.96x; 0.85x, 0.92x; 1.03x, 1.03x): both run the same bfloat16 GEMM rate there; B=1 wins (min 1.11x).
-    AutoRule("cpu", False, "lstm", (torch.bfloat16,), "inference", (16, None), (1, None), "torch", cpu="amd"),
-    # lstm training B=64 at H=256 (0.88x, 0.94x) and H=512 (1.48x, 0.96x); H=1024 wins (1.45x, 1.32x), as does B=16
-    # at every H (min 1.03x, H=256 T=128) and B=1 (min 2.39x).
+    AutoRule("cpu", False, "lstm", (torch.float32,), "training", (64, None), (1, 64), "torch", cpu="amd-zen4"),
+    # lstm training B=16: H=256 (0.96x, 0.94x; 0.97x, 0.86x) and H=512 (0.98x, 1.12x; 0.96x, 1.03x) lose at one T;
+    # H=1024 ties within noise on Zen 5 (1.07x, 1.02x; 1.00x, 1.08x in the grid before) and wins on Zen 4 (1.22x,
+    # 1.27x); H=64 (1.16x, 1.34x; 1.12x, 1.06x) and B=1 win. (Zen 4 B=1 H=1024 read 1.93x, 0.91x in the grid and
+    # 2.05x, 1.10x rerun alone: no rule for a row that does not repeat.)
+    AutoRule("cpu", False, "lstm", (torch.float32,), "training", (16, 63), (256, 512), "torch", cpu="amd"),
+    AutoRule("cpu", False, "lstm", (torch.float32,), "training", (16, 63), (1024, None), "torch", cpu="amd-zen5"),
+    # bfloat16 on AMD (benchmarks/results-bf16-2threads-amd-epyc-zen5.md and ...-zen4.md: AVX512-BF16, no AMX; H in
+    # {256, 512, 1024}; measured after the weight gradients moved to the own kernel).
+    # lstm inference: on Zen 5 it loses or ties at B >= 16 for every H (B=16: 1.01x, 1.00x; 0.99x, 0.95x; 0.95x,
+    # 0.97x; B=64: 0.96x, 0.96x; 0.85x, 0.92x; 1.03x, 1.03x): both run the same bfloat16 GEMM rate there; B=1 wins
+    # (min 1.11x).
+    AutoRule("cpu", False, "lstm", (torch.bfloat16,), "inference", (16, None), (1, None), "torch", cpu="amd-zen5"),
+    # On Zen 4 it loses or ties at H <= 512 for every B (B=1: 1.01x, 0.95x; 0.99x, 1.04x; B=16: 0.98x, 0.96x; 0.95x,
+    # 0.94x; B=64: 0.92x, 0.90x; 0.92x, 0.94x) and wins or ties at H=1024 (1.28x, 1.24x; 1.06x, 1.06x; 1.00x, 1.07x).
+    AutoRule("cpu", False, "lstm", (torch.bfloat16,), "inference", (1, None), (1, 512), "torch", cpu="amd-zen4"),
+    # lstm training B=64 at H=256 (0.88x, 0.94x; 0.84x, 1.21x) and H=512 (1.48x, 0.96x; 1.29x, 0.90x); H=1024 wins
+    # (1.45x, 1.32x; 1.26x, 1.02x), as does B=1 (min 1.91x).
     AutoRule("cpu", False, "lstm", (torch.bfloat16,), "training", (64, None), (1, 512), "torch", cpu="amd"),
-    # rnn training B=64 H=1024 (tanh: 1.05x, 0.99x); H=512 wins (1.27x, 1.36x). relu is not in the bfloat16 grid:
-    # the same GEMMs, which are the step at these shapes, so the same class. GRU wins everywhere (min 1.07x).
+    # lstm training B=16: Zen 4 loses at H=256 (0.98x, 0.94x) and wins from H=512 (1.09x, 1.21x); Zen 5 wins at every
+    # H (min 1.03x, H=256 T=128).
+    AutoRule("cpu", False, "lstm", (torch.bfloat16,), "training", (16, 63), (1, 256), "torch", cpu="amd-zen4"),
+    # rnn training B=64 H=1024 (tanh: 1.05x, 0.99x; 1.07x, 1.00x); H=512 wins (1.27x, 1.36x; 1.17x, 1.16x). relu is
+    # not in the bfloat16 grid: the same GEMMs, which are the step at these shapes, so the same class. GRU wins
+    # everywhere (min 1.07x; 1.09x).
     AutoRule("cpu", False, "rnn_tanh", (torch.bfloat16,), "training", (64, None), (1024, None), "torch", cpu="amd"),
     AutoRule("cpu", False, "rnn_relu", (torch.bfloat16,), "training", (64, None), (1024, None), "torch", cpu="amd"),
     # bfloat16 Cell steps on AMD (benchmarks/results-cells-bf16-2threads-amd-epyc-zen5.md, B {1, 16} x H {64, 256,
     # 512}):
     # cpp is ahead everywhere (min 1.00x, RNNCell relu training B=16 H=512) but LSTMCell training at B=16 H=512
     # (0.92x); at B=1 (1.03x) and at H=256 (1.22x) it wins, so the class starts at B=16 and H=512.
-    AutoRule("cpu", True, "lstm", (torch.bfloat16,), "training", (16, None), (512, None), "torch", cpu="amd"),
+    AutoRule("cpu", True, "lstm", (torch.bfloat16,), "training", (16, None), (512, None), "torch", cpu="amd-zen5"),
 )
 
 
