@@ -39,6 +39,19 @@ bool step_gemm_operands(const Tensor& a, const Tensor& w, bool trans, bool trans
   return Ka == K && std::max({M, K, N}) <= INT_MAX && plain_cpu(a, dt) && plain_cpu(w, dt);
 }
 
+// Whether A [M, K] @ op(w) runs on the own bfloat16 kernels of few rows (small_rows_gemm_bf16): plain contiguous
+// bfloat16 CPU matrices whose inner sizes match, M within has_small_k_gemm_bf16. ATen's bfloat16 mm / addmm run
+// oneDNN there, whose temporary buffers, freed, hand a Cell's freshly freed weight gradients back to the system:
+// GRUCell B=16 H=512 training page-faulted 15-130 times a step, torch's cell none.
+bool small_bf16_operands(const Tensor& a, const Tensor& w, bool trans) {
+  if (a.scalar_type() != at::kBFloat16 || a.dim() != 2 || w.dim() != 2) return false;
+  const int64_t K = w.size(trans ? 1 : 0);
+  return a.size(1) == K && plain_cpu(a, at::kBFloat16) && plain_cpu(w, at::kBFloat16) &&
+         has_small_k_gemm_bf16(a.size(0));
+}
+
+const BF16* bf16_ptr(const Tensor& t) { return t.defined() ? static_cast<const BF16*>(t.data_ptr()) : nullptr; }
+
 // gx [B, N] = x [B, K] W_ih^T (+ b_ih [N]) on raw pointers.
 template <typename T>
 void project_rows(int64_t B, int64_t N, int64_t K, const T* x, const T* w_ih, const T* b_ih, T* gx) {
@@ -82,6 +95,13 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih)
   const auto dt = x.scalar_type();
   const bool direct = step_gemm_operands(x, w_ih, /*trans=*/true) &&
                       (!b_ih.defined() || (plain_cpu(b_ih, dt) && b_ih.dim() == 1 && b_ih.size(0) == w_ih.size(0)));
+  if (!direct && small_bf16_operands(x, w_ih, /*trans=*/true) &&
+      (!b_ih.defined() || (plain_cpu(b_ih, dt) && b_ih.dim() == 1 && b_ih.size(0) == w_ih.size(0)))) {
+    Tensor gx = at::empty({x.size(0), w_ih.size(0)}, x.options());
+    small_rows_gemm_bf16(x.size(0), w_ih.size(0), x.size(1), bf16_ptr(x), bf16_ptr(w_ih), true, bf16_ptr(b_ih),
+                         static_cast<BF16*>(gx.data_ptr()));
+    return gx;
+  }
   if (!direct) return b_ih.defined() ? at::addmm(b_ih, x, w_ih.t()) : at::mm(x, w_ih.t());
   const int64_t B = x.size(0), N = w_ih.size(0), K = x.size(1);
   Tensor gx = at::empty({B, N}, x.options());
@@ -96,6 +116,12 @@ Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih)
 // extension's own kernel, csrc/common.cpp axpy_gemm), else ATen.
 Tensor input_grad(const Tensor& d_gx, const Tensor& w_ih) {
   const auto dt = d_gx.scalar_type();
+  if (small_bf16_operands(d_gx, w_ih, /*trans=*/false)) {
+    Tensor dx = at::empty({d_gx.size(0), w_ih.size(1)}, d_gx.options());
+    small_rows_gemm_bf16(d_gx.size(0), w_ih.size(1), w_ih.size(0), bf16_ptr(d_gx), bf16_ptr(w_ih), false, nullptr,
+                         static_cast<BF16*>(dx.data_ptr()));
+    return dx;
+  }
   if (!step_gemm_operands(d_gx, w_ih, /*trans=*/false)) return d_gx.mm(w_ih);
   const int64_t B = d_gx.size(0), K = w_ih.size(0), N = w_ih.size(1);
   Tensor dx = at::empty({B, N}, d_gx.options());
@@ -109,6 +135,15 @@ Tensor input_grad(const Tensor& d_gx, const Tensor& w_ih) {
 // own_gemm_enabled), else ATen.
 Tensor input_weight_grad(const Tensor& d_gx, const Tensor& x) {
   const auto dt = d_gx.scalar_type();
+  if (dt == at::kBFloat16 && d_gx.dim() == 2 && x.dim() == 2 && d_gx.size(0) == x.size(0) &&
+      plain_cpu(d_gx, dt) && plain_cpu(x, dt) && has_small_k_gemm_bf16(x.size(0))) {
+    // a bfloat16 step of few rows: written in bfloat16 at once, as recurrence_backward writes d_w_hh (ATen's mm
+    // allocates three [G*H, I] buffers here)
+    const int64_t B = x.size(0), N = d_gx.size(1), K = x.size(1);
+    Tensor dw = new_output({N, K}, x.options());
+    small_k_gemm_bf16(N, K, B, bf16_ptr(d_gx), N, bf16_ptr(x), K, static_cast<BF16*>(dw.data_ptr()), K);
+    return dw;
+  }
   if (!step_gemm_operands(d_gx, x, /*trans=*/false, /*trans_a=*/true)) return d_gx.t().mm(x);
   const int64_t B = x.size(0), N = d_gx.size(1), K = x.size(1);
   Tensor dw = at::empty({N, K}, x.options());

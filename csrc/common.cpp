@@ -155,7 +155,8 @@ bool packing_enabled() {
 // (a Cell's step, a B=1 layer's): c = op(W) a + beta c as a vectorised loop. MKL's sgemv costs about 1.5 us for
 // W [256, 64] and 3.7 us for [1024, 64] at 2 threads (torch.mv, dispatch taken off), several times what these loops
 // take. trans: W [N, K], c[n] = W[n, :] . a (four rows at a time); else W [K, N], c += a[k] W[k, :] row by row.
-constexpr int64_t kOwnGemvMax = int64_t(1) << 16;  // elements of W (256 KB); at 2^18 MKL threaded over 2 cores won (measured)
+// elements of W (256 KB); at 2^18 MKL threaded over 2 cores won (measured)
+constexpr int64_t kOwnGemvMax = int64_t(1) << 16;
 
 #if defined(CPU_CAPABILITY_AVX512)
 // Rows of A that dot_gemm and axpy_gemm take (a Cell's batch); beyond, MKL's packing of W pays.
@@ -366,11 +367,20 @@ inline __m512 load16(const BF16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
+// C's 16 lanes: float32, or bfloat16 (a weight gradient written in the call's own type: rounded once, to nearest even,
+// from its float32 sums, where C is not read back).
+inline __m512 c_load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline void c_store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
+#if defined(FASTRNN_DOT_BF16)
+inline __m512 c_load(const BF16* p, __mmask16 m) { return load16(p, m); }
+inline void c_store(BF16* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, __m256i(_mm512_cvtneps_pbh(v))); }
+#endif
+
 // C[0:Mr, n:n+16*Nv] (+)= A[0:Mr, k0:k1] W[k0:k1, n:n+16*Nv] for W [K, N] row-major: each step of k broadcasts Mr
 // elements of A against Nv vectors of W's row k (no lane sums: the columns are C's). last: the lanes of the last
 // vector that are there. load: start from C (a later chunk of K, or beta = 1), else from zero.
-template <int Mr, int Nv, typename EA, typename EW>
-inline void axpy_block(int64_t k0, int64_t k1, const EA* a, int64_t sm, int64_t sk, const EW* w, int64_t ldw, float* c,
+template <int Mr, int Nv, typename EA, typename EW, typename EC>
+inline void axpy_block(int64_t k0, int64_t k1, const EA* a, int64_t sm, int64_t sk, const EW* w, int64_t ldw, EC* c,
                        int64_t ldc, __mmask16 last, bool load) {
   __m512 acc[Mr][Nv];
   auto mask = [&](int v) { return v == Nv - 1 ? last : __mmask16(0xFFFF); };
@@ -378,7 +388,7 @@ inline void axpy_block(int64_t k0, int64_t k1, const EA* a, int64_t sm, int64_t 
   for (int m = 0; m < Mr; ++m)
 #pragma GCC unroll 8
     for (int v = 0; v < Nv; ++v)
-      acc[m][v] = load ? _mm512_maskz_loadu_ps(mask(v), c + m * ldc + 16 * v) : _mm512_setzero_ps();
+      acc[m][v] = load ? c_load(c + m * ldc + 16 * v, mask(v)) : _mm512_setzero_ps();
   for (int64_t k = k0; k < k1; ++k) {
     __m512 wv[Nv];
 #pragma GCC unroll 8
@@ -393,13 +403,13 @@ inline void axpy_block(int64_t k0, int64_t k1, const EA* a, int64_t sm, int64_t 
 #pragma GCC unroll 8
   for (int m = 0; m < Mr; ++m)
 #pragma GCC unroll 8
-    for (int v = 0; v < Nv; ++v) _mm512_mask_storeu_ps(c + m * ldc + 16 * v, mask(v), acc[m][v]);
+    for (int v = 0; v < Nv; ++v) c_store(c + m * ldc + 16 * v, mask(v), acc[m][v]);
 }
 
-// axpy_block of nv (1-4) vectors of columns, the count known at run time (EA: A's elements, EW: W's)
-template <int Mr, typename EA, typename EW>
+// axpy_block of nv (1-4) vectors of columns, the count known at run time (EA: A's elements, EW: W's, EC: C's)
+template <int Mr, typename EA, typename EW, typename EC>
 inline void axpy_block_cols(int64_t nv, int64_t k0, int64_t k1, const EA* a, int64_t sm, int64_t sk, const EW* w,
-                            int64_t ldw, float* c, int64_t ldc, __mmask16 last, bool load) {
+                            int64_t ldw, EC* c, int64_t ldc, __mmask16 last, bool load) {
   switch (nv) {
     case 1: return axpy_block<Mr, 1>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
     case 2: return axpy_block<Mr, 2>(k0, k1, a, sm, sk, w, ldw, c, ldc, last, load);
@@ -408,18 +418,23 @@ inline void axpy_block_cols(int64_t nv, int64_t k0, int64_t k1, const EA* a, int
   }
 }
 
-// C[m, N] = A[m, K] W + beta C for W [K, N] (row stride ldw) and m <= kDotMaxRows (the backward's d h = d_gates
-// W_hh of a Cell or a B <= 2 layer; bfloat16 W widened as it is read): blocks of 4 rows x 64 columns (axpy_block) over chunks of 128 rows of W (32 KB, in L1
-// while every group of rows meets them), column blocks split over the threads outside a parallel region.
-template <typename E>
+// C[m, N] = A[m, K] W + beta C for W [K, N] (row stride ldw) where m or K is at most kDotMaxRows: the backward's
+// d h = d_gates W_hh of a Cell or a B <= 2 layer (bfloat16 W widened as it is read), or a Cell's weight gradient
+// d_gates^T h (trans_a, K = B). Blocks of 4 rows x 64 columns (axpy_block) over chunks of 128 rows of W (32 KB, in L1
+// while every group of rows meets them), column blocks split over the threads outside a parallel region. A bfloat16
+// C (EC) is written once, rounded from the float32 sums: beta 0 and K in one chunk only.
+template <typename E, typename EC = float>
 void axpy_gemm(int64_t m, int64_t N, int64_t K, const E* a, int64_t lda, const E* w, int64_t ldw, float beta,
-               float* c, int64_t ldc, bool trans_a = false) {
+               EC* c, int64_t ldc, bool trans_a = false) {
   // A's element (r, k): a[r * lda + k], or a[k * lda + r] when trans_a (A^T stored: a weight gradient's d_gates)
   const int64_t sm = trans_a ? 1 : lda, sk = trans_a ? lda : 1;
   constexpr int64_t kCols = 64, kChunk = 128;
-  if (beta != 0.f && beta != 1.f)
+  if constexpr (!std::is_same_v<EC, float>) {
+    TORCH_INTERNAL_ASSERT(beta == 0.f && K <= kChunk, "fastrnn: a bfloat16 C is written once, not accumulated");
+  } else if (beta != 0.f && beta != 1.f) {
     for (int64_t r = 0; r < m; ++r)
       for (int64_t n = 0; n < N; ++n) c[r * ldc + n] *= beta;
+  }
   const int64_t blocks = (N + kCols - 1) / kCols;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / std::max<int64_t>(2 * m * kCols * K, 1));
   at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
@@ -798,6 +813,54 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
   cblas_gemm_bf16bf16f32(kRowMajor, ta ? kTrans : kNoTrans, tb ? kTrans : kNoTrans, int(m), int(n), int(k), alpha,
                          reinterpret_cast<const uint16_t*>(a), int(lda), reinterpret_cast<const uint16_t*>(b),
                          int(ldb), beta, c, int(ldc));
+}
+
+bool has_small_k_gemm_bf16(int64_t k) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(FASTRNN_DOT_BF16)
+  return k >= 0 && k <= kDotMaxRows;
+#else
+  (void)k;
+  return false;
+#endif
+}
+
+void small_k_gemm_bf16(int64_t m, int64_t n, int64_t k, const BF16* a, int64_t lda, const BF16* b, int64_t ldb,
+                       BF16* c, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT(has_small_k_gemm_bf16(k), "fastrnn: small_k_gemm_bf16 has no kernel for k = ", k, " here");
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, BF16(0.f));
+    return;
+  }
+#if defined(CPU_CAPABILITY_AVX512) && defined(FASTRNN_DOT_BF16)
+  axpy_gemm(m, n, k, a, lda, b, ldb, 0.f, c, ldc, /*trans_a=*/true);
+#endif
+}
+
+void small_rows_gemm_bf16(int64_t m, int64_t n, int64_t k, const BF16* a, const BF16* w, bool trans_w,
+                          const BF16* bias, BF16* c) {
+  TORCH_INTERNAL_ASSERT(has_small_k_gemm_bf16(m), "fastrnn: small_rows_gemm_bf16 has no kernel for ", m, " rows here");
+  if (m == 0 || n == 0) return;
+#if defined(CPU_CAPABILITY_AVX512) && defined(FASTRNN_DOT_BF16)
+  thread_local std::vector<float> acc;  // at most 16 rows of C: kept, so a Cell's every call does not allocate it
+  acc.resize(size_t(m * n));
+  for (int64_t r = 0; r < m; ++r) {
+    float* row = acc.data() + r * n;
+    if (bias != nullptr) {
+      for (int64_t j = 0; j < n; ++j) row[j] = float(bias[j]);
+    } else {
+      std::fill(row, row + n, 0.f);
+    }
+  }
+  if (k > 0) {
+    if (trans_w) dot_gemm(m, n, k, a, k, w, 1.f, acc.data(), n);
+    else axpy_gemm(m, n, k, a, k, w, n, 1.f, acc.data(), n);
+  }
+  const float* src = acc.data();
+  at::parallel_for(0, m * n, 1 << 14, [&](int64_t i0, int64_t i1) {
+    vec_range<float>(i0, i1, [&](int64_t i, int64_t cnt) { vstore(vload(src + i, cnt), c + i, cnt); });
+  });
+#endif
 }
 
 namespace {

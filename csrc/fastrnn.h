@@ -117,6 +117,20 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double al
 // cblas_gemm_bf16bf16f32 (AMX where the CPU has it), else ATen in float32.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const BF16* a, int64_t lda,
           const BF16* b, int64_t ldb, float beta, float* c, int64_t ldc);
+// C[m, n] = A^T B for A [k, m] and B [k, n] bfloat16 (row strides lda, ldb), C bfloat16, each element rounded once
+// (to nearest even) from its float32 sum: the weight gradient d_gates^T h of a bfloat16 step of k <= 16 rows (a
+// Cell), written in the call's type without a float32 [m, n] to allocate and round afterwards (at GRUCell H=512,
+// 3 MB of fresh pages and a pass over them per call). has_small_k_gemm_bf16(k): whether this build and CPU have the
+// kernel (AVX512-BF16) for that k; small_k_gemm_bf16 asserts it.
+bool has_small_k_gemm_bf16(int64_t k);
+void small_k_gemm_bf16(int64_t m, int64_t n, int64_t k, const BF16* a, int64_t lda, const BF16* b, int64_t ldb,
+                       BF16* c, int64_t ldc);
+// C[m, n] = A[m, k] op(W) (+ bias, a row of n) in bfloat16 for m rows that has_small_k_gemm_bf16 takes (a bfloat16
+// Cell's input projection and d x): the own AVX512-BF16 kernels (W [n, k] when trans_w, else [k, n], as it is) into
+// a float32 scratch kept by the thread, each element rounded once, as ATen's bfloat16 addmm rounds its float32 sums.
+// Every operand dense row-major.
+void small_rows_gemm_bf16(int64_t m, int64_t n, int64_t k, const BF16* a, const BF16* w, bool trans_w,
+                          const BF16* bias, BF16* c);
 // out[j] = sum over rows r of a[r, j], a [rows, cols] bfloat16, float32 sums (d_b_hh of a bfloat16 call): one pass,
 // columns split over threads, where a reduction with a float32 dtype would first copy all of a to float32.
 // Also a float32 / float64 a into sums of its own type (a Cell's bias gradients).
@@ -134,8 +148,9 @@ bool own_gemm_enabled();
 constexpr int64_t kOwnGemmMinRows = 16;
 // Where own_gemm_enabled, a W [N, K] that a call meets once (gemm(): a Cell's or a short layer's input projection) is
 // read as it is up to this many rows, in passes of 16 (common.cpp dot_gemm), and packed into panels only beyond:
-// packing is a pass over W read and written, about as long as the GEMM itself. _C.linear on W [3072, 1024] (12 MB), 2 threads, Zen 5:
-// 16 rows 0.55 ms, 32 rows packed 1.33 ms (two passes: 1.10), 48 rows 1.57 (three: 1.65), 64 rows 1.80 (2.2).
+// packing is a pass over W read and written, about as long as the GEMM itself. _C.linear on W [3072, 1024] (12 MB),
+// 2 threads, Zen 5: 16 rows 0.55 ms, 32 rows packed 1.33 ms (two passes: 1.10), 48 rows 1.57 (three: 1.65), 64 rows
+// 1.80 (2.2).
 constexpr int64_t kOnceMaxUnpackedRows = 32;
 
 // C[m, N] = A[m, K] @ op(W) + beta C for one weight W that every step multiplies: W is [N, K] (trans, op = W^T) or

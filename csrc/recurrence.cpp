@@ -362,7 +362,9 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
   Tensor dh = d_h_n.to(acc, false, true);                               // running d h (acc), d_h0 at the end
   Tensor dc = k.cell_state ? d_c_n->to(acc, false, true) : Tensor();
   Tensor c0a = k.cell_state ? c0->to(acc) : Tensor();
-  Tensor d_w_hh = new_output({GH, P}, acc);
+  // a bfloat16 step (a Cell's, or a one-step layer's) writes d_w_hh in bfloat16 at once (walk.h weight_grad)
+  const bool dw_in_s = dt == at::kBFloat16 && T == 1 && !s.proj && w.bs[0] == B && has_small_k_gemm_bf16(B);
+  Tensor d_w_hh = new_output({GH, P}, dw_in_s ? opts : acc);
   Tensor d_w_hr = s.proj ? new_output({P, H}, acc) : Tensor();
   Tensor dhfull = s.proj ? at::empty({T, B, P}, opts) : Tensor();
   Tensor hbar = s.proj ? at::empty({T, B, H}, opts) : Tensor();
@@ -375,9 +377,10 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
     using C = decltype(call);
     const typename C::Backward a{w, H, P, s.proj, C::in(d_out), C::in(h0), C::in_acc(c0a), C::in(w_hh), C::in(w_hr_t),
                                  C::in(out), C::in_acc(gates), C::in_acc(extra), C::out_acc(dh), C::out_acc(dc),
-                                 C::out(d_gx), C::out(d_gh), C::out_acc(d_w_hh), C::out_acc(d_w_hr), C::out(dhfull),
-                                 C::out(hbar), C::out_acc(dhbar), C::out(dg0), call.norm, call.mask, call.keep,
-                                 C::out(d_extra), C::out_acc(d_norm)};
+                                 C::out(d_gx), C::out(d_gh), dw_in_s ? nullptr : C::out_acc(d_w_hh),
+                                 C::out_acc(d_w_hr), C::out(dhfull), C::out(hbar), C::out_acc(dhbar), C::out(dg0),
+                                 call.norm, call.mask, call.keep, C::out(d_extra), C::out_acc(d_norm),
+                                 dw_in_s ? C::out(d_w_hh) : nullptr};
     k.backward.run<typename C::Pr>(a);
   });
   const Tensor& dg = k.dgh_differs ? d_gh : d_gx;

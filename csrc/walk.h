@@ -186,6 +186,9 @@ struct BackwardArgs {
   T keep;
   S* d_extra;           // [T, B, H] Grads.d_extra (kNorm), else null
   T* d_norm;            // [norm_width*H] d Norm.params (kNorm), else null
+  // d_w_hh [G*H, P] in the call's own type, written in place of d_w_hh when given: a bfloat16 walk of one step whose
+  // B rows has_small_k_gemm_bf16 takes (recurrence_backward decides), else null
+  S* d_w_hh_s = nullptr;
 };
 
 // ---- helpers of the walk ----
@@ -230,12 +233,18 @@ inline void zero_rows(T* p, int64_t from, int64_t to, int64_t width) {
 
 // d_w[GH,P] = sum over steps and rows of dg[t,b]^T h_{t-1}[b]: two GEMMs over all T*B rows (rows a step does not
 // touch hold zeros in dg and in out). dg: [T,B,GH] with row stride ldg; dg0: [B,GH] scratch. S operands (bfloat16:
-// MKL's bfloat16 GEMM), T accumulation.
+// MKL's bfloat16 GEMM), T accumulation. d_w_s: d_w in S instead (one step, bfloat16: small_k_gemm_bf16), else null.
 template <typename T, typename S>
 inline void weight_grad(const Walk& w, const S* dg, int64_t ldg, const S* out, const S* h0, int64_t GH, int64_t P,
-                        S* dg0, T* d_w) {
+                        S* dg0, T* d_w, S* d_w_s = nullptr) {
   const int64_t T_ = w.T, B = w.B;
   if (GH == 0 || P == 0) return;  // d_w is empty
+  if constexpr (std::is_same_v<S, BF16>) {
+    if (d_w_s != nullptr) {  // one step: every row starts from h0, so d_w = dg[0]^T h0, one GEMM rounded once
+      TORCH_INTERNAL_ASSERT(T_ == 1 && w.bs[0] == B, "fastrnn: a weight gradient in bfloat16 is one full step's");
+      return small_k_gemm_bf16(GH, P, B, dg, ldg, h0, P, d_w_s, P);
+    }
+  }
   // Rows that continue: forward pairs dg[1:] with out[:-1], reverse pairs dg[:-1] with out[1:]; a row that
   // starts from h0 at step t meets a zero row of out there, so it contributes nothing.
   T beta = T(0);
@@ -694,7 +703,7 @@ void backward_walk(const BackwardArgs<typename Pr::T, typename Pr::S>& a) {
       }
     }
   }
-  weight_grad(w, d_gh, GH, a.out, a.h0, GH, P, a.dg0, a.d_w_hh);
+  weight_grad(w, d_gh, GH, a.out, a.h0, GH, P, a.dg0, a.d_w_hh, a.d_w_hh_s);
   if (proj) gemm(true, false, P, H, w.T * B, T(1), a.dhfull, P, a.hbar, H, T(0), a.d_w_hr, H);
 }
 
