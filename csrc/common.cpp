@@ -817,7 +817,8 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
 
 bool has_small_k_gemm_bf16(int64_t k) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(FASTRNN_DOT_BF16)
-  return k >= 0 && k <= kDotMaxRows;
+  // on AMX, MKL's bfloat16 GEMM keeps these (as Bf16Gemm's small steps): not measured against the own kernels there
+  return k >= 0 && k <= kDotMaxRows && !has_amx_bf16();
 #else
   (void)k;
   return false;

@@ -121,7 +121,7 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 // (to nearest even) from its float32 sum: the weight gradient d_gates^T h of a bfloat16 step of k <= 16 rows (a
 // Cell), written in the call's type without a float32 [m, n] to allocate and round afterwards (at GRUCell H=512,
 // 3 MB of fresh pages and a pass over them per call). has_small_k_gemm_bf16(k): whether this build and CPU have the
-// kernel (AVX512-BF16) for that k; small_k_gemm_bf16 asserts it.
+// kernel (AVX512-BF16, and no AMX: there MKL's bfloat16 GEMM keeps them) for that k; small_k_gemm_bf16 asserts it.
 bool has_small_k_gemm_bf16(int64_t k);
 void small_k_gemm_bf16(int64_t m, int64_t n, int64_t k, const BF16* a, int64_t lda, const BF16* b, int64_t ldb,
                        BF16* c, int64_t ldc);
