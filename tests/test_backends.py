@@ -169,6 +169,14 @@ def test_auto_rules_lstm_cpu_float32(fake_cpp, intel_amx, batch, hidden, grad, w
 BF16 = torch.bfloat16
 
 
+@pytest.fixture
+def cpp_f32_bf16(monkeypatch):
+    """A cpp backend that runs float32 and bfloat16, so auto's order gives cpp whether or not it is built."""
+    yes = types.SimpleNamespace(available=lambda: (True, ""), supports=lambda c, d, dev: (d in (F32, BF16), ""))
+    monkeypatch.setitem(backends._modules, "cpp", yes)
+    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+
+
 @pytest.mark.parametrize(
     "dtype,cell,batch,hidden,grad,want",
     [
@@ -209,10 +217,7 @@ BF16 = torch.bfloat16
         (BF16, "rnn_relu", 64, 512, True, "cpp"),
     ],
 )
-def test_auto_rules_cpu_amd_zen5(monkeypatch, dtype, cell, batch, hidden, grad, want):
-    yes = types.SimpleNamespace(available=lambda: (True, ""), supports=lambda c, d, dev: (d in (F32, BF16), ""))
-    monkeypatch.setitem(backends._modules, "cpp", yes)  # auto's order gives cpp whether or not it is built
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+def test_auto_rules_cpu_amd_zen5(cpp_f32_bf16, monkeypatch, dtype, cell, batch, hidden, grad, want):
     _pin_cpu(monkeypatch, "amd-zen5")
     assert _auto(cell, batch, hidden, grad, dtype) == want
     # results-cells-bf16-2threads-amd-epyc-zen5.md: the one Cell-step rule is LSTMCell training at B >= 16, H >= 512
@@ -249,19 +254,13 @@ def test_auto_rules_cpu_amd_zen5(monkeypatch, dtype, cell, batch, hidden, grad, 
         (BF16, "gru", 64, 1024, True, "cpp"),  # 1.14x, 1.09x
     ],
 )
-def test_auto_rules_cpu_amd_zen4(monkeypatch, dtype, cell, batch, hidden, grad, want):
-    yes = types.SimpleNamespace(available=lambda: (True, ""), supports=lambda c, d, dev: (d in (F32, BF16), ""))
-    monkeypatch.setitem(backends._modules, "cpp", yes)  # auto's order gives cpp whether or not it is built
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
+def test_auto_rules_cpu_amd_zen4(cpp_f32_bf16, monkeypatch, dtype, cell, batch, hidden, grad, want):
     _pin_cpu(monkeypatch, "amd-zen4")
     assert _auto(cell, batch, hidden, grad, dtype) == want
 
 
-def test_amd_rules_of_one_generation_do_not_hold_on_an_unmeasured_one(monkeypatch):
+def test_amd_rules_of_one_generation_do_not_hold_on_an_unmeasured_one(cpp_f32_bf16, monkeypatch):
     """A Zen 5-only or Zen 4-only rule stays on its generation; a rule both share ("amd") holds on every AMD CPU."""
-    yes = types.SimpleNamespace(available=lambda: (True, ""), supports=lambda c, d, dev: (d in (F32, BF16), ""))
-    monkeypatch.setitem(backends._modules, "cpp", yes)
-    monkeypatch.delenv(backends.ENV_VAR, raising=False)
     _pin_cpu(monkeypatch, "amd-zen3")
     assert _auto("lstm", 64, 1024, False) == _auto("lstm", 16, 1024, True) == "cpp"  # one generation's rules
     assert _auto("lstm", 16, 256, False) == "torch"  # both generations' rule
