@@ -40,14 +40,14 @@ bool step_gemm_operands(const Tensor& a, const Tensor& w, bool trans, bool trans
 }
 
 // Whether A [M, K] @ op(w) runs on the own bfloat16 kernels of few rows (small_rows_gemm_bf16): plain contiguous
-// bfloat16 CPU matrices whose inner sizes match, M within has_small_k_gemm_bf16. ATen's bfloat16 mm / addmm run
+// bfloat16 CPU matrices whose inner sizes match, M within has_small_bf16_gemm. ATen's bfloat16 mm / addmm run
 // oneDNN there, whose temporary buffers, freed, hand a Cell's freshly freed weight gradients back to the system:
 // GRUCell B=16 H=512 training page-faulted 15-130 times a step, torch's cell none.
 bool small_bf16_operands(const Tensor& a, const Tensor& w, bool trans) {
   if (a.scalar_type() != at::kBFloat16 || a.dim() != 2 || w.dim() != 2) return false;
   const int64_t K = w.size(trans ? 1 : 0);
   return a.size(1) == K && plain_cpu(a, at::kBFloat16) && plain_cpu(w, at::kBFloat16) &&
-         has_small_k_gemm_bf16(a.size(0));
+         has_small_bf16_gemm(a.size(0));
 }
 
 const BF16* bf16_ptr(const Tensor& t) { return t.defined() ? static_cast<const BF16*>(t.data_ptr()) : nullptr; }
@@ -93,10 +93,10 @@ void input_weight_grad_rows(int64_t B, int64_t N, int64_t K, const T* d_gx, cons
 // own GEMM at B=1 H=64); anything else goes to ATen, whose checks and messages then apply.
 Tensor input_projection(const Tensor& x, const Tensor& w_ih, const Tensor& b_ih) {
   const auto dt = x.scalar_type();
-  const bool direct = step_gemm_operands(x, w_ih, /*trans=*/true) &&
-                      (!b_ih.defined() || (plain_cpu(b_ih, dt) && b_ih.dim() == 1 && b_ih.size(0) == w_ih.size(0)));
-  if (!direct && small_bf16_operands(x, w_ih, /*trans=*/true) &&
-      (!b_ih.defined() || (plain_cpu(b_ih, dt) && b_ih.dim() == 1 && b_ih.size(0) == w_ih.size(0)))) {
+  const bool bias_ok =
+      !b_ih.defined() || (plain_cpu(b_ih, dt) && b_ih.dim() == 1 && b_ih.size(0) == w_ih.size(0));
+  const bool direct = step_gemm_operands(x, w_ih, /*trans=*/true) && bias_ok;
+  if (!direct && small_bf16_operands(x, w_ih, /*trans=*/true) && bias_ok) {
     Tensor gx = at::empty({x.size(0), w_ih.size(0)}, x.options());
     small_rows_gemm_bf16(x.size(0), w_ih.size(0), x.size(1), bf16_ptr(x), bf16_ptr(w_ih), true, bf16_ptr(b_ih),
                          static_cast<BF16*>(gx.data_ptr()));
@@ -136,7 +136,7 @@ Tensor input_grad(const Tensor& d_gx, const Tensor& w_ih) {
 Tensor input_weight_grad(const Tensor& d_gx, const Tensor& x) {
   const auto dt = d_gx.scalar_type();
   if (dt == at::kBFloat16 && d_gx.dim() == 2 && x.dim() == 2 && d_gx.size(0) == x.size(0) &&
-      plain_cpu(d_gx, dt) && plain_cpu(x, dt) && has_small_k_gemm_bf16(x.size(0))) {
+      plain_cpu(d_gx, dt) && plain_cpu(x, dt) && has_small_bf16_gemm(x.size(0))) {
     // a bfloat16 step of few rows: written in bfloat16 at once, as recurrence_backward writes d_w_hh (ATen's mm
     // allocates three [G*H, I] buffers here)
     const int64_t B = x.size(0), N = d_gx.size(1), K = x.size(1);

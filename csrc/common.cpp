@@ -367,12 +367,10 @@ inline __m512 load16(const BF16* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
 }
 
-// C's 16 lanes: float32, or bfloat16 (a weight gradient written in the call's own type: rounded once, to nearest even,
-// from its float32 sums, where C is not read back).
-inline __m512 c_load(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+// C's 16 lanes stored: float32, or bfloat16 (a weight gradient written in the call's own type: rounded once, to
+// nearest even, from its float32 sums). They are read back with load16.
 inline void c_store(float* p, __mmask16 m, __m512 v) { _mm512_mask_storeu_ps(p, m, v); }
 #if defined(FASTRNN_DOT_BF16)
-inline __m512 c_load(const BF16* p, __mmask16 m) { return load16(p, m); }
 inline void c_store(BF16* p, __mmask16 m, __m512 v) { _mm256_mask_storeu_epi16(p, m, __m256i(_mm512_cvtneps_pbh(v))); }
 #endif
 
@@ -388,7 +386,7 @@ inline void axpy_block(int64_t k0, int64_t k1, const EA* a, int64_t sm, int64_t 
   for (int m = 0; m < Mr; ++m)
 #pragma GCC unroll 8
     for (int v = 0; v < Nv; ++v)
-      acc[m][v] = load ? c_load(c + m * ldc + 16 * v, mask(v)) : _mm512_setzero_ps();
+      acc[m][v] = load ? load16(c + m * ldc + 16 * v, mask(v)) : _mm512_setzero_ps();
   for (int64_t k = k0; k < k1; ++k) {
     __m512 wv[Nv];
 #pragma GCC unroll 8
@@ -815,19 +813,19 @@ void gemm(bool ta, bool tb, int64_t m, int64_t n, int64_t k, float alpha, const 
                          int(ldb), beta, c, int(ldc));
 }
 
-bool has_small_k_gemm_bf16(int64_t k) {
+bool has_small_bf16_gemm(int64_t rows) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(FASTRNN_DOT_BF16)
   // on AMX, MKL's bfloat16 GEMM keeps these (as Bf16Gemm's small steps): not measured against the own kernels there
-  return k >= 0 && k <= kDotMaxRows && !has_amx_bf16();
+  return rows >= 0 && rows <= kDotMaxRows && !has_amx_bf16();
 #else
-  (void)k;
+  (void)rows;
   return false;
 #endif
 }
 
 void small_k_gemm_bf16(int64_t m, int64_t n, int64_t k, const BF16* a, int64_t lda, const BF16* b, int64_t ldb,
                        BF16* c, int64_t ldc) {
-  TORCH_INTERNAL_ASSERT(has_small_k_gemm_bf16(k), "fastrnn: small_k_gemm_bf16 has no kernel for k = ", k, " here");
+  TORCH_INTERNAL_ASSERT(has_small_bf16_gemm(k), "fastrnn: small_k_gemm_bf16 has no kernel for k = ", k, " here");
   if (m == 0 || n == 0) return;
   if (k == 0) {
     for (int64_t i = 0; i < m; ++i) std::fill(c + i * ldc, c + i * ldc + n, BF16(0.f));
@@ -840,7 +838,7 @@ void small_k_gemm_bf16(int64_t m, int64_t n, int64_t k, const BF16* a, int64_t l
 
 void small_rows_gemm_bf16(int64_t m, int64_t n, int64_t k, const BF16* a, const BF16* w, bool trans_w,
                           const BF16* bias, BF16* c) {
-  TORCH_INTERNAL_ASSERT(has_small_k_gemm_bf16(m), "fastrnn: small_rows_gemm_bf16 has no kernel for ", m, " rows here");
+  TORCH_INTERNAL_ASSERT(has_small_bf16_gemm(m), "fastrnn: small_rows_gemm_bf16 has no kernel for ", m, " rows here");
   if (m == 0 || n == 0) return;
 #if defined(CPU_CAPABILITY_AVX512) && defined(FASTRNN_DOT_BF16)
   thread_local std::vector<float> acc;  // at most 16 rows of C: kept, so a Cell's every call does not allocate it

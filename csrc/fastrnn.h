@@ -120,12 +120,14 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 // C[m, n] = A^T B for A [k, m] and B [k, n] bfloat16 (row strides lda, ldb), C bfloat16, each element rounded once
 // (to nearest even) from its float32 sum: the weight gradient d_gates^T h of a bfloat16 step of k <= 16 rows (a
 // Cell), written in the call's type without a float32 [m, n] to allocate and round afterwards (at GRUCell H=512,
-// 3 MB of fresh pages and a pass over them per call). has_small_k_gemm_bf16(k): whether this build and CPU have the
-// kernel (AVX512-BF16, and no AMX: there MKL's bfloat16 GEMM keeps them) for that k; small_k_gemm_bf16 asserts it.
-bool has_small_k_gemm_bf16(int64_t k);
+// 3 MB of fresh pages and a pass over them per call).
+// has_small_bf16_gemm(rows): whether this build and CPU run the two small bfloat16 kernels here (AVX512-BF16, and no
+// AMX: there MKL's bfloat16 GEMM keeps them) for that many rows: small_k_gemm_bf16's k, small_rows_gemm_bf16's m.
+// Both assert it.
+bool has_small_bf16_gemm(int64_t rows);
 void small_k_gemm_bf16(int64_t m, int64_t n, int64_t k, const BF16* a, int64_t lda, const BF16* b, int64_t ldb,
                        BF16* c, int64_t ldc);
-// C[m, n] = A[m, k] op(W) (+ bias, a row of n) in bfloat16 for m rows that has_small_k_gemm_bf16 takes (a bfloat16
+// C[m, n] = A[m, k] op(W) (+ bias, a row of n) in bfloat16 for m rows that has_small_bf16_gemm takes (a bfloat16
 // Cell's input projection and d x): the own AVX512-BF16 kernels (W [n, k] when trans_w, else [k, n], as it is) into
 // a float32 scratch kept by the thread, each element rounded once, as ATen's bfloat16 addmm rounds its float32 sums.
 // Every operand dense row-major.

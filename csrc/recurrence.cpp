@@ -363,7 +363,7 @@ std::vector<Tensor> recurrence_backward(int64_t cell_id, const Tensor& d_out, co
   Tensor dc = k.cell_state ? d_c_n->to(acc, false, true) : Tensor();
   Tensor c0a = k.cell_state ? c0->to(acc) : Tensor();
   // a bfloat16 step (a Cell's, or a one-step layer's) writes d_w_hh in bfloat16 at once (walk.h weight_grad)
-  const bool dw_in_s = dt == at::kBFloat16 && T == 1 && !s.proj && w.bs[0] == B && has_small_k_gemm_bf16(B);
+  const bool dw_in_s = dt == at::kBFloat16 && T == 1 && !s.proj && w.bs[0] == B && has_small_bf16_gemm(B);
   Tensor d_w_hh = new_output({GH, P}, dw_in_s ? opts : acc);
   Tensor d_w_hr = s.proj ? new_output({P, H}, acc) : Tensor();
   Tensor dhfull = s.proj ? at::empty({T, B, P}, opts) : Tensor();

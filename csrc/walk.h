@@ -187,7 +187,7 @@ struct BackwardArgs {
   S* d_extra;           // [T, B, H] Grads.d_extra (kNorm), else null
   T* d_norm;            // [norm_width*H] d Norm.params (kNorm), else null
   // d_w_hh [G*H, P] in the call's own type, written in place of d_w_hh when given: a bfloat16 walk of one step whose
-  // B rows has_small_k_gemm_bf16 takes (recurrence_backward decides), else null
+  // B rows has_small_bf16_gemm takes (recurrence_backward decides), else null
   S* d_w_hh_s = nullptr;
 };
 
